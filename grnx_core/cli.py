@@ -1,0 +1,234 @@
+"""The ``grnx`` command: run, validate and show recipes, list plugins, open the MLflow UI.
+
+User errors (bad recipes, missing files, bad data) exit with status 2 and a short message; a
+traceback is printed only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import textwrap
+import traceback
+from pathlib import Path
+from typing import Any
+
+from grnx_core import __version__
+from grnx_core.components import Kind
+from grnx_core.errors import GrnxError, RecipeError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _recipe_files(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*.y*ml") if p.suffix in (".yaml", ".yml")))
+        else:
+            files.append(path)
+    return files
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from grnx_core.cache import Cache
+    from grnx_core.recipe import load_recipe
+    from grnx_core.runner import run_recipe
+
+    resolved = load_recipe(args.recipe, args.overrides)
+    cache = Cache(enabled=resolved.recipe.cache and not args.no_cache)
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        result = run_recipe(
+            resolved, tracking_uri=args.tracking_uri, track=not args.no_track, cache=cache, show_progress=True
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"run {result.run_id or '(not tracked)'}: {result.status}")
+    if result.cached_stages:
+        print(f"from cache: {', '.join(result.cached_stages)}")
+    if result.metrics:
+        width = max(len(name) for name in result.metrics)
+        for name in sorted(result.metrics):
+            print(f"  {name:<{width}}  {result.metrics[name]:.6g}")
+    for step_id, interactions in result.interactions.items():
+        top = interactions.table.head(5)
+        pairs = ", ".join(f"{s}-{t}" for s, t in zip(top["source"], top["target"]))
+        print(f"  {step_id}: {len(interactions)} pairs; top: {pairs}")
+    if result.run_id:
+        print("view: grnx ui")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from grnx_core.recipe import load_recipe
+
+    files = _recipe_files(args.paths)
+    if not files:
+        raise GrnxError(f"no recipe files found in {', '.join(args.paths)} (looked for *.yaml / *.yml).")
+    failures = 0
+    for path in files:
+        try:
+            load_recipe(path, args.overrides)
+        except RecipeError as error:
+            failures += 1
+            print(f"invalid: {path}\n{textwrap.indent(str(error), '  ')}", file=sys.stderr)
+        else:
+            print(f"ok: {path}")
+    return EXIT_USER_ERROR if failures else 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from grnx_core.recipe import load_recipe
+
+    print(load_recipe(args.recipe, args.overrides).to_yaml(), end="")
+    return 0
+
+
+def _describe_params(cls: Any) -> list[str]:
+    lines = []
+    for name, info in cls.Params.model_fields.items():
+        default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
+        annotation = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+        lines.append(f"      {name} ({annotation}, {default}): {info.description or ''}".rstrip(": "))
+    return lines
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from grnx_core.registry import default_registry
+
+    registry = default_registry()
+    kinds = [Kind(args.kind)] if args.kind else list(Kind)
+    for kind in kinds:
+        names = registry.names(kind)
+        if args.name is not None:
+            names = [registry.entry(kind, args.name).name]
+        print(f"{kind.plural} ({len(names)}):")
+        for name in names:
+            entry = registry.entries[kind][name]
+            try:
+                cls = entry.load()
+            except GrnxError as error:
+                print(f"  {name}  [failed to load] {error}")
+                continue
+            print(f"  {name}: {cls.description}  [{entry.plugin} {entry.plugin_version}]")
+            if args.kind:
+                if cls.reference:
+                    print(f"    reference: {cls.reference}")
+                params = _describe_params(cls)
+                print("    params:" if params else "    params: none")
+                for line in params:
+                    print(line)
+    problems = registry.problems()
+    if problems:
+        print("\nproblems:", file=sys.stderr)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from grnx_core.tracking import artifact_root_for, default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+               "--port", str(args.port)]
+    artifact_root = artifact_root_for(uri)
+    if artifact_root is not None:
+        command += ["--default-artifact-root", artifact_root.resolve().as_uri()]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it.", file=sys.stderr)
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser = argparse.ArgumentParser(
+        prog="grnx", parents=[common],
+        description="Gene-gene interactions from single-cell data, as tracked experiments.",
+    )
+    parser.add_argument("--version", action="version", version=f"grnx {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", parents=[common], help="run a recipe and track it in MLflow")
+    run.add_argument("recipe", help="recipe YAML file")
+    run.add_argument("overrides", nargs="*", help="overrides such as seed=1 model.params.n_layers=2")
+    run.add_argument("--no-cache", action="store_true", help="recompute every step")
+    run.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    run.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or mlflow/mlflow.db)")
+    run.set_defaults(handler=cmd_run)
+
+    validate = commands.add_parser("validate", parents=[common], help="check recipes without running them")
+    validate.add_argument("paths", nargs="+", help="recipe files or folders of recipes")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="an override to apply before validating (repeatable)")
+    validate.set_defaults(handler=cmd_validate)
+
+    show = commands.add_parser("show", parents=[common], help="print the resolved recipe")
+    show.add_argument("recipe")
+    show.add_argument("overrides", nargs="*")
+    show.set_defaults(handler=cmd_show)
+
+    plugins = commands.add_parser("plugins", parents=[common], help="list installed components")
+    plugins.add_argument("kind", nargs="?", choices=[k.value for k in Kind], help="only this kind, with params")
+    plugins.add_argument("name", nargs="?", help="only this component")
+    plugins.set_defaults(handler=cmd_plugins)
+
+    ui = commands.add_parser("ui", parents=[common], help="open the MLflow UI on the grnx store")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--tracking-uri", default=None)
+    ui.set_defaults(handler=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except GrnxError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:  # missing or unreadable files named by the user
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; the run is marked FAILED and finished steps stay cached.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"error: unexpected {type(error).__name__}: {error}\n"
+            "This is a bug in grnx or a plugin; rerun with --debug for the traceback and report it.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Component contracts: the base class of every plugin kind and its parameter model.
+
+A component class declares ``name``, a one-line ``description``, a ``reference`` (paper DOI or
+URL) and a pydantic ``Params`` model (``extra="forbid"``), the single source of its parameter
+schema, defaults and documentation. Its constructor takes exactly the ``Params`` fields as
+keyword arguments and only stores them (scikit-learn style); work happens in the kind's methods.
+Fitted state ends in ``_``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from enum import Enum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import anndata
+    import matplotlib.figure
+    import numpy as np
+    import pandas as pd
+
+    from grnx_core.context import RunContext
+    from grnx_core.data_types import CellSample, EvaluationResult, Interactions, TokenizedCells
+
+
+class Kind(str, Enum):
+    """The plugin kinds, in the order the runner uses them."""
+
+    DATA = "data"
+    PREPROCESSOR = "preprocessor"
+    SAMPLER = "sampler"
+    TOKENIZER = "tokenizer"
+    MODEL = "model"
+    EXTRACTOR = "extractor"
+    EVALUATOR = "evaluator"
+
+    @property
+    def plural(self) -> str:
+        return {"data": "data sources"}.get(self.value, self.value + "s")
+
+
+class ComponentParams(BaseModel):
+    """Base of every component's ``Params``: unknown keys are errors, defaults are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+class Component:
+    """Common base of all component kinds."""
+
+    kind: ClassVar[Kind]
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    Params: ClassVar[type[ComponentParams]] = ComponentParams
+
+    def __init__(self, **params: Any) -> None:
+        validated = self.Params(**params)
+        for field in type(validated).model_fields:
+            setattr(self, field, getattr(validated, field))
+
+    @classmethod
+    def from_params(cls, params: ComponentParams) -> Component:
+        """Build the component from an already validated ``Params`` instance."""
+        return cls(**{field: getattr(params, field) for field in type(params).model_fields})
+
+    @classmethod
+    def version(cls) -> str:
+        """Version string recorded with cached outputs; bump it when the results change."""
+        return getattr(cls, "__version__", "1")
+
+    def get_params(self) -> dict[str, Any]:
+        return {field: getattr(self, field) for field in self.Params.model_fields}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+
+class DataSource(Component):
+    """Loads an AnnData. Raw integer counts are kept in ``.layers["counts"]``.
+
+    A data source that simulates or ships a known network returns it from ``ground_truth()``.
+    """
+
+    kind = Kind.DATA
+
+    def load(self) -> anndata.AnnData:
+        raise NotImplementedError
+
+    def ground_truth(self) -> pd.DataFrame | None:
+        """Edges known to be true for this data (columns source, target[, sign]), if any."""
+        return None
+
+    def ground_truth_directed(self) -> bool:
+        return True
+
+    def input_files(self) -> list[Path]:
+        """Files the data is read from; their content digest keys the cache."""
+        return []
+
+
+class Preprocessor(Component):
+    """AnnData in, AnnData out; writes only the keys listed in ``writes``."""
+
+    kind = Kind.PREPROCESSOR
+    writes: ClassVar[tuple[str, ...]] = ()
+
+    def __call__(self, adata: anndata.AnnData) -> anndata.AnnData:
+        raise NotImplementedError
+
+    def figures(self, adata: anndata.AnnData) -> dict[str, matplotlib.figure.Figure]:
+        """Figures to log after the step ran (e.g. a UMAP coloured by batch)."""
+        return {}
+
+
+class Sampler(Component):
+    """Chooses the cells later stages see, with a weight per chosen cell."""
+
+    kind = Kind.SAMPLER
+
+    def sample(self, adata: anndata.AnnData, rng: np.random.Generator) -> CellSample:
+        raise NotImplementedError
+
+
+class Tokenizer(Component):
+    """Turns cells into token sequences for a model."""
+
+    kind = Kind.TOKENIZER
+
+    def fit(self, adata: anndata.AnnData) -> Tokenizer:
+        return self
+
+    def transform(self, adata: anndata.AnnData, obs_columns: list[str] | None = None) -> TokenizedCells:
+        raise NotImplementedError
+
+
+class Model(Component):
+    """A trainable model. ``fit`` reads tokens (or AnnData) and the train settings from the context."""
+
+    kind = Kind.MODEL
+    #: "tokens" when the model consumes TokenizedCells, "adata" when it reads expression directly.
+    input_kind: ClassVar[str] = "tokens"
+
+    def fit(self, context: RunContext) -> Model:
+        raise NotImplementedError
+
+    def predict(self, inputs: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def embed(self, inputs: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def save(self, path: Path) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, path: Path) -> Model:
+        raise NotImplementedError
+
+
+class Extractor(Component):
+    """Ranks gene pairs from the context (data, sample, model)."""
+
+    kind = Kind.EXTRACTOR
+
+    def extract(self, context: RunContext) -> Interactions:
+        raise NotImplementedError
+
+
+class Evaluator(Component):
+    """Scores the run: interactions against a ground truth, or a model's predictions."""
+
+    kind = Kind.EVALUATOR
+    #: metric name -> whether a higher value is better; every metric returned must be listed.
+    higher_is_better: ClassVar[dict[str, bool]] = {}
+
+    def evaluate(self, context: RunContext) -> EvaluationResult:
+        raise NotImplementedError
+
+
+KIND_BASES: dict[Kind, type[Component]] = {
+    Kind.DATA: DataSource,
+    Kind.PREPROCESSOR: Preprocessor,
+    Kind.SAMPLER: Sampler,
+    Kind.TOKENIZER: Tokenizer,
+    Kind.MODEL: Model,
+    Kind.EXTRACTOR: Extractor,
+    Kind.EVALUATOR: Evaluator,
+}
+
+
+def constructor_fields(cls: type[Component]) -> set[str] | None:
+    """Keyword names an explicit ``__init__`` takes, or None when it accepts ``**params``."""
+    signature = inspect.signature(cls.__init__)
+    names = set()
+    for parameter in list(signature.parameters.values())[1:]:
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            return None
+        names.add(parameter.name)
+    return names

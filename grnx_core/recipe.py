@@ -1,0 +1,546 @@
+"""Recipes: the YAML schema, loading (safe YAML, ``extends``, overrides) and validation.
+
+Validation collects every problem before raising once. Each problem names the file (and line), the
+YAML path (which is also the override path), what was expected, what was found, and a hint.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from grnx_core.components import Component, ComponentParams, Kind
+from grnx_core.errors import PluginError, Problem, RecipeError
+
+SCHEMA_VERSION = 1
+
+# ---------------------------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentSpec(_Strict):
+    """A registered component by name, with its parameters (validated by the component's Params)."""
+
+    name: str = Field(description="registered component name (see `grnx plugins`)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the component's parameters")
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+class DataSpec(ComponentSpec):
+    label_key: str | None = Field(None, description="obs column with the class label (e.g. disease)")
+    donor_key: str | None = Field(None, description="obs column with the donor / subject")
+    batch_key: str | None = Field(None, description="obs column with the batch")
+    cell_type_key: str | None = Field(None, description="obs column with the cell type")
+
+
+class SamplerSpec(ComponentSpec):
+    repeats: int = Field(
+        1, ge=1, le=1000,
+        description="run the sampler and every later stage this many times, with seeds seed..seed+k-1, as nested runs",
+    )
+
+
+class NamedSpec(ComponentSpec):
+    id: str | None = Field(None, description="name of this step's outputs and metrics; defaults to name")
+
+    @property
+    def step_id(self) -> str:
+        return self.id or self.name
+
+
+class TrainSettings(_Strict):
+    """How models are trained; read by every model's ``fit``."""
+
+    epochs: int = Field(3, ge=1, description="passes over the training cells")
+    batch_size: int = Field(32, ge=1, description="cells per batch")
+    learning_rate: float = Field(0.0001, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
+    optimizer: Literal["adam", "adamw"] = Field("adamw", description="optimiser")
+    scheduler: Literal["constant", "linear", "cosine", "polynomial"] = Field(
+        "constant", description="learning-rate schedule after warm-up"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="share of training cells held out for validation")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without validation improvement; None trains all epochs"
+    )
+    class_weights: Literal["none", "balanced"] = Field("none", description="loss weights against class imbalance")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm; None disables")
+    freeze_layers: int = Field(0, ge=0, description="encoder layers kept frozen when fine-tuning")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses a GPU when one is present")
+
+
+class TrackingSpec(_Strict):
+    experiment: str = Field("grnx", min_length=1, description="MLflow experiment name")
+    run_name: str | None = Field(None, description="MLflow run name; defaults to the recipe name")
+    tags: dict[str, str] = Field(default_factory=dict, description="extra tags on the run")
+
+
+class Recipe(_Strict):
+    """A whole experiment. Every stage after ``data`` is optional."""
+
+    schema_version: Literal[1] = Field(description="recipe format version; 1")
+    name: str = Field(min_length=1, description="short name of the experiment")
+    description: str = Field("", description="what the recipe is for")
+    version: int = Field(1, ge=1, description="bump when a change alters the results")
+    seed: int = Field(0, ge=0, description="seed of every random choice in the run")
+    data: DataSpec
+    preprocess: list[ComponentSpec] = Field(default_factory=list)
+    sampler: SamplerSpec | None = None
+    tokenizer: ComponentSpec | None = None
+    model: ComponentSpec | None = None
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    extractors: list[NamedSpec] = Field(default_factory=list)
+    evaluators: list[NamedSpec] = Field(default_factory=list)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    cache: bool = Field(True, description="reuse finished steps from the cache")
+
+    @field_validator("preprocess", "extractors", "evaluators", mode="before")
+    @classmethod
+    def _none_is_empty_list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+
+#: Recipe field -> component kind, for the sections that name components.
+SECTION_KINDS: dict[str, Kind] = {
+    "data": Kind.DATA,
+    "preprocess": Kind.PREPROCESSOR,
+    "sampler": Kind.SAMPLER,
+    "tokenizer": Kind.TOKENIZER,
+    "model": Kind.MODEL,
+    "extractors": Kind.EXTRACTOR,
+    "evaluators": Kind.EVALUATOR,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML, extends, overrides, with the origin of every value
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Origins:
+    """Where each YAML path got its value: ``file:line`` or ``override 'a.b=c'``."""
+
+    by_path: dict[str, str] = field(default_factory=dict)
+    override_paths: dict[str, str] = field(default_factory=dict)
+
+    def of(self, path: str) -> str:
+        """The origin of the longest recorded prefix of ``path``."""
+        parts = path.split(".") if path else []
+        for end in range(len(parts), -1, -1):
+            prefix = ".".join(parts[:end])
+            if prefix in self.override_paths:
+                return f"override '{self.override_paths[prefix]}'"
+            if prefix in self.by_path:
+                return self.by_path[prefix]
+        return ""
+
+
+@dataclass
+class LoadedRecipe:
+    """The merged recipe data before validation, with where each value came from."""
+
+    path: Path
+    data: dict[str, Any]
+    given_text: str
+    overrides: list[str]
+    origins: Origins
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys (PyYAML silently keeps the last)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark,
+                f"found duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _line_map(node: yaml.Node | None, display: str, prefix: str = "") -> dict[str, str]:
+    """YAML path -> "file:line" for every node of a composed document."""
+    lines: dict[str, str] = {}
+    if node is None:
+        return lines
+    lines[prefix] = f"{display}:{node.start_mark.line + 1}"
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            lines.update(_line_map(value_node, display, f"{prefix}.{key}" if prefix else key))
+            lines[f"{prefix}.{key}" if prefix else key] = f"{display}:{key_node.start_mark.line + 1}"
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines.update(_line_map(item, display, f"{prefix}.{index}" if prefix else str(index)))
+    return lines
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], str, dict[str, str]]:
+    display = _display(path)
+    if not path.exists():
+        raise RecipeError([Problem("", f"recipe file not found: {display}", hint="Check the path.")])
+    if path.is_dir():
+        raise RecipeError([Problem("", f"{display} is a folder; give a recipe .yaml file.")])
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{display}:{mark.line + 1}:{mark.column + 1}" if mark else display
+        problem = getattr(error, "problem", None) or str(error)
+        raise RecipeError(
+            [Problem("", f"not valid YAML: {problem}", source=where, hint="Fix the YAML syntax there.")]
+        ) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(
+            [Problem("", f"a recipe must be a YAML mapping of keys to values, found {type(data).__name__}",
+                     source=display)]
+        )
+    return data, text, _line_map(node, display)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; lists and scalars from ``update`` replace the base's."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(_display(p) for p in (*chain, resolved))
+        raise RecipeError([Problem("extends", f"recipes extend each other in a cycle: {cycle}",
+                                   source=_display(path), hint="Remove one of the extends.")])
+    data, _, lines = _read_yaml(path)
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return data, lines
+    if not isinstance(base_name, str):
+        raise RecipeError([Problem("extends", f"must be the path of a base recipe, got {base_name!r}",
+                                   source=lines.get("extends", _display(path)))])
+    base_path = (path.parent / base_name)
+    if not base_path.exists():
+        raise RecipeError([Problem(
+            "extends", f"base recipe {base_name!r} not found (looked for {_display(base_path)})",
+            source=lines.get("extends", _display(path)),
+            hint="Paths in extends are relative to the recipe that names them.",
+        )])
+    base_data, base_lines = _load_with_extends(base_path, (*chain, resolved))
+    merged_lines = dict(base_lines)
+    merged_lines.update(lines)
+    return _deep_merge(base_data, data), merged_lines
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b.0.c=value"`` -> (["a", "b", "0", "c"], value); the value is read as YAML."""
+    if "=" not in text:
+        raise ValueError("expected KEY.PATH=VALUE, e.g. seed=1 or sampler.params.fraction=0.1")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not key.strip() or any(not part for part in parts):
+        raise ValueError(f"the key {key!r} is not a dotted path such as model.params.n_layers")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise ValueError(f"the value {raw!r} is not valid YAML ({error.__class__.__name__})") from None
+    return parts, value
+
+
+def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set ``value`` at the dotted path; list items are addressed by index."""
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        walked = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"{walked}: there is no item {part!r} in a list of {len(node)}")
+            index = int(part)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ValueError(
+                f"{'.'.join(parts[:depth])} is a value ({node!r}), not a section, so it has no key {part!r}"
+            )
+
+
+def load_recipe_data(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRecipe:
+    """Read a recipe file, follow ``extends`` and apply command-line overrides (not validated)."""
+    path = Path(path)
+    data, lines = _load_with_extends(path)
+    given_text = path.read_text(encoding="utf-8")
+    origins = Origins(by_path=lines)
+    problems = []
+    for override in overrides:
+        try:
+            parts, value = parse_override(override)
+            apply_override(data, parts, value)
+            origins.override_paths[".".join(parts)] = override
+        except ValueError as error:
+            problems.append(Problem("", f"bad override '{override}': {error}", source="command line"))
+    if problems:
+        raise RecipeError(problems)
+    return LoadedRecipe(path=path, data=data, given_text=given_text, overrides=list(overrides), origins=origins)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResolvedStep:
+    """One component step of a validated recipe: its class and validated parameters."""
+
+    section: str
+    path: str
+    kind: Kind
+    spec: ComponentSpec
+    component_class: type[Component]
+    params: ComponentParams
+
+    @property
+    def step_id(self) -> str:
+        return getattr(self.spec, "step_id", self.spec.name)
+
+    def build(self) -> Component:
+        return self.component_class.from_params(self.params)
+
+
+@dataclass
+class ResolvedRecipe:
+    """A valid recipe, with every component looked up and every parameter default filled in."""
+
+    recipe: Recipe
+    steps: list[ResolvedStep]
+    source: LoadedRecipe | None = None
+
+    def step(self, section: str) -> ResolvedStep | None:
+        return next((s for s in self.steps if s.section == section), None)
+
+    def steps_of(self, section: str) -> list[ResolvedStep]:
+        return [s for s in self.steps if s.section == section]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data: what `grnx show` prints and MLflow records."""
+        resolved = self.recipe.model_dump(mode="json")
+        for step in self.steps:
+            target: Any = resolved
+            for part in step.path.split("."):
+                target = target[int(part)] if isinstance(target, list) else target[part]
+            target["params"] = step.params.model_dump(mode="json")
+        return resolved
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+def _format_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _pydantic_problems(
+    error: ValidationError, prefix: str, origins: Origins, model: type[BaseModel], hint: str = ""
+) -> list[Problem]:
+    problems = []
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"]]
+        path = ".".join([prefix, *loc] if prefix else loc)
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            suggestion = f" Did you mean {close[0]!r}?" if close else ""
+            message = f"unknown key {loc[-1]!r}.{suggestion} Allowed: {', '.join(allowed)}."
+        elif kind == "missing":
+            message = "is required but missing"
+        elif kind == "literal_error":
+            message = f"{item['msg'][0].lower()}{item['msg'][1:]}, got {_format_value(item.get('input'))}"
+        else:
+            msg = item["msg"]
+            message = f"{msg[0].lower()}{msg[1:]}, got {_format_value(item.get('input'))}"
+        source = origins.of(path)
+        problems.append(Problem(path, message, source=source, hint=hint))
+    return problems
+
+
+def _allowed_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """Field names of the (nested) model at ``loc``; list indices are skipped."""
+    current: Any = model
+    for part in loc:
+        if part.isdigit():
+            continue
+        fields = getattr(current, "model_fields", {})
+        if part not in fields:
+            return []
+        annotation = fields[part].annotation
+        current = _model_in(annotation)
+        if current is None:
+            return []
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _model_in(argument)
+        if found is not None:
+            return found
+    return None
+
+
+def validate_recipe(loaded: LoadedRecipe, registry: Any) -> ResolvedRecipe:
+    """Validate the whole recipe and every component's params; raise once with every problem."""
+    problems: list[Problem] = []
+    data = loaded.data
+    origins = loaded.origins
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        problems.extend(_pydantic_problems(error, "", origins, Recipe))
+        recipe = None
+
+    steps: list[ResolvedStep] = []
+    for section, kind in SECTION_KINDS.items():
+        raw = data.get(section)
+        if raw is None:
+            continue
+        items = list(enumerate(raw)) if isinstance(raw, list) else [(None, raw)]
+        for index, item in items:
+            path = section if index is None else f"{section}.{index}"
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                continue  # the schema check above already reported it
+            name = item["name"]
+            try:
+                entry = registry.entry(kind, name, where=path + ".name")
+                component_class = entry.load()
+            except PluginError as error:
+                problems.append(Problem(path + ".name", str(error), source=origins.of(path + ".name")))
+                continue
+            params = item.get("params") or {}
+            if not isinstance(params, dict):
+                continue
+            try:
+                validated = component_class.Params(**params)
+            except ValidationError as error:
+                problems.extend(_pydantic_problems(
+                    error, path + ".params", origins, component_class.Params,
+                    hint=f"(see `grnx plugins {kind.value} {name}`)",
+                ))
+                continue
+            except (TypeError, ValueError) as error:
+                problems.append(Problem(path + ".params", str(error), source=origins.of(path + ".params")))
+                continue
+            if recipe is not None:
+                spec = getattr(recipe, section)
+                spec = spec[index] if index is not None else spec
+                steps.append(ResolvedStep(section, path, kind, spec, component_class, validated))
+
+    if recipe is not None:
+        problems.extend(_cross_checks(recipe, steps, origins))
+    if problems:
+        raise RecipeError(problems)
+    assert recipe is not None
+    return ResolvedRecipe(recipe=recipe, steps=steps, source=loaded)
+
+
+def _cross_checks(recipe: Recipe, steps: list[ResolvedStep], origins: Origins) -> list[Problem]:
+    """Checks across sections: unique step ids, a tokenizer for token models."""
+    problems = []
+    for section in ("extractors", "evaluators"):
+        seen: dict[str, int] = {}
+        for index, spec in enumerate(getattr(recipe, section)):
+            if spec.step_id in seen:
+                path = f"{section}.{index}"
+                problems.append(Problem(
+                    path, f"the id {spec.step_id!r} is used twice (also {section}.{seen[spec.step_id]})",
+                    source=origins.of(path), hint="Give one of them a different 'id'.",
+                ))
+            seen[spec.step_id] = index
+    model = next((s for s in steps if s.section == "model"), None)
+    if model is not None and getattr(model.component_class, "input_kind", "tokens") == "tokens" and recipe.tokenizer is None:
+        problems.append(Problem(
+            "tokenizer", f"model {model.spec.name!r} reads tokenised cells, but the recipe has no tokenizer",
+            source=origins.of("model"), hint="Add a 'tokenizer' section (see `grnx plugins tokenizer`).",
+        ))
+    return problems
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), registry: Any = None) -> ResolvedRecipe:
+    """Load, merge, override and validate a recipe file."""
+    from grnx_core.registry import default_registry
+
+    loaded = load_recipe_data(path, overrides)
+    return validate_recipe(loaded, registry or default_registry())
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings and lists -> {"a.b.0.c": value}; each key is a valid override path."""
+    flat: dict[str, Any] = {}
+    if isinstance(data, dict):
+        if not data and prefix:
+            flat[prefix] = {}
+        for key, value in data.items():
+            flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(data, list):
+        if not data and prefix:
+            flat[prefix] = []
+        for index, value in enumerate(data):
+            flat.update(flatten(value, f"{prefix}.{index}" if prefix else str(index)))
+    else:
+        flat[prefix] = data
+    return flat

@@ -1,0 +1,17 @@
+"""Built-in extractors: registered lazily so that listing them imports nothing heavy."""
+
+from __future__ import annotations
+
+from grnx_core.hookspecs import Register, hookimpl
+
+#: name -> "module:Class"; each module holds one component.
+COMPONENTS: dict[str, str] = {
+    "pearson": "grnx_plugins.extractors.pearson:PearsonExtractor",
+    "spearman": "grnx_plugins.extractors.spearman:SpearmanExtractor",
+}
+
+
+@hookimpl
+def grnx_register_extractors(register: Register) -> None:
+    for name, target in COMPONENTS.items():
+        register(name, target)

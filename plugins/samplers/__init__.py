@@ -1,0 +1,14 @@
+"""Built-in samplers: registered lazily so that listing them imports nothing heavy."""
+
+from __future__ import annotations
+
+from grnx_core.hookspecs import Register, hookimpl
+
+#: name -> "module:Class"; each module holds one component.
+COMPONENTS: dict[str, str] = {}
+
+
+@hookimpl
+def grnx_register_samplers(register: Register) -> None:
+    for name, target in COMPONENTS.items():
+        register(name, target)

@@ -96,11 +96,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _type_name(annotation: Any) -> str:
+    import typing
+
+    if typing.get_args(annotation) or not hasattr(annotation, "__name__"):
+        return str(annotation).replace("typing.", "").replace("pathlib.", "")
+    return annotation.__name__
+
+
 def _describe_params(cls: Any) -> list[str]:
     lines = []
     for name, info in cls.Params.model_fields.items():
         default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
-        annotation = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+        annotation = _type_name(info.annotation)
         lines.append(f"      {name} ({annotation}, {default}): {info.description or ''}".rstrip(": "))
     return lines
 
@@ -160,12 +168,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # --debug works before or after the command; the command's copy must not reset the other.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     parser = argparse.ArgumentParser(
-        prog="grnx", parents=[common],
+        prog="grnx",
         description="Gene-gene interactions from single-cell data, as tracked experiments.",
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"grnx {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

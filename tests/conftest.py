@@ -19,11 +19,21 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(autouse=True)
-def _isolated_grnx_dirs(tmp_path_factory, monkeypatch):
-    """Keep every test's cache and tracking store out of the repository and the user's home."""
-    base = tmp_path_factory.getbasetemp()
-    monkeypatch.setenv("GRNX_CACHE_DIR", str(base / "grnx-cache"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{base / 'mlflow' / 'mlflow.db'}")
-    (base / "mlflow").mkdir(exist_ok=True)
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_grnx_dirs(tmp_path_factory):
+    """Keep the cache and tracking store of the whole session out of the repository and home."""
+    base = tmp_path_factory.mktemp("grnx-session")
+    (base / "mlflow").mkdir()
+    settings = {
+        "GRNX_CACHE_DIR": str(base / "grnx-cache"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow' / 'mlflow.db'}",
+        "MPLBACKEND": "Agg",
+    }
+    previous = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    yield
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

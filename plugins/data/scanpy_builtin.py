@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -55,8 +56,13 @@ class ScanpyBuiltin(DataSource):
         import scanpy as sc
 
         if self.dataset == "krumsiek11":
-            adata = sc.datasets.krumsiek11()
+            with warnings.catch_warnings():
+                # scanpy builds the obs names from the simulation time points; made unique below.
+                warnings.filterwarnings("ignore", message="Observation names are not unique")
+                adata = sc.datasets.krumsiek11()
             adata.obs_names_make_unique()
+            # h5ad needs string keys; scanpy keys the highlighted cells by index.
+            adata.uns["highlights"] = {str(k): v for k, v in adata.uns.get("highlights", {}).items()}
             # Simulated continuous expression: there are no counts to keep.
             adata.uns["grnx"] = {"counts": None, "dataset": "krumsiek11"}
             return adata

@@ -1,0 +1,89 @@
+"""The grnx command, in-process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import yaml
+
+from grnx_core.cli import build_parser, main
+
+RECIPE = """
+schema_version: 1
+name: cli
+data: {name: scanpy_builtin, params: {dataset: krumsiek11}}
+extractors: [{name: pearson}]
+"""
+
+
+def test_plugins_lists_every_kind(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    for heading in ("data sources", "preprocessors", "samplers", "tokenizers", "models", "extractors", "evaluators"):
+        assert heading in out
+    assert "pearson: Gene pairs ranked by Pearson co-expression" in out
+
+
+def test_plugins_of_a_kind_shows_params_with_defaults_and_descriptions(capsys):
+    assert main(["plugins", "extractor", "pearson"]) == 0
+    out = capsys.readouterr().out
+    assert "reference: https://doi.org/" in out
+    assert "rank_by (Literal['abs', 'value'], default 'abs'): rank pairs by |score|" in out
+
+
+def test_plugins_unknown_name(capsys):
+    assert main(["plugins", "extractor", "pearsn"]) == 2
+    assert "Did you mean 'pearson'?" in capsys.readouterr().err
+
+
+def test_show_prints_the_resolved_recipe_with_overrides(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(textwrap.dedent(RECIPE))
+    assert main(["show", str(path), "seed=5", "extractors.0.params.rank_by=value"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["seed"] == 5
+    assert shown["extractors"][0]["params"]["rank_by"] == "value"
+    assert shown["train"]["epochs"] == 3  # defaults are filled in
+
+
+def test_validate_a_folder(tmp_path, capsys):
+    (tmp_path / "good.yaml").write_text(textwrap.dedent(RECIPE))
+    (tmp_path / "bad.yaml").write_text(textwrap.dedent(RECIPE).replace("pearson", "pearsn"))
+    assert main(["validate", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert f"ok: {tmp_path / 'good.yaml'}" in captured.out
+    assert f"invalid: {tmp_path / 'bad.yaml'}" in captured.err
+
+
+def test_run_untracked_prints_the_top_pairs(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(textwrap.dedent(RECIPE))
+    assert main(["run", str(path), "--no-track", "--no-cache"]) == 0
+    out = capsys.readouterr().out
+    assert "run (not tracked): FINISHED" in out and "pearson: 55 pairs; top:" in out
+
+
+def test_missing_data_file_is_a_user_error(tmp_path, capsys, monkeypatch):
+    from grnx_plugins.extractors import pearson
+
+    def missing(self, context):
+        raise FileNotFoundError(2, "No such file or directory", "ground_truth.tsv")
+
+    monkeypatch.setattr(pearson.PearsonExtractor, "extract", missing)
+    path = tmp_path / "r.yaml"
+    path.write_text(textwrap.dedent(RECIPE))
+    assert main(["run", str(path), "--no-track", "--no-cache"]) == 2
+    err = capsys.readouterr().err
+    assert "No such file or directory: 'ground_truth.tsv'" in err and "Traceback" not in err
+
+
+def test_ui_binds_to_localhost_by_default():
+    args = build_parser().parse_args(["ui"])
+    assert args.host == "127.0.0.1"
+
+
+def test_console_script_is_installed():
+    completed = subprocess.run([sys.executable, "-m", "grnx_core.cli", "--version"], capture_output=True, text=True)
+    assert completed.returncode == 0 and completed.stdout.startswith("grnx ")

@@ -434,14 +434,18 @@ class Runner:
         evaluator_steps = self.resolved.steps_of("evaluators")
         reference: dict[str, dict[str, float]] | None = None
         if any(getattr(s.component_class, "needs_reference", False) for s in evaluator_steps):
-            child_context = self._child_context(context, run, "reference (all cells)", result, seed=context.seed)
+            child_context = self._child_context(
+                context, run, "reference (all cells)", result, seed=context.seed, role="reference"
+            )
             self._in_child(child_context, lambda c: self._pipeline_without_sampler(c, key))
             reference = child_context.extras.get("evaluations", {})
         per_repeat: list[dict[str, dict[str, float]]] = []
         all_metrics: list[dict[str, float]] = []
         for index in self._progress(list(range(repeats)), "repeats"):
             seed = context.seed + index
-            child_context = self._child_context(context, run, f"repeat {index} (seed {seed})", result, seed=seed)
+            child_context = self._child_context(
+                context, run, f"repeat {index} (seed {seed})", result, seed=seed, role="repeat"
+            )
             self._in_child(child_context, lambda c: self._pipeline(c, key))
             per_repeat.append(child_context.extras.get("evaluations", {}))
             all_metrics.append(child_context.metrics)
@@ -470,12 +474,14 @@ class Runner:
         for step in self.resolved.steps_of("evaluators"):
             self._evaluate(context, step)
 
-    def _child_context(self, parent: RunContext, run: Any, name: str, result: RunResult, seed: int) -> RunContext:
+    def _child_context(
+        self, parent: RunContext, run: Any, name: str, result: RunResult, seed: int, role: str
+    ) -> RunContext:
         child_run = None
         if run is not None:
             child_run = self.tracker.start_run(
                 self.recipe.tracking.experiment, f"{self.recipe.tracking.run_name or self.recipe.name}: {name}",
-                {"grnx.recipe": self.recipe.name, "grnx.seed": str(seed)}, parent=run,
+                {"grnx.recipe": self.recipe.name, "grnx.seed": str(seed), "grnx.child": role}, parent=run,
             )
             child_run.log_params({"seed": seed})
             result.child_run_ids.append(child_run.run_id)

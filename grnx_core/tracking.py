@@ -71,8 +71,9 @@ class Tracker:
     """Opens runs in one tracking store."""
 
     def __init__(self, tracking_uri: str | None = None) -> None:
-        import mlflow
         from mlflow.tracking import MlflowClient
+
+        import mlflow
 
         self.tracking_uri = tracking_uri or default_tracking_uri()
         if self.tracking_uri.startswith("sqlite:///"):

@@ -8,7 +8,14 @@ import sys
 
 import pytest
 
-from grnx_core.components import KIND_BASES, ComponentParams, Evaluator, Kind, Preprocessor, constructor_fields
+from grnx_core.components import (
+    KIND_BASES,
+    ComponentParams,
+    Evaluator,
+    Kind,
+    Preprocessor,
+    constructor_fields,
+)
 from grnx_core.registry import Registry
 
 REGISTRY = Registry.from_entry_points()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.stats import rankdata
-
 from grnx_plugins.extractors.pearson import PearsonExtractor
+from scipy.stats import rankdata
 
 
 class SpearmanExtractor(PearsonExtractor):

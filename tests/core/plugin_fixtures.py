@@ -7,7 +7,15 @@ import types
 import numpy as np
 from pydantic import Field
 
-from grnx_core import CellSample, ComponentParams, EvaluationResult, Evaluator, Preprocessor, Sampler, hookimpl
+from grnx_core import (
+    CellSample,
+    ComponentParams,
+    EvaluationResult,
+    Evaluator,
+    Preprocessor,
+    Sampler,
+    hookimpl,
+)
 from grnx_core.registry import Registry
 
 CALLS = {"scale_genes": 0}

@@ -173,11 +173,32 @@ class Extractor(Component):
 
 
 class Evaluator(Component):
-    """Scores the run: interactions against a ground truth, or a model's predictions."""
+    """Scores the run: interactions against a ground truth, or a model's predictions.
+
+    With a repeated sampler, an evaluator may also define
+    ``aggregate(repeat_results: list[EvaluationResult], reference: EvaluationResult | None)
+    -> dict[str, float]``, called on the parent run with each repeat's result (and, when the class
+    sets ``needs_reference = True``, the result on all cells without the sampler).
+    """
 
     kind = Kind.EVALUATOR
-    #: metric name -> whether a higher value is better; every metric returned must be listed.
+    #: metric name -> whether a higher value is better. Metric names may carry prefixes such as the
+    #: extractor id (``pearson/auprc``) or a suffix such as a class (``f1/B cell``): the entry for
+    #: ``auprc`` or ``f1`` covers them (see ``metric_direction``).
     higher_is_better: ClassVar[dict[str, bool]] = {}
+    #: ask the runner for a reference run on all cells when the sampler repeats.
+    needs_reference: ClassVar[bool] = False
+
+    @classmethod
+    def metric_direction(cls, metric: str) -> bool | None:
+        """Whether higher is better for ``metric``, matching its longest declared sub-path."""
+        parts = metric.split("/")
+        for length in range(len(parts), 0, -1):
+            for start in range(0, len(parts) - length + 1):
+                key = "/".join(parts[start : start + length])
+                if key in cls.higher_is_better:
+                    return cls.higher_is_better[key]
+        return None
 
     def evaluate(self, context: RunContext) -> EvaluationResult:
         raise NotImplementedError

@@ -376,8 +376,13 @@ class GroundTruth:
 
 @dataclass
 class EvaluationResult:
-    """Metrics (name -> value), and optionally figures and tables to log as artifacts."""
+    """Metrics (name -> value), and optionally figures and tables to log as artifacts.
+
+    ``state`` holds what an evaluator's ``aggregate`` needs from each repeat beyond its metrics
+    (e.g. the identities of the top pairs); it is handed to ``aggregate`` and never logged.
+    """
 
     metrics: dict[str, float]
     figures: dict[str, matplotlib.figure.Figure] = field(default_factory=dict)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)

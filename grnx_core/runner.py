@@ -414,9 +414,15 @@ class Runner:
         if not isinstance(result, EvaluationResult):
             raise GrnxError(f"evaluator {step.spec.name!r} returned {type(result).__name__}, not EvaluationResult.")
         step_id = step.step_id
+        undeclared = [name for name in result.metrics if evaluator.metric_direction(name) is None]
+        if undeclared:
+            raise GrnxError(
+                f"evaluator {step.spec.name!r} returned metrics without a direction in its higher_is_better: "
+                f"{', '.join(undeclared[:5])}. This is a bug in the plugin."
+            )
         metrics = {f"eval/{step_id}/{name}": float(value) for name, value in result.metrics.items()}
         context.metrics.update(metrics)
-        context.extras.setdefault("evaluations", {})[step_id] = dict(result.metrics)
+        context.extras.setdefault("evaluations", {})[step_id] = result
         logger = context.logger
         logger.log_metrics(metrics)
         for name, figure in result.figures.items():
@@ -432,14 +438,14 @@ class Runner:
         sampler = self.resolved.step("sampler")
         repeats = sampler.spec.repeats
         evaluator_steps = self.resolved.steps_of("evaluators")
-        reference: dict[str, dict[str, float]] | None = None
+        reference: dict[str, EvaluationResult] | None = None
         if any(getattr(s.component_class, "needs_reference", False) for s in evaluator_steps):
             child_context = self._child_context(
                 context, run, "reference (all cells)", result, seed=context.seed, role="reference"
             )
             self._in_child(child_context, lambda c: self._pipeline_without_sampler(c, key))
             reference = child_context.extras.get("evaluations", {})
-        per_repeat: list[dict[str, dict[str, float]]] = []
+        per_repeat: list[dict[str, EvaluationResult]] = []
         all_metrics: list[dict[str, float]] = []
         for index in self._progress(list(range(repeats)), "repeats"):
             seed = context.seed + index
@@ -459,9 +465,9 @@ class Runner:
         for step in evaluator_steps:
             component = step.build()
             if hasattr(component, "aggregate"):
-                repeat_metrics = [r.get(step.step_id, {}) for r in per_repeat]
-                reference_metrics = reference.get(step.step_id) if reference is not None else None
-                for name, value in component.aggregate(repeat_metrics, reference_metrics).items():
+                repeat_results = [r[step.step_id] for r in per_repeat if step.step_id in r]
+                reference_result = reference.get(step.step_id) if reference is not None else None
+                for name, value in component.aggregate(repeat_results, reference_result).items():
                     aggregates[f"eval/{step.step_id}/{name}"] = float(value)
         context.logger.log_metrics(aggregates)
         result.metrics = aggregates

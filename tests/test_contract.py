@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import ValidationError
 
 from grnx_core.components import (
     KIND_BASES,
@@ -42,10 +43,14 @@ def test_component_contract(entry):
         assert explicit == set(cls.Params.model_fields), "the constructor must take exactly the Params fields"
         for parameter in list(inspect.signature(cls.__init__).parameters.values())[1:]:
             assert parameter.kind is inspect.Parameter.KEYWORD_ONLY
-    if all(not info.is_required() for info in cls.Params.model_fields.values()):
-        component = cls()
+    try:
+        defaults = cls.Params()
+    except ValidationError:
+        defaults = None  # some fields are required, alone or in combination
+    if defaults is not None:
+        component = cls.from_params(defaults)
         for field_name in cls.Params.model_fields:
-            assert hasattr(component, field_name)
+            assert getattr(component, field_name) == getattr(defaults, field_name)
     if issubclass(cls, Evaluator):
         assert cls.higher_is_better, "an evaluator must declare higher_is_better for its metrics"
     if issubclass(cls, Preprocessor):

@@ -5,7 +5,12 @@ from __future__ import annotations
 from grnx_core.hookspecs import Register, hookimpl
 
 #: name -> "module:Class"; each module holds one component.
-COMPONENTS: dict[str, str] = {}
+COMPONENTS: dict[str, str] = {
+    "nes": "grnx_plugins.evaluators.nes:NesEvaluator",
+    "nes_stability": "grnx_plugins.evaluators.nes_stability:NesStabilityEvaluator",
+    "auprc": "grnx_plugins.evaluators.auprc:AuprcEvaluator",
+    "classification": "grnx_plugins.evaluators.classification:ClassificationEvaluator",
+}
 
 
 @hookimpl

@@ -83,10 +83,10 @@ class TopScoreStability(TopPairScore):
     needs_reference = True
     higher_is_better = {"top_score": True, "mse_vs_reference": False}
 
-    def aggregate(self, repeat_metrics, reference_metrics):
+    def aggregate(self, repeat_results, reference):
         errors = [
-            (metrics[key] - reference_metrics[key]) ** 2
-            for metrics in repeat_metrics for key in metrics
+            (result.metrics[key] - reference.metrics[key]) ** 2
+            for result in repeat_results for key in result.metrics
         ]
         return {"mse_vs_reference": float(np.mean(errors))}
 

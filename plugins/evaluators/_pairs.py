@@ -1,0 +1,249 @@
+"""Ranked pair lists and ground-truth pair sets as integer codes over one gene universe.
+
+A pair (i, j) of universe genes is the integer ``i * n_genes + j`` (``i < j`` when undirected), so
+membership tests, de-duplication and ranking work on int64 arrays instead of millions of "A|B"
+strings. Shared by the interaction evaluators (nes, nes_stability, auprc).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from grnx_plugins.evaluators.ground_truth import normalise_gene, overlap_error
+
+from grnx_core import DataError, GroundTruth, Interactions, RunContext
+
+DirectedMode = Literal["auto", "directed", "undirected"]
+
+
+@dataclass
+class PairProblem:
+    """One extractor's ranked list against the ground truth, inside the extractor's gene universe."""
+
+    extractor: str
+    directed: bool
+    genes: list[str]
+    codes: np.ndarray  # int64, ranked order, unique
+    scores: np.ndarray  # float64, descending
+    signs: np.ndarray | None  # int8 predicted signs, or None
+    truth_codes: np.ndarray  # sorted unique int64
+    truth_signs: np.ndarray | None  # int8 aligned with truth_codes, or None
+    n_candidates: int
+    report: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    def labels(self, signed: bool = False) -> np.ndarray:
+        """True where the ranked pair is a ground-truth pair (with the right sign when ``signed``)."""
+        where = np.searchsorted(self.truth_codes, self.codes)
+        where = np.minimum(where, len(self.truth_codes) - 1)
+        hit = self.truth_codes[where] == self.codes
+        if signed:
+            if self.signs is None or self.truth_signs is None:
+                raise DataError(
+                    f"signed evaluation of {self.extractor!r} needs signs on both sides: the interactions "
+                    f"{'have' if self.signs is not None else 'lack'} a 'sign' column and the ground truth "
+                    f"{'has' if self.truth_signs is not None else 'lacks'} one. Use rank_by: abs in the "
+                    "extractor and a signed ground truth (trrust, dorothea, regnetwork, beeline Type), or "
+                    "set signed: false."
+                )
+            hit &= self.truth_signs[where] == self.signs
+        return hit
+
+    def signed_view(self) -> PairProblem:
+        """Candidates become (pair, sign) combinations: 2 per pair; a listed pair predicts one of them.
+
+        Ground-truth edges of unknown sign (0) cannot be matched and are left out.
+        """
+        self.labels(signed=True)  # raises the clear error when a side has no signs
+        known = self.truth_signs != 0
+        return PairProblem(
+            extractor=self.extractor,
+            directed=self.directed,
+            genes=self.genes,
+            codes=self.codes,
+            scores=self.scores,
+            signs=self.signs,
+            truth_codes=self.truth_codes[known],
+            truth_signs=self.truth_signs[known],
+            n_candidates=2 * self.n_candidates,
+            report={**self.report, "gt_signed_pairs_in_universe": float(known.sum())},
+        )
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        names = np.asarray(self.genes, dtype=object)
+        first, second = np.divmod(np.asarray(codes, dtype=np.int64), self.n_genes)
+        return names[first] + "|" + names[second]
+
+
+def select_interactions(
+    context: RunContext, extractors: list[str] | None, who: str
+) -> dict[str, Interactions]:
+    """The interactions to score: those named in ``extractors``, or all of them."""
+    available = context.interactions
+    if not available:
+        raise DataError(
+            f"{who} scores ranked gene pairs, but the run produced none. Add an extractor to the recipe "
+            "(e.g. extractors: [{name: pearson}])."
+        )
+    if extractors is None:
+        return dict(available)
+    unknown = [e for e in extractors if e not in available]
+    if unknown:
+        raise DataError(
+            f"{who}: params.extractors names {unknown}, which the run does not have. "
+            f"Extractor ids in this run: {sorted(available)}."
+        )
+    return {e: available[e] for e in extractors}
+
+
+def evaluation_directed(mode: DirectedMode, truth: GroundTruth, interactions: Interactions) -> bool:
+    """auto: directed only when both the ground truth and the predictions are (BEELINE convention)."""
+    if mode == "auto":
+        return bool(truth.directed and interactions.directed)
+    return mode == "directed"
+
+
+def _pair_codes(first: np.ndarray, second: np.ndarray, n_genes: int, directed: bool) -> np.ndarray:
+    first = first.astype(np.int64)
+    second = second.astype(np.int64)
+    if not directed:
+        first, second = np.minimum(first, second), np.maximum(first, second)
+    return first * n_genes + second
+
+
+def _column_indices(column: pd.Series, index: pd.Index) -> np.ndarray:
+    codes, uniques = pd.factorize(column, sort=False)
+    mapped = index.get_indexer(pd.Index(uniques).astype(str))
+    out = np.full(len(codes), -1, dtype=np.int64)
+    valid = codes >= 0
+    out[valid] = mapped[codes[valid]]
+    return out
+
+
+def prepare(
+    interactions: Interactions,
+    truth: GroundTruth,
+    *,
+    extractor: str,
+    who: str,
+    mode: DirectedMode = "auto",
+    case_sensitive: bool = True,
+    tf_genes: set[str] | None = None,
+    top_n: int | None = None,
+) -> PairProblem:
+    """Encode the ranked list and the ground truth of one extractor as pair codes in its universe."""
+    directed = evaluation_directed(mode, truth, interactions)
+    genes = [str(g) for g in interactions.genes]
+    n_genes = len(genes)
+    index = pd.Index(genes)
+    table = interactions.table
+    scores = table["score"].to_numpy(dtype=np.float64)
+    source = _column_indices(table["source"], index)
+    target = _column_indices(table["target"], index)
+    keep = (source >= 0) & (target >= 0) & (source != target) & ~np.isnan(scores)
+    codes = _pair_codes(source, target, n_genes, directed)
+    signs = table["sign"].to_numpy(dtype=np.int8) if "sign" in table.columns else None
+    if not keep.all():
+        codes, scores, source = codes[keep], scores[keep], source[keep]
+        target = target[keep]
+        signs = signs[keep] if signs is not None else None
+    if interactions.directed != directed or not directed:
+        # A directed list scored undirected holds A|B twice: keep the better-ranked copy.
+        _, first = np.unique(codes, return_index=True)
+        if len(first) < len(codes):
+            first.sort()
+            codes, scores, source, target = codes[first], scores[first], source[first], target[first]
+            signs = signs[first] if signs is not None else None
+
+    # Ground truth: match on normalised names (Ensembl versions dropped, optional case folding).
+    keys: dict[str, int] = {}
+    for position, gene in enumerate(genes):
+        keys.setdefault(normalise_gene(gene, case_sensitive), position)
+    edges = truth.edges
+    gt_source = _mapped(edges["source"], keys, case_sensitive)
+    gt_target = _mapped(edges["target"], keys, case_sensitive)
+    inside = (gt_source >= 0) & (gt_target >= 0) & (gt_source != gt_target)
+    truth_signs = edges["sign"].to_numpy(dtype=np.int8)[inside] if "sign" in edges.columns else None
+    gt_source, gt_target = gt_source[inside], gt_target[inside]
+    if directed and not truth.directed:
+        gt_source, gt_target = np.r_[gt_source, gt_target], np.r_[gt_target, gt_source]
+        truth_signs = np.r_[truth_signs, truth_signs] if truth_signs is not None else None
+    truth_codes = _pair_codes(gt_source, gt_target, n_genes, directed)
+
+    n_candidates = n_genes * (n_genes - 1) if directed else n_genes * (n_genes - 1) // 2
+    if tf_genes is not None:
+        tf_mask = np.array([normalise_gene(g, case_sensitive) in tf_genes for g in genes])
+        n_tf = int(tf_mask.sum())
+        if n_tf == 0:
+            raise DataError(
+                f"{who}: none of the {n_genes} genes scored by {extractor!r} is in the TF list "
+                f"(e.g. genes {genes[:4]}). Check tf_list and gene naming (case_sensitive)."
+            )
+        if directed:
+            n_candidates = n_tf * (n_genes - 1)
+            keep_list, keep_truth = tf_mask[source], tf_mask[gt_source]
+        else:
+            n_other = n_genes - n_tf
+            n_candidates -= n_other * (n_other - 1) // 2
+            keep_list = tf_mask[source] | tf_mask[target]
+            keep_truth = tf_mask[gt_source] | tf_mask[gt_target]
+        codes, scores = codes[keep_list], scores[keep_list]
+        signs = signs[keep_list] if signs is not None else None
+        truth_codes = truth_codes[keep_truth]
+        truth_signs = truth_signs[keep_truth] if truth_signs is not None else None
+
+    truth_codes, first = np.unique(truth_codes, return_index=True)
+    truth_signs = truth_signs[first] if truth_signs is not None else None
+    if top_n is not None:
+        codes, scores = codes[:top_n], scores[:top_n]
+        signs = signs[:top_n] if signs is not None else None
+
+    if len(truth_codes) == 0:
+        raise overlap_error(who, truth, genes, extractor)
+    truth_genes_in = np.union1d(truth_codes // n_genes, truth_codes % n_genes)
+    problem = PairProblem(
+        extractor=extractor,
+        directed=directed,
+        genes=genes,
+        codes=codes,
+        scores=scores,
+        signs=signs,
+        truth_codes=truth_codes,
+        truth_signs=truth_signs,
+        n_candidates=int(n_candidates),
+    )
+    problem.report = {
+        "gt_edges": float(len(truth.edges)),
+        "gt_pairs_in_universe": float(len(truth_codes)),
+        "gt_genes_in_universe": float(len(truth_genes_in)),
+        "universe_genes": float(n_genes),
+        "gt_pairs_in_list": float(problem.labels().sum()) if len(codes) else 0.0,
+    }
+    return problem
+
+
+def _mapped(column: pd.Series, keys: dict[str, int], case_sensitive: bool) -> np.ndarray:
+    codes, uniques = pd.factorize(column.astype(str), sort=False)
+    mapped = np.array([keys.get(normalise_gene(u, case_sensitive), -1) for u in uniques], dtype=np.int64)
+    return mapped[codes] if len(mapped) else np.zeros(len(codes), dtype=np.int64) - 1
+
+
+def overlap_table(problems: dict[str, PairProblem], truth: GroundTruth) -> pd.DataFrame:
+    """One row per extractor: how much of the ground truth the run's gene universe covers."""
+    rows = []
+    for extractor, problem in problems.items():
+        rows.append(
+            {
+                "extractor": extractor,
+                "ground_truth": truth.name,
+                "directed": problem.directed,
+                **{k: int(v) for k, v in problem.report.items()},
+            }
+        )
+    return pd.DataFrame(rows)

@@ -1,0 +1,239 @@
+"""AUPRC, AUROC and early precision of ranked pairs against a ground-truth network (BEELINE conventions)."""
+
+from __future__ import annotations
+
+from itertools import combinations
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+from grnx_plugins.evaluators.ground_truth import GroundTruthSpec, normalise_gene, resolve_ground_truth
+from pydantic import Field
+
+from grnx_core import ComponentParams, DataError, EvaluationResult, Evaluator, RunContext
+
+
+class AuprcEvaluator(Evaluator):
+    """Graph metrics of each ranked pair list over all candidate pairs of its gene universe.
+
+    Pustejovsky et al. BEELINE (Nat Methods 2020, https://doi.org/10.1038/s41592-019-0690-6):
+    candidates are every ordered (directed) or unordered pair of the extractor's genes; pairs absent
+    from the ranked list count as scored lowest (one tied threshold). ``auprc`` is average precision
+    (scikit-learn's definition), ``auprc_trapezoid`` the trapezoidal area BEELINE reports; ``auroc``;
+    ``early_precision`` = precision of the top-k pairs (ties at the k-th score included), k = number of
+    true pairs in the universe; ``epr`` = early precision / edge density. Each has its random baseline
+    (``*_random``). Options: TF-restricted universe (pairs whose source, or for undirected pairs either
+    gene, is a TF), signed edges (candidates are (pair, sign) combinations, twice as many as pairs; a
+    listed pair predicts its own sign and is true only when that matches the ground truth), and top-k stability
+    across repeats (``aggregate``: Jaccard and Spearman of the top-k pairs between repeats and against
+    the reference run).
+    """
+
+    name = "auprc"
+    description = (
+        "AUPRC, AUROC, early precision (EPR) of ranked pairs against a ground truth, with baselines."
+    )
+    reference = "https://doi.org/10.1038/s41592-019-0690-6"
+
+    class Params(ComponentParams):
+        ground_truth: GroundTruthSpec = Field(
+            default_factory=GroundTruthSpec,
+            description="reference network: {source: data} or {source: file, ...}",
+        )
+        extractors: list[str] | None = Field(None, description="extractor ids to score; all when None")
+        directed: Literal["auto", "directed", "undirected"] = Field(
+            "auto", description="auto: directed only when both the ground truth and the interactions are"
+        )
+        tf_list: str | None = Field(
+            None,
+            description="TF list file (one per line, or a CSV with a TF column): restrict candidates "
+            "to pairs whose source is a TF, e.g. ../shared/data/ground_truth/tf_lists/human-tfs.csv",
+        )
+        signed: bool = Field(
+            False,
+            description="candidates are (pair, sign): a listed pair is true only with the ground-truth "
+            "sign; edges of unknown sign are left out",
+        )
+        stability_top_k: int | None = Field(
+            None,
+            ge=1,
+            description="keep the top k pairs of each repeat so aggregate() can measure their stability "
+            "across repeats (Jaccard, Spearman)",
+        )
+        plot: bool = Field(True, description="draw PR and ROC curves per extractor")
+
+    higher_is_better: ClassVar[dict[str, bool]] = {
+        "auprc": True,
+        "auprc_random": True,
+        "auprc_ratio": True,
+        "auprc_trapezoid": True,
+        "auroc": True,
+        "auroc_random": True,
+        "early_precision": True,
+        "early_precision_random": True,
+        "epr": True,
+        "epr_random": True,
+        "n_candidates": True,
+        "gt_edges": True,
+        "gt_pairs_in_universe": True,
+        "gt_genes_in_universe": True,
+        "universe_genes": True,
+        "gt_pairs_in_list": True,
+        "gt_signed_pairs_in_universe": True,
+        # aggregate() over repeats
+        "top_k_jaccard": True,
+        "top_k_spearman": True,
+        "top_k_jaccard_reference": True,
+        "top_k_spearman_reference": True,
+    }
+
+    def evaluate(self, context: RunContext) -> EvaluationResult:
+        from grnx_plugins.evaluators import _curves, _pairs
+        from grnx_plugins.evaluators._plots import pr_roc_plot
+
+        who = f"evaluator {self.name!r}"
+        selected = _pairs.select_interactions(context, self.extractors, who)
+        truth = resolve_ground_truth(self.ground_truth, context, who)
+        case_sensitive = self.ground_truth.case_sensitive
+        tf_genes = read_tf_list(self.tf_list, case_sensitive, who) if self.tf_list else None
+        metrics: dict[str, float] = {}
+        figures = {}
+        problems = {}
+        top_pairs: dict[str, list[str]] = {}
+        for extractor, interactions in selected.items():
+            problem = _pairs.prepare(
+                interactions,
+                truth,
+                extractor=extractor,
+                who=who,
+                mode=self.directed,
+                case_sensitive=case_sensitive,
+                tf_genes=tf_genes,
+            )
+            problems[extractor] = problem
+            if self.signed:
+                problem = problem.signed_view()
+                if len(problem.truth_codes) == 0:
+                    raise DataError(
+                        f"{who}: signed: true, but no ground-truth pair in the universe has a known sign."
+                    )
+            labels = problem.labels(signed=self.signed)
+            n_true = len(problem.truth_codes)
+            density = n_true / problem.n_candidates
+            curve = _curves.curves(labels, problem.scores, n_true, problem.n_candidates)
+            auprc = curve.average_precision()
+            ep = _curves.early_precision(labels, problem.scores, n_true)
+            values = {
+                "auprc": auprc,
+                "auprc_random": density,
+                "auprc_ratio": auprc / density,
+                "auprc_trapezoid": curve.auprc_trapezoid(),
+                "auroc": curve.auroc(),
+                "auroc_random": 0.5,
+                "early_precision": ep,
+                "early_precision_random": density,
+                "epr": ep / density,
+                "epr_random": 1.0,
+                "n_candidates": float(problem.n_candidates),
+                **problem.report,
+            }
+            if self.stability_top_k is not None:
+                top_pairs[extractor] = [str(p) for p in problem.decode(problem.codes[: self.stability_top_k])]
+            metrics.update({f"{extractor}/{key}": float(value) for key, value in values.items()})
+            if self.plot:
+                recall, precision = curve.pr_curve()
+                fpr, tpr = curve.roc_curve()
+                figures[f"{extractor}_pr_roc"] = pr_roc_plot(
+                    recall,
+                    precision,
+                    fpr,
+                    tpr,
+                    density,
+                    title=f"{extractor} vs {truth.name}: AUPRC {auprc:.3g} (random {density:.3g}), "
+                    f"AUROC {values['auroc']:.3f}, EPR {values['epr']:.2f}",
+                )
+        return EvaluationResult(
+            metrics=metrics,
+            figures=figures,
+            tables={"ground_truth_overlap": _pairs.overlap_table(problems, truth)},
+            state={"top_pairs": top_pairs},
+        )
+
+    def aggregate(
+        self, repeat_results: list[EvaluationResult], reference: EvaluationResult | None
+    ) -> dict[str, float]:
+        """Top-k stability across repeats, when ``stability_top_k`` made the repeats report their top pairs.
+
+        (The runner already logs the mean and standard deviation of every metric over repeats.)
+
+        ``top_k_jaccard`` / ``top_k_spearman``: mean over pairs of repeats; ``*_reference``: mean over
+        repeats against the reference (full-data) run when given. Spearman compares the ranks of the
+        pairs two lists share (NaN when fewer than 3 are shared).
+        """
+        out: dict[str, float] = {}
+        if not repeat_results:
+            return out
+        extractors = {name for result in repeat_results for name in result.state.get("top_pairs", {})}
+        for extractor in sorted(extractors):
+            lists = [top_pairs(result, extractor) for result in repeat_results]
+            if all(len(lst) for lst in lists) and len(lists) > 1:
+                pairs = list(combinations(lists, 2))
+                out[f"{extractor}/top_k_jaccard"] = float(np.mean([jaccard(a, b) for a, b in pairs]))
+                out[f"{extractor}/top_k_spearman"] = float(
+                    np.nanmean([top_k_spearman(a, b) for a, b in pairs])
+                )
+            reference_pairs = top_pairs(reference, extractor) if reference is not None else []
+            if len(reference_pairs) and all(len(lst) for lst in lists):
+                out[f"{extractor}/top_k_jaccard_reference"] = float(
+                    np.mean([jaccard(a, reference_pairs) for a in lists])
+                )
+                out[f"{extractor}/top_k_spearman_reference"] = float(
+                    np.nanmean([top_k_spearman(a, reference_pairs) for a in lists])
+                )
+        return out
+
+
+def top_pairs(result: EvaluationResult, extractor: str) -> list[str]:
+    """The ranked top-k pair ids ("A|B") an ``evaluate`` call kept for ``extractor``."""
+    return list(result.state.get("top_pairs", {}).get(extractor, []))
+
+
+def jaccard(a: list[str], b: list[str]) -> float:
+    first, second = set(a), set(b)
+    union = first | second
+    return len(first & second) / len(union) if union else 1.0
+
+
+def top_k_spearman(a: list[str], b: list[str]) -> float:
+    """Spearman correlation of the ranks of the pairs both top-k lists share (NaN below 3 shared).
+
+    Ranking missing pairs last would make two disjoint lists look anti-correlated; the overlap
+    itself is what ``jaccard`` measures.
+    """
+    from scipy.stats import spearmanr
+
+    rank_b = {item: r for r, item in enumerate(b)}
+    shared = [(r, rank_b[item]) for r, item in enumerate(a) if item in rank_b]
+    if len(shared) < 3:
+        return float("nan")
+    x, y = zip(*shared)
+    return float(spearmanr(x, y).statistic)
+
+
+def read_tf_list(path: str, case_sensitive: bool, who: str) -> set[str]:
+    """TF names from a one-per-line list, or a CSV/TSV whose first column (or 'TF' column) holds them."""
+    import pandas as pd
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"{who}: tf_list {path!r} not found (resolved to {file.resolve()}).")
+    if file.suffix.lower() in (".csv", ".tsv"):
+        table = pd.read_csv(file, sep="," if file.suffix.lower() == ".csv" else "\t", dtype=str)
+        column = "TF" if "TF" in table.columns else table.columns[0]
+        names = table[column].dropna().tolist()
+    else:
+        names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+        names = [n for n in names if n and not n.startswith("#")]
+    if not names:
+        raise DataError(f"{who}: tf_list {path!r} holds no names.")
+    return {normalise_gene(n, case_sensitive) for n in names}

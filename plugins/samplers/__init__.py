@@ -5,7 +5,11 @@ from __future__ import annotations
 from grnx_core.hookspecs import Register, hookimpl
 
 #: name -> "module:Class"; each module holds one component.
-COMPONENTS: dict[str, str] = {}
+COMPONENTS: dict[str, str] = {
+    "wds": "grnx_plugins.samplers.wds:WeightedDiversifiedSampler",
+    "uniform": "grnx_plugins.samplers.uniform:UniformSampler",
+    "stratified": "grnx_plugins.samplers.stratified:StratifiedSampler",
+}
 
 
 @hookimpl

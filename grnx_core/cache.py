@@ -77,6 +77,31 @@ class Cache:
             (folder / "done.json").write_text(json.dumps({"stage": stage, "key": key}))
 
 
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's content (of every file below a folder), remembered per size and mtime."""
+    path = Path(path)
+    if path.is_dir():
+        hasher = hashlib.sha256()
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            hasher.update(str(child.relative_to(path)).encode())
+            hasher.update(file_digest(child).encode())
+        return hasher.hexdigest()
+    if not path.exists():
+        return "missing"
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _FILE_DIGESTS:
+        hasher = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                hasher.update(block)
+        _FILE_DIGESTS[memo] = hasher.hexdigest()
+    return _FILE_DIGESTS[memo]
+
+
 def array_digest(hasher: Any, array: Any, chunk_rows: int = 65_536) -> None:
     """Feed an array (dense, sparse, or backed) into a hash, chunk by chunk."""
     import scipy.sparse as sp

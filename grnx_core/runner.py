@@ -10,6 +10,7 @@ parent run holds the aggregates.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import sys
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from grnx_core import __version__
-from grnx_core.cache import Cache, anndata_digest, step_key
+from grnx_core.cache import Cache, anndata_digest, file_digest, step_key
 from grnx_core.components import Component, Kind
 from grnx_core.context import DataRoles, NullLogger, RunContext
 from grnx_core.data_types import CellSample, EvaluationResult, GroundTruth, Interactions, TokenizedCells
@@ -46,13 +47,17 @@ class RunResult:
 
 
 def _component_identity(step: ResolvedStep) -> dict[str, Any]:
+    """What a step's output depends on besides its input: code, version, params, files it reads."""
     cls = step.component_class
-    return {
+    identity = {
         "name": step.spec.name,
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "version": cls.version(),
         "params": step.params.model_dump(mode="json"),
     }
+    if hasattr(cls, "input_files") and step.kind is not Kind.DATA:  # data is keyed by its content digest
+        identity["files"] = [file_digest(path) for path in step.build().input_files()]
+    return identity
 
 
 def _save_figures(figures: dict[str, Any], folder: Path) -> None:
@@ -330,15 +335,30 @@ class Runner:
             context.tokens = TokenizedCells.load(hit / "tokens")
         else:
             tokenizer = step.build()
-            cells, _ = context.sampled_adata()
+            adata = context.adata
+            indices = context.sample.indices if context.sample is not None else np.arange(adata.n_obs)
             split_key = context.roles.split_key
-            if split_key in cells.obs.columns and (cells.obs[split_key] == "train").any():
-                tokenizer.fit(cells[(cells.obs[split_key] == "train").to_numpy()])
-            else:
-                tokenizer.fit(cells)
-            context.tokens = tokenizer.transform(cells, obs_columns=self._carried_columns(context))
+            # Index the parent each time: backed AnnData cannot take a view of a view.
+            train = indices
+            if split_key in adata.obs.columns:
+                is_train = adata.obs[split_key].to_numpy()[indices] == "train"
+                if is_train.any():
+                    train = indices[is_train]
+            tokenizer.fit(adata[train])
+            cells = adata[indices]
+            carried = self._carried_columns(context)
+            streams = "path" in inspect.signature(tokenizer.transform).parameters
+            context.tokens = None
             with self.cache.store("tokenize", key) as folder:
-                context.tokens.save(folder / "tokens")
+                if streams:  # written chunk by chunk into the cache, never whole in memory
+                    tokenizer.transform(cells, obs_columns=carried, path=folder / "tokens")
+                    if not self.cache.enabled:
+                        context.tokens = TokenizedCells.load(folder / "tokens", mmap=False)
+                else:
+                    context.tokens = tokenizer.transform(cells, obs_columns=carried)
+                    context.tokens.save(folder / "tokens")
+            if context.tokens is None:
+                context.tokens = TokenizedCells.load(self.cache.path("tokenize", key) / "tokens")
         lengths = context.tokens.lengths
         context.logger.log_metrics({
             "tokens/n_cells": context.tokens.n_cells,

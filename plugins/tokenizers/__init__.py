@@ -5,7 +5,11 @@ from __future__ import annotations
 from grnx_core.hookspecs import Register, hookimpl
 
 #: name -> "module:Class"; each module holds one component.
-COMPONENTS: dict[str, str] = {}
+COMPONENTS: dict[str, str] = {
+    "rank_value": "grnx_plugins.tokenizers.rank_value:RankValue",
+    "expression_scaled": "grnx_plugins.tokenizers.expression_scaled:ExpressionScaled",
+    "binned": "grnx_plugins.tokenizers.binned:Binned",
+}
 
 
 @hookimpl

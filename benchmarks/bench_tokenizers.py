@@ -1,0 +1,472 @@
+"""Tokenizer speed and memory on a synthetic backed h5ad, side by side with per-cell reference loops.
+
+Writes (once, chunk by chunk) a backed ``.h5ad`` of N synthetic cells with about NNZ non-zero
+integer counts per cell over Ensembl-id genes of the Geneformer V2 dictionary, then, each in a
+fresh subprocess so that peak resident memory (``ru_maxrss``) is its own, streams it through
+``rank_value`` (V2), ``expression_scaled`` and ``binned`` into token folders on disk, and prints
+cells/s and peak memory (main process and worst worker). ``rank_value`` also runs on the first
+quarter of the cells: its peak memory should not change with the number of cells.
+
+References, on the first few thousand cells of the same file:
+- "geneformer-style": Geneformer's ``tokenize_anndata`` algorithm re-implemented here (normalise
+  a chunk of 512 cells with sparse/dense numpy, then ``np.argsort(-v)`` per cell in a Python
+  loop), with the outputs checked against grnx's (equal outside tied values);
+- "naive": one cell at a time, one gene at a time, in plain Python.
+- If GENEFORMER_SRC points at a checkout of Geneformer's source (the folder holding the
+  ``geneformer`` package; never committed here, it needs loompy and datasets), its own
+  ``TranscriptomeTokenizer.tokenize_anndata`` runs on the same cells: speed ratio and agreement.
+
+    python benchmarks/bench_tokenizers.py                 # 200k cells x ~2,000 genes (~3.3 GB h5ad in /tmp)
+    python benchmarks/bench_tokenizers.py --quick         # 20k cells
+    python benchmarks/bench_tokenizers.py --cells 50000 --workers 2 --tokenizers rank_value
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DICTIONARIES = REPO.parent / "shared" / "data" / "geneformer" / "v2"
+TOKENIZERS = ("rank_value", "expression_scaled", "binned")
+
+
+# ---------------------------------------------------------------------------------------------
+# Input
+# ---------------------------------------------------------------------------------------------
+
+
+def dictionary_genes(dictionary_dir: Path | None, n_genes: int, folder: Path) -> tuple[list[str], Path]:
+    """Ensembl ids to use as genes, and a folder of V2-style dictionaries covering them.
+
+    Uses the real Geneformer V2 dictionaries when present (first ``n_genes`` token genes), else
+    writes synthetic ones (random medians) so the benchmark runs anywhere.
+    """
+    if dictionary_dir is not None and (dictionary_dir / "token_dictionary_gc95M.tsv").exists():
+        import pandas as pd
+
+        tokens = pd.read_csv(dictionary_dir / "token_dictionary_gc95M.tsv", sep="\t")
+        genes = [g for g in tokens.iloc[:, 0] if not g.startswith("<")][:n_genes]
+        return genes, dictionary_dir
+    rng = np.random.default_rng(1)
+    genes = [f"ENSG{i:011d}" for i in range(n_genes)]
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["<pad>", "<mask>", "<cls>", "<eos>"]
+    (folder / "token_dictionary.json").write_text(json.dumps({t: i for i, t in enumerate(specials + genes)}))
+    (folder / "gene_median_dictionary.json").write_text(
+        json.dumps({g: float(m) for g, m in zip(genes, rng.lognormal(0.5, 0.7, n_genes))})
+    )
+    return genes, folder
+
+
+def write_counts_h5ad(path: Path, genes: list[str], n_cells: int, nnz: int, seed: int = 0) -> None:
+    """Random integer counts, ~``nnz`` distinct genes per cell, written 5,000 cells at a time."""
+    import h5py
+    import pandas as pd
+    from anndata.io import write_elem
+
+    rng = np.random.default_rng(seed)
+    n_genes = len(genes)
+    # Gene popularity and mean count vary, as in real data (a few genes in every cell, most rare).
+    popularity = rng.pareto(1.2, n_genes) + 0.05
+    popularity /= popularity.sum()
+    mean_count = rng.lognormal(0.0, 1.0, n_genes)
+
+    def distinct_genes(rows: int, draws: int) -> tuple[np.ndarray, np.ndarray]:
+        drawn = rng.choice(n_genes, size=(rows, draws), p=popularity).astype(np.int32)
+        drawn.sort(axis=1)
+        first = np.ones(drawn.shape, dtype=bool)
+        first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+        return drawn[first], np.concatenate([[0], np.cumsum(first.sum(axis=1))]).astype(np.int64)
+
+    # Popular genes repeat among the draws: find how many draws give ``nnz`` distinct genes.
+    draws = nnz
+    for _ in range(4):
+        _, pilot = distinct_genes(200, draws)
+        draws = int(draws * nnz / (pilot[-1] / 200))
+    partial = path.with_suffix(".partial")
+    with h5py.File(partial, "w") as handle:
+        write_elem(
+            handle,
+            "obs",
+            pd.DataFrame(
+                {"donor": pd.Categorical(rng.integers(0, 8, n_cells).astype(str))},
+                index=[f"cell{i}" for i in range(n_cells)],
+            ),
+        )
+        write_elem(handle, "var", pd.DataFrame(index=genes))
+        # The CSR layout anndata writes, with large HDF5 chunks (anndata's own appends use tiny
+        # ones, which doubles the read cost; files written by write_h5ad are contiguous).
+        group = handle.create_group("X")
+        group.attrs.update(
+            {"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": (n_cells, n_genes)}
+        )
+        data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 22,))
+        indices = group.create_dataset(
+            "indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 22,)
+        )
+        indptr = [np.zeros(1, dtype=np.int64)]
+        for start in range(0, n_cells, 5_000):
+            rows = min(5_000, n_cells - start)
+            columns, row_ptr = distinct_genes(rows, draws)
+            values = (1 + rng.poisson(mean_count[columns])).astype(np.float32)
+            offset = data.shape[0]
+            data.resize((offset + len(values),))
+            indices.resize((offset + len(values),))
+            data[offset:] = values
+            indices[offset:] = columns
+            indptr.append(row_ptr[1:] + offset)
+        group.create_dataset("indptr", data=np.concatenate(indptr))
+    partial.rename(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# One measurement per subprocess
+# ---------------------------------------------------------------------------------------------
+
+
+def peak_mib() -> tuple[float, float]:
+    """Peak resident memory (MiB) of this process and of its largest finished child."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return own, children
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measure(args: argparse.Namespace) -> dict:
+    import anndata as ad
+    from grnx_plugins.tokenizers.binned import Binned
+    from grnx_plugins.tokenizers.expression_scaled import ExpressionScaled
+    from grnx_plugins.tokenizers.rank_value import RankValue
+
+    common = {"chunk_size": args.chunk_size, "n_workers": args.workers}
+    tokenizer = {
+        "rank_value": lambda: RankValue(model_version="V2", dictionary_dir=args.dictionaries, **common),
+        "expression_scaled": lambda: ExpressionScaled(max_length=2048, **common),
+        "binned": lambda: Binned(max_length=1200, **common),
+    }[args.tokenizer]()
+    adata = ad.read_h5ad(args.path, backed="r")
+    if args.limit:
+        adata = adata[: args.limit]
+    tokenizer.fit(adata)  # dictionaries / gene lists only: no pass over the cells
+    # Warm the compiled kernels (numba cache) outside the timing.
+    small = ad.read_h5ad(args.path, backed="r")[:64]
+    tokenizer.transform(small, path=Path(args.out) / "warmup")
+    baseline, _ = peak_mib()
+    cpu_started, started = cpu_seconds(), time.perf_counter()
+    tokens = tokenizer.transform(adata, obs_columns=["donor"], path=Path(args.out) / "tokens")
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    own, children = peak_mib()
+    return {
+        "tokenizer": args.tokenizer,
+        "cells": tokens.n_cells,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "cells_per_s": tokens.n_cells / seconds,
+        "cells_per_cpu_s": tokens.n_cells / cpu,
+        "tokens_per_cell": float(tokens.lengths.mean()),
+        "baseline_mib": baseline,
+        "peak_main_mib": own,
+        "peak_worker_mib": children,
+    }
+
+
+def run_measurement(
+    path: Path,
+    dictionaries: Path,
+    tokenizer: str,
+    workers: int,
+    chunk_size: int,
+    limit: int | None,
+    scratch: Path,
+) -> dict:
+    out = Path(tempfile.mkdtemp(prefix=f"{tokenizer}-", dir=scratch))
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--path",
+        str(path),
+        "--dictionaries",
+        str(dictionaries),
+        "--tokenizer",
+        tokenizer,
+        "--workers",
+        str(workers),
+        "--chunk-size",
+        str(chunk_size),
+        "--out",
+        str(out),
+    ] + (["--limit", str(limit)] if limit else [])
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    subprocess.run(["rm", "-rf", str(out)], check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{tokenizer} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------------------------
+
+
+def load_reference_inputs(path: Path, dictionaries: Path, n_cells: int):
+    import anndata as ad
+    from grnx_plugins.tokenizers.rank_value import RankValue
+
+    tokenizer = RankValue(model_version="V2", dictionary_dir=str(dictionaries))
+    loaded = tokenizer._dictionaries()
+    backed = ad.read_h5ad(path, backed="r")
+    counts = backed.X[:n_cells]
+    genes = list(backed.var_names)
+    backed.file.close()
+    return tokenizer, loaded, counts, genes
+
+
+def geneformer_style(counts, genes, loaded, model_input_size: int = 4096) -> tuple[list[np.ndarray], float]:
+    """Geneformer's tokenize_anndata loop: chunk of 512 -> X / n_counts * 1e4 / medians -> per-cell
+    argsort. (Its Ensembl-id collapsing step, which loads the whole file, is left out.)"""
+    import scipy.sparse as sp
+
+    tokens, medians, mapping = loaded["tokens"], loaded["medians"], loaded["mapping"]
+    started = time.perf_counter()
+    mapped = [mapping.get(g.upper()) if mapping else g.upper() for g in genes]
+    location = np.array([i for i, g in enumerate(mapped) if g in tokens and not g.startswith("<")])
+    norm_factor = np.array([medians[mapped[i]] for i in location])
+    gene_tokens = np.array([tokens[mapped[i]] for i in location])
+    n_counts = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()[:, None]  # as obs["n_counts"]
+    out = []
+    for start in range(0, counts.shape[0], 512):
+        view = counts[start : start + 512][:, location]
+        normalised = sp.csr_matrix(view / n_counts[start : start + 512] * 10_000 / norm_factor)
+        for i in range(normalised.shape[0]):
+            row = normalised[i]
+            ranked = gene_tokens[row.indices][np.argsort(-row.data)]
+            out.append(np.concatenate([[tokens["<cls>"]], ranked[: model_input_size - 2], [tokens["<eos>"]]]))
+    return out, time.perf_counter() - started
+
+
+def naive(counts, genes, loaded, model_input_size: int = 4096) -> tuple[list[list[int]], float]:
+    """One cell, one gene at a time, in plain Python."""
+    tokens, medians, mapping = loaded["tokens"], loaded["medians"], loaded["mapping"]
+    started = time.perf_counter()
+    out = []
+    for i in range(counts.shape[0]):
+        row = counts[i]
+        total = float(row.data.sum())
+        summed: dict[str, float] = {}
+        for j, x in zip(row.indices.tolist(), row.data.tolist()):
+            gene = mapping.get(genes[j].upper()) if mapping else genes[j].upper()
+            if gene in tokens and gene in medians:
+                summed[gene] = summed.get(gene, 0.0) + x
+        ranked = sorted(summed, key=lambda g: -(summed[g] / total * 10_000 / medians[g]))
+        out.append(
+            [tokens["<cls>"]] + [tokens[g] for g in ranked[: model_input_size - 2]] + [tokens["<eos>"]]
+        )
+    return out, time.perf_counter() - started
+
+
+def agreement(ours, theirs, counts, genes, loaded) -> tuple[int, int]:
+    """(cells identical, cells identical after ordering tied values the same way)."""
+    identical = equal_outside_ties = 0
+    tokens, medians, mapping = loaded["tokens"], loaded["medians"], loaded["mapping"]
+    id_to_gene = {v: k for k, v in tokens.items()}
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        a, b = np.asarray(a), np.asarray(b)
+        if np.array_equal(a, b):
+            identical += 1
+            equal_outside_ties += 1
+            continue
+        row = counts[i]
+        total = row.data.sum()
+        value = {}
+        for j, x in zip(row.indices, row.data):
+            gene = mapping.get(genes[j].upper()) if mapping else genes[j].upper()
+            if gene in tokens:
+                value[tokens[gene]] = value.get(tokens[gene], 0) + x
+        scaled = {t: v / total * 10_000 / medians[id_to_gene[t]] for t, v in value.items()}
+        va = np.array([scaled.get(t, -1) for t in a[1:-1]])
+        vb = np.array([scaled.get(t, -1) for t in b[1:-1]])
+        if len(a) == len(b) and np.array_equal(va, vb):
+            equal_outside_ties += 1
+    return identical, equal_outside_ties
+
+
+def run_geneformer(source: str, path: Path, n_cells: int, dictionaries: Path, scratch: Path):
+    """Geneformer's own tokenizer on the first ``n_cells`` cells (needs loompy and datasets)."""
+    import anndata as ad
+
+    sys.path.insert(0, source)
+    from geneformer import TranscriptomeTokenizer  # type: ignore[import-not-found]
+
+    subset = ad.read_h5ad(path, backed="r")[:n_cells].to_memory()
+    subset.var["ensembl_id"] = subset.var_names
+    subset.obs["n_counts"] = np.asarray(subset.X.sum(axis=1)).ravel()
+    folder = scratch / "geneformer_input"
+    folder.mkdir(exist_ok=True)
+    subset.write_h5ad(folder / "cells.h5ad")
+    files = {p.stem.split("_gc")[0]: p for p in dictionaries.glob("*.pkl")}
+    tokenizer = TranscriptomeTokenizer(
+        nproc=1,
+        model_version="V2",
+        gene_median_file=files["gene_median_dictionary"],
+        token_dictionary_file=files["token_dictionary"],
+        gene_mapping_file=files.get("ensembl_mapping_dict"),
+    )
+    started = time.perf_counter()
+    result = tokenizer.tokenize_anndata(folder / "cells.h5ad")
+    seconds = time.perf_counter() - started
+    cells = result[0]
+    cls, eos = tokenizer.gene_token_dict["<cls>"], tokenizer.gene_token_dict["<eos>"]
+    return [np.concatenate([[cls], c[:4094], [eos]]) for c in cells], seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="20,000 cells")
+    parser.add_argument("--cells", type=int, default=200_000)
+    parser.add_argument("--genes", type=int, default=20_000)
+    parser.add_argument("--nnz", type=int, default=2_000, help="non-zero genes per cell (about)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, default=2048)
+    parser.add_argument("--tokenizers", nargs="*", default=list(TOKENIZERS), choices=TOKENIZERS)
+    parser.add_argument("--reference-cells", type=int, default=2_000)
+    parser.add_argument(
+        "--scratch", default=None, help="folder for the h5ad and outputs (default: a temp dir)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the generated h5ad for the next run")
+    # Internal: one measurement.
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--dictionaries", help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(args)))
+        return
+
+    n_cells = 20_000 if args.quick else args.cells
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="grnx-bench-tokenizers-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    genes, dictionaries = dictionary_genes(
+        DEFAULT_DICTIONARIES if DEFAULT_DICTIONARIES.exists() else None, args.genes, scratch / "dictionaries"
+    )
+    path = scratch / f"counts_{n_cells}x{len(genes)}_{args.nnz}.h5ad"
+    if not path.exists():
+        started = time.perf_counter()
+        write_counts_h5ad(path, genes, n_cells, args.nnz)
+        print(
+            f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - started:.0f} s"
+        )
+    load = os.getloadavg()
+    print(
+        f"{n_cells:,} cells x {len(genes):,} genes, ~{args.nnz:,} non-zeros per cell; dictionaries: "
+        f"{dictionaries}; {args.workers} worker(s), chunks of {args.chunk_size}; CPUs: {os.cpu_count()}, "
+        f"load average {load[0]:.1f}"
+    )
+
+    rows = []
+    for name in args.tokenizers:
+        rows.append(run_measurement(path, dictionaries, name, args.workers, args.chunk_size, None, scratch))
+        if name == "rank_value":
+            rows.append(
+                {
+                    **run_measurement(
+                        path, dictionaries, name, args.workers, args.chunk_size, n_cells // 4, scratch
+                    ),
+                    "tokenizer": "rank_value (1/4 of cells)",
+                }
+            )
+            if args.workers != 1:
+                rows.append(
+                    {
+                        **run_measurement(
+                            path, dictionaries, name, 1, args.chunk_size, n_cells // 4, scratch
+                        ),
+                        "tokenizer": "rank_value (1/4, 1 process)",
+                    }
+                )
+    print(
+        f"\n{'tokenizer':<30}{'cells':>9}{'wall s':>8}{'cells/s':>9}{'CPU s':>8}{'cells/CPU-s':>12}"
+        f"{'tokens/cell':>12}{'main MiB (before)':>19}{'worker MiB':>11}"
+    )
+    for row in rows:
+        print(
+            f"{row['tokenizer']:<30}{row['cells']:>9,}{row['seconds']:>8.1f}{row['cells_per_s']:>9,.0f}"
+            f"{row['cpu_seconds']:>8.1f}{row['cells_per_cpu_s']:>12,.0f}{row['tokens_per_cell']:>12.0f}"
+            f"{row['peak_main_mib']:>11.0f} ({row['baseline_mib']:>4.0f}){row['peak_worker_mib']:>11.0f}"
+        )
+    print(
+        "cells/s is wall-clock on this machine as loaded now; cells/CPU-s x cores is the rate on idle cores."
+    )
+
+    if "rank_value" in args.tokenizers:
+        grnx_rate = rows[0]["cells_per_s"]
+        tokenizer, loaded, counts, gene_ids = load_reference_inputs(path, dictionaries, args.reference_cells)
+        import anndata as ad
+        import pandas as pd
+
+        ours_tokens = tokenizer.transform(ad.AnnData(counts, var=pd.DataFrame(index=gene_ids)))
+        ours = [ours_tokens.cell(i)[0] for i in range(ours_tokens.n_cells)]
+        print(f"\nrank_value references on the first {counts.shape[0]:,} cells (one process each):")
+        style, style_seconds = geneformer_style(counts, gene_ids, loaded)
+        plain, plain_seconds = naive(counts, gene_ids, loaded)
+        for label, theirs, seconds in (
+            ("geneformer-style numpy loop", style, style_seconds),
+            ("naive per-cell python loop", plain, plain_seconds),
+        ):
+            rate = counts.shape[0] / seconds
+            identical, outside = agreement(ours, theirs, counts, gene_ids, loaded)
+            print(
+                f"  {label:<30} {rate:>9,.0f} cells/s   grnx rank_value ({args.workers} workers) / it: "
+                f"{grnx_rate / rate:>6.1f}x   cells identical {identical}/{len(ours)}, "
+                f"equal outside ties {outside}/{len(ours)}"
+            )
+        source = os.environ.get("GENEFORMER_SRC")
+        if source:
+            try:
+                theirs, seconds = run_geneformer(source, path, args.reference_cells, dictionaries, scratch)
+            except Exception as error:  # report, do not hide, a broken Geneformer install
+                print(f"  Geneformer from GENEFORMER_SRC={source} failed: {type(error).__name__}: {error}")
+            else:
+                rate = args.reference_cells / seconds
+                identical, outside = agreement(ours, theirs, counts, gene_ids, loaded)
+                print(
+                    f"  {'Geneformer TranscriptomeTokenizer':<30} {rate:>9,.0f} cells/s   grnx / Geneformer: "
+                    f"{grnx_rate / rate:>6.1f}x   cells identical {identical}/{len(ours)}, "
+                    f"equal outside ties {outside}/{len(ours)}"
+                )
+        else:
+            print(
+                "  Geneformer's own tokenizer: not run (set GENEFORMER_SRC to a Geneformer source checkout)."
+            )
+    if not args.keep and args.scratch is None:
+        subprocess.run(["rm", "-rf", str(scratch)], check=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -275,9 +275,11 @@ class Runner:
 
         return tqdm(items, desc=description, file=sys.stderr, leave=False)
 
-    def _pipeline(self, context: RunContext, key: str) -> None:
-        """The stages from the sampler on, in ``context`` (the run or one repeat)."""
-        key = self._sample(context, key)
+    def _pipeline(self, context: RunContext, key: str, use_sampler: bool = True) -> None:
+        """The stages from the sampler on, in ``context`` (the run, one repeat, or the reference run
+        on all cells, which skips the sampler)."""
+        if use_sampler:
+            key = self._sample(context, key)
         key = self._tokenize(context, key)
         key = self._model(context, key)
         for step in self.resolved.steps_of("extractors"):
@@ -463,7 +465,7 @@ class Runner:
             child_context = self._child_context(
                 context, run, "reference (all cells)", result, seed=context.seed, role="reference"
             )
-            self._in_child(child_context, lambda c: self._pipeline_without_sampler(c, key))
+            self._in_child(child_context, lambda c: self._pipeline(c, key, use_sampler=False))
             reference = child_context.extras.get("evaluations", {})
         per_repeat: list[dict[str, EvaluationResult]] = []
         all_metrics: list[dict[str, float]] = []
@@ -491,14 +493,6 @@ class Runner:
                     aggregates[f"eval/{step.step_id}/{name}"] = float(value)
         context.logger.log_metrics(aggregates)
         result.metrics = aggregates
-
-    def _pipeline_without_sampler(self, context: RunContext, key: str) -> None:
-        key = self._tokenize(context, key)
-        key = self._model(context, key)
-        for step in self.resolved.steps_of("extractors"):
-            self._extract(context, step, key)
-        for step in self.resolved.steps_of("evaluators"):
-            self._evaluate(context, step)
 
     def _child_context(
         self, parent: RunContext, run: Any, name: str, result: RunResult, seed: int, role: str

@@ -1,0 +1,192 @@
+"""Helpers shared by the file-based data sources: reading tables, checking counts, joining metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from grnx_core.errors import DataError
+
+if TYPE_CHECKING:
+    import anndata
+
+#: Rows checked at a time when testing a matrix for integer values (bounds the temporary memory).
+_CHECK_ROWS = 65_536
+
+
+def existing_path(path: str | Path, who: str, what: str = "file") -> Path:
+    """``path`` as a Path, or a DataError saying where it was looked for."""
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise DataError(
+            f"{who}: {what} {str(path)!r} does not exist (looked at {resolved.resolve()}). "
+            f"Relative paths are taken from the directory grnx runs in (the repository root for "
+            f"the bundled recipes); fix the path in the recipe."
+        )
+    return resolved
+
+
+def table_separator(path: Path, sep: str | None) -> str:
+    if sep is not None:
+        return sep
+    suffixes = [s.lower() for s in path.suffixes if s.lower() not in (".gz", ".bz2", ".zip", ".xz")]
+    return "\t" if suffixes and suffixes[-1] in (".tsv", ".txt", ".tab") else ","
+
+
+def read_table(path: str | Path, who: str, sep: str | None = None, what: str = "table") -> pd.DataFrame:
+    """A CSV/TSV table (optionally compressed) with every column read as written (no index).
+
+    A header one field shorter than the rows (R's ``write.csv`` without a row-name header, as in
+    BEELINE's PseudoTime.csv) makes pandas use the first field as index; it becomes column "index".
+    """
+    resolved = existing_path(path, who, what)
+    try:
+        table = pd.read_csv(resolved, sep=table_separator(resolved, sep), low_memory=False)
+        if not isinstance(table.index, pd.RangeIndex):
+            table = table.reset_index()
+        return table
+    except Exception as error:  # pandas raises many types; the user needs the file name
+        raise DataError(f"{who}: could not read {what} {str(path)!r}: {type(error).__name__}: {error}") from error
+
+
+def require_columns(table: pd.DataFrame, columns: Sequence[str], who: str, table_name: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise DataError(
+            f"{who}: {table_name} has no column {', '.join(map(repr, missing))}. "
+            f"Its columns are: {', '.join(map(str, table.columns[:30]))}. Set the matching parameter "
+            f"to one of them."
+        )
+
+
+def rows_are_integer(matrix, start: int, stop: int) -> bool:
+    block = matrix[start:stop]
+    values = block.data if sp.issparse(block) else np.asarray(block)
+    if values.size == 0:
+        return True
+    if np.issubdtype(values.dtype, np.integer):
+        return bool((values >= 0).all())
+    return bool(np.all(values >= 0) and np.all(np.mod(values, 1) == 0))
+
+
+def is_count_matrix(matrix, max_rows: int | None = None) -> bool:
+    """True when every entry (of the first ``max_rows`` rows, when given) is a non-negative integer."""
+    n_rows = matrix.shape[0] if max_rows is None else min(max_rows, matrix.shape[0])
+    if sp.issparse(matrix) and max_rows is None:
+        values = matrix.data
+        if np.issubdtype(values.dtype, np.integer):
+            return bool((values >= 0).all())
+        for start in range(0, values.size, _CHECK_ROWS * 64):
+            chunk = values[start : start + _CHECK_ROWS * 64]
+            if not (np.all(chunk >= 0) and np.all(np.mod(chunk, 1) == 0)):
+                return False
+        return True
+    return all(rows_are_integer(matrix, start, min(start + _CHECK_ROWS, n_rows))
+               for start in range(0, n_rows, _CHECK_ROWS))
+
+
+def describe_non_counts(matrix, where: str) -> str:
+    """A short description of the first entries that are not non-negative integers."""
+    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix[: min(matrix.shape[0], 1000)]).ravel()
+    bad = values[(values < 0) | (np.mod(values, 1) != 0)][:5]
+    return f"{where} holds values such as {', '.join(f'{v:g}' for v in bad)}"
+
+
+def to_float32_csr(matrix) -> sp.csr_matrix | np.ndarray:
+    """float32 CSR for sparse input, float32 array for dense input (the layout scanpy expects)."""
+    if sp.issparse(matrix):
+        matrix = sp.csr_matrix(matrix)
+        matrix.sum_duplicates()
+        return matrix.astype(np.float32, copy=False)
+    return np.asarray(matrix, dtype=np.float32)
+
+
+def set_counts(adata: anndata.AnnData, who: str, check: bool = True) -> None:
+    """Make ``X`` float32 and keep a separate copy of the raw counts in ``layers["counts"]``.
+
+    The copy is deliberate: ``sc.pp.normalize_total`` scales float matrices in place, so a layer
+    sharing ``X``'s buffer would be normalised with it.
+    """
+    if check and not is_count_matrix(adata.X):
+        raise DataError(
+            f"{who}: the matrix was declared to hold raw counts, but "
+            f"{describe_non_counts(adata.X, 'it')}. Point the data source at the raw integer counts "
+            f"(a different layer or file), or declare the values as normalised."
+        )
+    adata.X = to_float32_csr(adata.X)
+    adata.layers["counts"] = adata.X.copy()
+
+
+def record_source(adata: anndata.AnnData, name: str, counts: str | None, **facts) -> None:
+    """Provenance under ``uns["grnx_data"]``: which source loaded the data and where the counts are."""
+    adata.uns["grnx_data"] = {"source": name, "counts": counts if counts is not None else "none",
+                              **{k: v for k, v in facts.items() if v is not None}}
+
+
+def check_required_obs(adata: anndata.AnnData, required: Sequence[str], who: str) -> None:
+    missing = [key for key in required if key not in adata.obs.columns]
+    if missing:
+        raise DataError(
+            f"{who}: obs column {', '.join(map(repr, missing))} is required (required_obs) but the "
+            f"data has only: {', '.join(map(str, adata.obs.columns[:30])) or 'no obs columns'}. "
+            f"Fix the column name, or add the metadata table that holds it."
+        )
+
+
+def join_cell_metadata(
+    obs: pd.DataFrame,
+    table: pd.DataFrame,
+    cell_column: str | None,
+    unmatched: str,
+    who: str,
+    table_name: str,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Join a per-cell table onto ``obs`` by cell id.
+
+    Returns the joined obs and a boolean mask of the cells to keep (all True unless
+    ``unmatched="drop"``). ``unmatched="error"`` refuses cells without a row, ``"keep"`` leaves their
+    new columns missing. Duplicate ids in the table are always an error: the join would be ambiguous.
+    """
+    if cell_column is None:
+        cell_column = table.columns[0]
+    require_columns(table, [cell_column], who, table_name)
+    ids = table[cell_column].astype(str)
+    duplicated = ids[ids.duplicated()]
+    if len(duplicated):
+        raise DataError(
+            f"{who}: {table_name} lists {duplicated.nunique()} cell id(s) more than once in column "
+            f"{cell_column!r} (e.g. {', '.join(duplicated.unique()[:3])}); each cell needs one row."
+        )
+    columns = table.drop(columns=[cell_column])
+    columns.index = pd.Index(ids, name=None)
+    clashes = [c for c in columns.columns if c in obs.columns]
+    if clashes:
+        columns = columns.drop(columns=clashes)
+    found = obs.index.isin(columns.index)
+    n_missing = int((~found).sum())
+    if n_missing and unmatched == "error":
+        examples = ", ".join(map(str, obs.index[~found][:3]))
+        table_examples = ", ".join(map(str, columns.index[:3]))
+        raise DataError(
+            f"{who}: {n_missing} of {len(obs)} cells have no row in {table_name} (joined on column "
+            f"{cell_column!r}); e.g. data cells {examples} vs table ids {table_examples}. Fix the "
+            f"cell id column, or set unmatched: drop (remove those cells) or keep (leave their "
+            f"metadata empty)."
+        )
+    if not found.any():
+        raise DataError(
+            f"{who}: none of the {len(obs)} cells matches an id in column {cell_column!r} of "
+            f"{table_name} (data cells look like {', '.join(map(str, obs.index[:3]))}; the table "
+            f"has {', '.join(map(str, columns.index[:3]))}). The join key is wrong."
+        )
+    joined = obs.join(columns, how="left")
+    for column in columns.columns:
+        if joined[column].dtype == object:
+            joined[column] = joined[column].astype("category")
+    keep = found if unmatched == "drop" else np.ones(len(obs), dtype=bool)
+    return joined, keep

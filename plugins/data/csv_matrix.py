@@ -1,0 +1,114 @@
+"""A dense expression table in CSV/TSV: genes x cells (BEELINE's ExpressionData.csv) or cells x genes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+from grnx_plugins.data._common import (
+    check_required_obs,
+    existing_path,
+    is_count_matrix,
+    join_cell_metadata,
+    read_table,
+    record_source,
+    set_counts,
+    table_separator,
+)
+from pydantic import Field
+
+from grnx_core import ComponentParams, DataSource
+from grnx_core.errors import DataError
+
+if TYPE_CHECKING:
+    import anndata
+
+
+class CsvMatrix(DataSource):
+    """Reads a dense table whose first column (or row) names the genes (or cells).
+
+    ``values: counts`` requires non-negative integers and keeps them in ``layers["counts"]``;
+    ``values: normalized`` (e.g. BEELINE's log-normalised mDC data, or BoolODE simulations) keeps
+    the values in ``X`` with no counts layer; ``auto`` decides by looking at the values.
+    ``uns["grnx_data"]["counts"]`` records which happened. A BEELINE ``PseudoTime.csv`` is joined
+    onto ``obs`` as ``metadata`` like any per-cell table.
+    """
+
+    name = "csv"
+    description = "Dense CSV/TSV expression table, genes x cells (BEELINE) or cells x genes, plus metadata."
+    reference = "https://doi.org/10.1038/s41592-019-0690-6"
+
+    class Params(ComponentParams):
+        path: str = Field(description="CSV/TSV file (optionally .gz); the first column holds row names")
+        orientation: Literal["genes_x_cells", "cells_x_genes"] = Field(
+            "genes_x_cells", description="genes_x_cells: one row per gene (BEELINE); cells_x_genes: one row per cell"
+        )
+        sep: str | None = Field(None, description="column separator; from the file suffix when None (.tsv: tab)")
+        values: Literal["auto", "counts", "normalized"] = Field(
+            "auto", description="counts: raw integers (checked); normalized: kept as given; auto: decide from values"
+        )
+        metadata: str | None = Field(None, description="optional per-cell table (CSV/TSV) joined on cell name")
+        metadata_cell_column: str | None = Field(
+            None, description="column of the metadata table holding cell names; the first column when None"
+        )
+        unmatched: Literal["error", "drop", "keep"] = Field(
+            "error", description="cells without a metadata row: error, drop them, or keep with empty metadata"
+        )
+        required_obs: list[str] = Field(
+            default_factory=list, description="obs columns that must exist after the join; checked at load"
+        )
+
+    def input_files(self) -> list[Path]:
+        return [Path(p) for p in (self.path, self.metadata) if p]
+
+    def load(self) -> anndata.AnnData:
+        import anndata as ad
+
+        who = f"data source 'csv' ({self.path})"
+        path = existing_path(self.path, who, "expression table")
+        try:
+            table = pd.read_csv(path, sep=table_separator(path, self.sep), index_col=0)
+        except Exception as error:
+            raise DataError(f"{who}: could not read the table: {type(error).__name__}: {error}") from error
+        non_numeric = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
+        if non_numeric:
+            raise DataError(
+                f"{who}: expected numbers in every column after the first, but column(s) "
+                f"{', '.join(map(str, non_numeric[:5]))} hold text. Is sep right (got "
+                f"{table_separator(path, self.sep)!r}), or does the table have extra annotation columns?"
+            )
+        matrix = table.to_numpy(dtype=np.float64)
+        rows, columns = table.index.astype(str), table.columns.astype(str)
+        if self.orientation == "genes_x_cells":
+            matrix, cells, genes = matrix.T, columns, rows
+        else:
+            cells, genes = rows, columns
+        if np.isnan(matrix).any():
+            raise DataError(f"{who}: the table has {int(np.isnan(matrix).sum())} empty or NaN entries.")
+        adata = ad.AnnData(
+            X=matrix, obs=pd.DataFrame(index=pd.Index(cells, name=None)),
+            var=pd.DataFrame(index=pd.Index(genes, name=None)),
+        )
+        if not adata.var_names.is_unique:
+            adata.var_names_make_unique()
+        if not adata.obs_names.is_unique:
+            raise DataError(f"{who}: cell names repeat; each cell needs a distinct name.")
+        is_counts = self.values == "counts" or (self.values == "auto" and is_count_matrix(adata.X))
+        if is_counts:
+            set_counts(adata, who)
+        else:
+            adata.X = adata.X.astype(np.float32)
+        if self.metadata:
+            meta = read_table(self.metadata, who, what="metadata table")
+            obs, keep = join_cell_metadata(
+                adata.obs, meta, self.metadata_cell_column, self.unmatched, who, f"metadata {self.metadata!r}"
+            )
+            adata.obs = obs
+            if not keep.all():
+                adata = adata[keep].copy()
+        check_required_obs(adata, self.required_obs, who)
+        record_source(adata, self.name, "layers/counts" if is_counts else None, path=str(self.path),
+                      values="counts" if is_counts else "normalized")
+        return adata

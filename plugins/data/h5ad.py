@@ -1,0 +1,157 @@
+"""An AnnData ``.h5ad`` file (e.g. SEA-AD or ROSMAP), in memory or backed on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from grnx_plugins.data._common import (
+    check_required_obs,
+    describe_non_counts,
+    existing_path,
+    is_count_matrix,
+    join_cell_metadata,
+    read_table,
+    record_source,
+    set_counts,
+)
+from pydantic import Field
+
+from grnx_core import ComponentParams, DataSource
+from grnx_core.errors import DataError
+
+if TYPE_CHECKING:
+    import anndata
+
+#: Rows checked for integer counts in backed mode (the whole matrix is never read at load time).
+_BACKED_CHECK_ROWS = 2_000
+
+
+class H5ad(DataSource):
+    """Reads an ``.h5ad`` file; raw counts end in ``layers["counts"]`` (``X`` in backed mode).
+
+    Reads ``counts`` (``"X"``, ``"raw"`` for ``adata.raw.X``, or a layer name) and checks that it
+    holds non-negative integers. In memory, ``X`` becomes a float32 copy of the counts and
+    ``layers["counts"]`` keeps them; other layers and ``raw`` are dropped to save memory. In backed
+    mode (``backed: true``) nothing is copied: the counts must be ``X``, stay on disk for streaming
+    samplers, and only the first rows are checked. ``uns["grnx_data"]["counts"]`` says where the
+    counts are.
+    """
+
+    name = "h5ad"
+    description = "AnnData .h5ad file with raw counts in X, raw or a layer; optionally backed on disk."
+    reference = "https://doi.org/10.21105/joss.04371"
+
+    class Params(ComponentParams):
+        path: str = Field(description="path to the .h5ad file (relative to where grnx runs)")
+        backed: bool = Field(
+            False, description="open read-only backed on disk instead of loading X into memory"
+        )
+        counts: str = Field(
+            "X", description="where the raw integer counts are: 'X', 'raw' (adata.raw.X) or a layer name"
+        )
+        required_obs: list[str] = Field(
+            default_factory=list,
+            description="obs columns that must exist after rename_obs and the metadata join (label, donor, ...)",
+        )
+        rename_obs: dict[str, str] = Field(
+            default_factory=dict, description="obs columns to rename, old name -> new name"
+        )
+        metadata: str | None = Field(None, description="optional per-cell table (CSV/TSV) joined on cell id")
+        metadata_cell_column: str | None = Field(
+            None, description="column of the metadata table holding cell ids; the first column when None"
+        )
+        unmatched: Literal["error", "drop", "keep"] = Field(
+            "error",
+            description="cells without a metadata row: error, drop them, or keep with empty metadata",
+        )
+
+    def input_files(self) -> list[Path]:
+        files = [Path(self.path)]
+        if self.metadata:
+            files.append(Path(self.metadata))
+        return files
+
+    def load(self) -> anndata.AnnData:
+        import anndata
+
+        who = f"data source 'h5ad' ({self.path})"
+        path = existing_path(self.path, who, "h5ad file")
+        try:
+            adata = anndata.read_h5ad(path, backed="r" if self.backed else None)
+        except Exception as error:
+            raise DataError(f"{who}: could not read the file as h5ad: {type(error).__name__}: {error}") from error
+        if self.backed:
+            adata = self._checked_backed(adata, who)
+        else:
+            adata = self._counts_in_memory(adata, who)
+        if self.rename_obs:
+            missing = [old for old in self.rename_obs if old not in adata.obs.columns]
+            if missing:
+                raise DataError(
+                    f"{who}: rename_obs names obs column(s) {missing} that the file lacks; it has "
+                    f"{', '.join(map(str, adata.obs.columns[:30]))}."
+                )
+            adata.obs = adata.obs.rename(columns=self.rename_obs)
+        if self.metadata:
+            table = read_table(self.metadata, who, what="metadata table")
+            obs, keep = join_cell_metadata(
+                adata.obs, table, self.metadata_cell_column, self.unmatched, who, f"metadata {self.metadata!r}"
+            )
+            adata.obs = obs
+            if not keep.all():
+                adata = adata[keep].to_memory() if self.backed else adata[keep].copy()
+        check_required_obs(adata, self.required_obs, who)
+        return adata
+
+    def _checked_backed(self, adata: anndata.AnnData, who: str) -> anndata.AnnData:
+        if self.counts != "X":
+            raise DataError(
+                f"{who}: backed mode streams X from disk, but counts is {self.counts!r}. Write the "
+                f"counts to X of the file, or set backed: false."
+            )
+        head = adata.X[: min(_BACKED_CHECK_ROWS, adata.n_obs)]
+        if not is_count_matrix(head):
+            raise DataError(
+                f"{who}: X should hold raw integer counts, but {describe_non_counts(head, 'its first rows')}."
+            )
+        record_source(adata, self.name, "X", path=str(self.path), backed=True)
+        return adata
+
+    def _counts_in_memory(self, adata: anndata.AnnData, who: str) -> anndata.AnnData:
+        import anndata as ad
+
+        if self.counts == "X":
+            counts = adata.X
+        elif self.counts == "raw":
+            if adata.raw is None:
+                raise DataError(f"{who}: counts is 'raw' but the file has no .raw. Use 'X' or a layer name.")
+            if adata.raw.n_vars != adata.n_vars:
+                # .raw often keeps all genes while X holds a subset: take raw's genes.
+                adata = ad.AnnData(X=adata.raw.X, obs=adata.obs, var=adata.raw.var, uns=adata.uns,
+                                   obsm=dict(adata.obsm))
+                counts = adata.X
+            else:
+                counts = adata.raw.X
+        elif self.counts in adata.layers:
+            counts = adata.layers[self.counts]
+        else:
+            raise DataError(
+                f"{who}: counts is {self.counts!r}, which is neither 'X', 'raw' nor a layer of the file "
+                f"(layers: {', '.join(adata.layers.keys()) or 'none'})."
+            )
+        if counts is None:
+            raise DataError(f"{who}: the file has no X matrix; set counts to a layer name.")
+        if not is_count_matrix(counts):
+            raise DataError(
+                f"{who}: {self.counts!r} should hold raw integer counts, but "
+                f"{describe_non_counts(counts, 'it')}. Set counts to the layer that holds the raw counts "
+                f"(layers: {', '.join(adata.layers.keys()) or 'none'})."
+            )
+        adata.X = counts
+        for layer in list(adata.layers.keys()):
+            del adata.layers[layer]
+        adata.raw = None
+        set_counts(adata, who, check=False)
+        record_source(adata, self.name, "layers/counts", path=str(self.path), counts_from=self.counts)
+        return adata

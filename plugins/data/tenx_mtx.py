@@ -1,0 +1,165 @@
+"""A 10x Genomics Matrix Market folder: matrix.mtx(.gz), genes/features.tsv(.gz), barcodes.tsv(.gz)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import pandas as pd
+from grnx_plugins.data._common import (
+    check_required_obs,
+    existing_path,
+    join_cell_metadata,
+    read_table,
+    record_source,
+    set_counts,
+)
+from pydantic import Field
+
+from grnx_core import ComponentParams, DataSource
+from grnx_core.errors import DataError
+
+if TYPE_CHECKING:
+    import anndata
+
+_MATRIX_NAMES = ("matrix.mtx.gz", "matrix.mtx")
+_FEATURE_NAMES = ("features.tsv.gz", "genes.tsv.gz", "features.tsv", "genes.tsv")
+_BARCODE_NAMES = ("barcodes.tsv.gz", "barcodes.tsv")
+
+
+def find_file(folder: Path, names: tuple[str, ...], given: str | None, who: str, what: str) -> Path:
+    """The file ``given`` (relative to ``folder``), or the first of ``names`` that exists there."""
+    if given is not None:
+        return existing_path(folder / given, who, what)
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    listing = ", ".join(sorted(p.name for p in folder.iterdir())[:20])
+    raise DataError(
+        f"{who}: no {what} in {folder} (looked for {', '.join(names)}; the folder has {listing}). "
+        f"Name the file with the matching parameter."
+    )
+
+
+def read_lines_table(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", header=None, dtype=str, quoting=3, keep_default_na=False)
+
+
+def read_mtx_folder(
+    folder: Path,
+    who: str,
+    matrix: str | None = None,
+    features: str | None = None,
+    barcodes: str | None = None,
+    var_names: str = "gene_symbols",
+    feature_type: str | None = None,
+) -> anndata.AnnData:
+    """Read one 10x folder into a cells x genes AnnData (float32 CSR, unchecked values)."""
+    import anndata as ad
+    import scipy.io
+    import scipy.sparse as sp
+
+    matrix_path = find_file(folder, _MATRIX_NAMES, matrix, who, "matrix file")
+    features_path = find_file(folder, _FEATURE_NAMES, features, who, "genes/features file")
+    barcodes_path = find_file(folder, _BARCODE_NAMES, barcodes, who, "barcodes file")
+    try:
+        counts = scipy.io.mmread(str(matrix_path))
+    except Exception as error:
+        raise DataError(f"{who}: could not read {matrix_path} as Matrix Market: {error}") from error
+    genes = read_lines_table(features_path)
+    cells = read_lines_table(barcodes_path)[0].to_numpy()
+    counts = sp.csr_matrix(counts)
+    n_genes, n_cells = len(genes), len(cells)
+    if counts.shape == (n_genes, n_cells):
+        counts = sp.csr_matrix(counts.T)
+    elif counts.shape != (n_cells, n_genes):
+        raise DataError(
+            f"{who}: {matrix_path.name} is {counts.shape[0]} x {counts.shape[1]}, but there are "
+            f"{n_genes} genes in {features_path.name} and {n_cells} barcodes in {barcodes_path.name}."
+        )
+    ids = genes[0].to_numpy()
+    symbols = genes[1].to_numpy() if genes.shape[1] > 1 else ids
+    var = pd.DataFrame({"gene_ids": ids, "gene_symbols": symbols})
+    if genes.shape[1] > 2:
+        var["feature_types"] = genes[2].to_numpy()
+    var.index = pd.Index(var[var_names].astype(str), name=None)
+    adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=pd.Index(cells, name=None)), var=var)
+    if feature_type is not None and "feature_types" in var.columns:
+        keep = (var["feature_types"] == feature_type).to_numpy()
+        if not keep.any():
+            raise DataError(
+                f"{who}: no feature has type {feature_type!r}; types present: "
+                f"{', '.join(var['feature_types'].unique())}."
+            )
+        adata = adata[:, keep].copy()
+    if not adata.var_names.is_unique:
+        adata.var_names_make_unique()
+    return adata
+
+
+class TenxMtx(DataSource):
+    """Reads a 10x folder (v2 ``genes.tsv`` or v3 ``features.tsv``, plain or gzipped).
+
+    The matrix may be genes x cells (10x's layout) or cells x genes; the orientation is taken from
+    the gene and barcode counts. Duplicate gene names are made unique (``-1``, ``-2`` suffixes, as
+    scanpy does) and both ids and symbols stay in ``var``. An optional per-cell ``metadata`` table is
+    joined on barcode (``obs_names``). Values must be non-negative integers; they end in
+    ``layers["counts"]``, with a float32 copy in ``X``.
+    """
+
+    name = "10x_mtx"
+    description = "10x Genomics Matrix Market folder (matrix.mtx + genes/features + barcodes), plus metadata."
+    reference = "https://www.10xgenomics.com/support/software/cell-ranger/latest/analysis/outputs/cr-outputs-mex-matrices"
+
+    class Params(ComponentParams):
+        path: str = Field(description="folder holding the matrix, features and barcodes files")
+        matrix: str | None = Field(None, description="matrix file name inside path; matrix.mtx(.gz) when None")
+        features: str | None = Field(
+            None, description="genes/features file name inside path; features.tsv or genes.tsv (.gz) when None"
+        )
+        barcodes: str | None = Field(None, description="barcodes file name inside path; barcodes.tsv(.gz) when None")
+        var_names: Literal["gene_symbols", "gene_ids"] = Field(
+            "gene_symbols", description="which features column names the genes (ids: e.g. Ensembl)"
+        )
+        feature_type: str | None = Field(
+            "Gene Expression", description="keep only this feature type when the file lists types"
+        )
+        metadata: str | None = Field(None, description="optional per-cell table (CSV/TSV) joined on barcode")
+        metadata_cell_column: str | None = Field(
+            None, description="column of the metadata table holding barcodes; the first column when None"
+        )
+        unmatched: Literal["error", "drop", "keep"] = Field(
+            "error", description="cells without a metadata row: error, drop them, or keep with empty metadata"
+        )
+        required_obs: list[str] = Field(
+            default_factory=list, description="obs columns that must exist after the join; checked at load"
+        )
+
+    def input_files(self) -> list[Path]:
+        folder = Path(self.path)
+        files = [p for p in sorted(folder.iterdir())] if folder.is_dir() else [folder]
+        if self.metadata:
+            files.append(Path(self.metadata))
+        return files
+
+    def load(self) -> anndata.AnnData:
+        who = f"data source '10x_mtx' ({self.path})"
+        folder = existing_path(self.path, who, "folder")
+        if not folder.is_dir():
+            raise DataError(f"{who}: path must be a folder holding matrix.mtx, genes and barcodes files.")
+        adata = read_mtx_folder(
+            folder, who, self.matrix, self.features, self.barcodes, self.var_names, self.feature_type
+        )
+        set_counts(adata, who)
+        if self.metadata:
+            table = read_table(self.metadata, who, what="metadata table")
+            obs, keep = join_cell_metadata(
+                adata.obs, table, self.metadata_cell_column, self.unmatched, who, f"metadata {self.metadata!r}"
+            )
+            adata.obs = obs
+            if not keep.all():
+                adata = adata[keep].copy()
+        check_required_obs(adata, self.required_obs, who)
+        record_source(adata, self.name, "layers/counts", path=str(self.path))
+        return adata
+

@@ -1,0 +1,47 @@
+"""Scale each cell to the same total count (scanpy ``pp.normalize_total``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from grnx_plugins.preprocess._common import keep_counts, require_in_memory
+from pydantic import Field
+
+from grnx_core import ComponentParams, Preprocessor
+
+if TYPE_CHECKING:
+    import anndata
+
+
+class NormalizeTotal(Preprocessor):
+    """Divides each cell by its total count and multiplies by ``target_sum``, in ``X``.
+
+    Reads and writes ``X``; keeps the raw counts in ``layers["counts"]`` (copied from ``X`` first
+    if the layer is absent). With ``key_added`` the per-cell size factors go to ``obs[key_added]``.
+    """
+
+    name = "normalize_total"
+    description = "Scale each cell to the same total count (scanpy pp.normalize_total)."
+    reference = "https://doi.org/10.1186/s13059-017-1382-0"
+    writes = ("X", "layers/counts", "obs/<key_added>")
+
+    class Params(ComponentParams):
+        target_sum: float | None = Field(
+            None, gt=0, description="total per cell after scaling; the median total over cells when None"
+        )
+        exclude_highly_expressed: bool = Field(
+            False, description="leave out genes above max_fraction of a cell's total when computing it"
+        )
+        max_fraction: float = Field(0.05, gt=0, le=1, description="threshold for exclude_highly_expressed")
+        key_added: str | None = Field(None, description="obs column for the size factors; not written when None")
+
+    def __call__(self, adata: anndata.AnnData) -> anndata.AnnData:
+        import scanpy as sc
+
+        require_in_memory(adata, self.name)
+        keep_counts(adata)
+        sc.pp.normalize_total(
+            adata, target_sum=self.target_sum, exclude_highly_expressed=self.exclude_highly_expressed,
+            max_fraction=self.max_fraction, key_added=self.key_added,
+        )
+        return adata

@@ -1,0 +1,48 @@
+"""split: no donor on both sides, stratified by label, seeded; clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from grnx_core.errors import DataError
+from grnx_plugins.preprocess.split import Split
+
+
+def donors_on(adata, side):
+    return set(adata.obs.loc[adata.obs["split"] == side, "donor"])
+
+
+def test_donor_level_labels(make_adata):
+    adata = make_adata(n_cells=400)
+    result = Split(donor_key="donor", label_key="label", test_fraction=0.25, seed=1)(adata)
+    train, test = donors_on(result, "train"), donors_on(result, "test")
+    assert not train & test and train | test == set(adata.obs["donor"])
+    # 4 AD and 4 control donors: round(0.25 * 4) = 1 test donor per label.
+    test_labels = result.obs.loc[result.obs["split"] == "test"].groupby("donor", observed=True)["label"].first()
+    assert sorted(test_labels) == ["AD", "control"]
+    assert result.uns["split"]["stratified_by"] == "donors"
+    assert list(result.obs["split"].cat.categories) == ["train", "test"]
+
+
+def test_cell_level_labels_and_seed(make_adata):
+    adata = make_adata(n_cells=600)
+    adata.obs["donor"] = pd.Categorical(np.array([f"d{i}" for i in range(20)])[np.arange(600) % 20])
+    first = Split(donor_key="donor", label_key="cell_type", test_fraction=0.2, seed=3)(adata.copy())
+    again = Split(donor_key="donor", label_key="cell_type", test_fraction=0.2, seed=3)(adata.copy())
+    other = Split(donor_key="donor", label_key="cell_type", test_fraction=0.2, seed=4)(adata.copy())
+    assert not donors_on(first, "train") & donors_on(first, "test")
+    np.testing.assert_array_equal(first.obs["split"], again.obs["split"])
+    assert donors_on(first, "test") != donors_on(other, "test")
+    share = (first.obs["split"] == "test").groupby(first.obs["cell_type"], observed=True).mean()
+    assert ((share > 0.1) & (share < 0.3)).all(), share
+
+
+def test_errors(make_adata):
+    adata = make_adata()
+    with pytest.raises(DataError, match="donor_key is 'subject'"):
+        Split(donor_key="subject")(adata)
+    adata.obs["one"] = "d"
+    with pytest.raises(DataError, match="at least 2 donors"):
+        Split(donor_key="one")(adata)

@@ -505,9 +505,10 @@ class Runner:
             )
             child_run.log_params({"seed": seed})
             result.child_run_ids.append(child_run.run_id)
-        adata = parent.adata.copy() if not parent.adata.isbacked else parent.adata
+        # Repeats run one after another and only add obs columns, so they share the parent's data
+        # rather than copying the expression matrix once per repeat.
         return RunContext(
-            seed=seed, roles=copy.copy(parent.roles), recipe=parent.recipe, adata=adata,
+            seed=seed, roles=copy.copy(parent.roles), recipe=parent.recipe, adata=parent.adata,
             ground_truth=parent.ground_truth, logger=child_run if child_run is not None else NullLogger(),
             extras={"data_digest": parent.extras.get("data_digest")},
         )

@@ -67,10 +67,10 @@ def worker(mode: str, n_items: int, k: int, permutations: int, stream: str) -> d
         }
     if mode == "evaluator":
         import pandas as pd
-        from grnx_plugins.evaluators import _gsea
-        from grnx_plugins.evaluators.nes import NesEvaluator
 
         from grnx_core import GroundTruth, Interactions, RunContext
+        from grnx_plugins.evaluators import _gsea
+        from grnx_plugins.evaluators.nes import NesEvaluator
 
         _gsea.prerank(np.arange(100.0)[::-1], np.arange(3), n_permutations=2)  # compile numba
         n_genes = int(np.ceil((1 + np.sqrt(1 + 8 * n_items)) / 2))

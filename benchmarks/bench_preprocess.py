@@ -65,6 +65,7 @@ def run_grnx(adata, steps):
 def run_scanpy(adata, steps):
     """The same work with scanpy directly, the way a scanpy user writes it."""
     import scanpy as sc
+
     from grnx_plugins.preprocess._common import knn_transformer, scanpy_knn_is_broken
 
     params = dict(steps)
@@ -127,6 +128,7 @@ def warm_up() -> None:
     """Compile numba kernels (UMAP, neighbours, scrublet, scale) on a tiny input, outside the timing."""
     import numpy as np
     import scanpy as sc
+
     from grnx_plugins.preprocess._common import scanpy_knn_is_broken
 
     rng = np.random.default_rng(0)

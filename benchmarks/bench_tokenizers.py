@@ -150,6 +150,7 @@ def cpu_seconds() -> float:
 
 def measure(args: argparse.Namespace) -> dict:
     import anndata as ad
+
     from grnx_plugins.tokenizers.binned import Binned
     from grnx_plugins.tokenizers.expression_scaled import ExpressionScaled
     from grnx_plugins.tokenizers.rank_value import RankValue
@@ -227,6 +228,7 @@ def run_measurement(
 
 def load_reference_inputs(path: Path, dictionaries: Path, n_cells: int):
     import anndata as ad
+
     from grnx_plugins.tokenizers.rank_value import RankValue
 
     tokenizer = RankValue(model_version="V2", dictionary_dir=str(dictionaries))

@@ -156,6 +156,7 @@ def main() -> None:
 
     import anndata as ad
     import numba
+
     from grnx_plugins.samplers.wds import WeightedDiversifiedSampler
 
     numba.set_num_threads(args.threads)
@@ -245,6 +246,7 @@ def main() -> None:
 def _agreement(path: Path, n_hashes: int, n_cells: int) -> float:
     """Share of (cell, hash) pairs where grnx's kernel and a float64 per-cell loop pick the same gene."""
     import anndata as ad
+
     from grnx_plugins.samplers import _wds_hashing as hashing
 
     backed = ad.read_h5ad(path, backed="r")

@@ -7,6 +7,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
+
+from grnx_core import ComponentParams, DataSource
+from grnx_core.errors import DataError
 from grnx_plugins.data._common import (
     check_required_obs,
     existing_path,
@@ -17,10 +21,6 @@ from grnx_plugins.data._common import (
     set_counts,
     table_separator,
 )
-from pydantic import Field
-
-from grnx_core import ComponentParams, DataSource
-from grnx_core.errors import DataError
 
 if TYPE_CHECKING:
     import anndata

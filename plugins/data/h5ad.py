@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from pydantic import Field
+
+from grnx_core import ComponentParams, DataSource
+from grnx_core.errors import DataError
 from grnx_plugins.data._common import (
     check_required_obs,
     describe_non_counts,
@@ -15,10 +19,6 @@ from grnx_plugins.data._common import (
     record_source,
     set_counts,
 )
-from pydantic import Field
-
-from grnx_core import ComponentParams, DataSource
-from grnx_core.errors import DataError
 
 if TYPE_CHECKING:
     import anndata

@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
+
+from grnx_core import ComponentParams, DataSource
+from grnx_core.errors import DataError
 from grnx_plugins.data._common import (
     describe_non_counts,
     existing_path,
@@ -26,10 +30,6 @@ from grnx_plugins.data._common import (
     set_counts,
 )
 from grnx_plugins.data.tenx_mtx import read_mtx_folder
-from pydantic import Field
-
-from grnx_core import ComponentParams, DataSource
-from grnx_core.errors import DataError
 
 if TYPE_CHECKING:
     import anndata

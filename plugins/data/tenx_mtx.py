@@ -6,6 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
+from pydantic import Field
+
+from grnx_core import ComponentParams, DataSource
+from grnx_core.errors import DataError
 from grnx_plugins.data._common import (
     check_required_obs,
     existing_path,
@@ -14,10 +18,6 @@ from grnx_plugins.data._common import (
     record_source,
     set_counts,
 )
-from pydantic import Field
-
-from grnx_core import ComponentParams, DataSource
-from grnx_core.errors import DataError
 
 if TYPE_CHECKING:
     import anndata

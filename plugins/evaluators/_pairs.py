@@ -12,9 +12,9 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from grnx_plugins.evaluators.ground_truth import normalise_gene, overlap_error
 
 from grnx_core import DataError, GroundTruth, Interactions, RunContext
+from grnx_plugins.evaluators.ground_truth import normalise_gene, overlap_error
 
 DirectedMode = Literal["auto", "directed", "undirected"]
 

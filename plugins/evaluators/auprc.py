@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
-from grnx_plugins.evaluators.ground_truth import GroundTruthSpec, normalise_gene, resolve_ground_truth
 from pydantic import Field
 
 from grnx_core import ComponentParams, DataError, EvaluationResult, Evaluator, RunContext
+from grnx_plugins.evaluators.ground_truth import GroundTruthSpec, normalise_gene, resolve_ground_truth
 
 
 class AuprcEvaluator(Evaluator):

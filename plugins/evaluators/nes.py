@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import numpy as np
-from grnx_plugins.evaluators.ground_truth import GroundTruthSpec, resolve_ground_truth
 from pydantic import Field
 
 from grnx_core import ComponentParams, DataError, EvaluationResult, Evaluator, RunContext
+from grnx_plugins.evaluators.ground_truth import GroundTruthSpec, resolve_ground_truth
 
 
 class NesEvaluator(Evaluator):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from grnx_plugins.evaluators.nes import NesEvaluator, _extractors_in, _values
 
 from grnx_core import EvaluationResult
+from grnx_plugins.evaluators.nes import NesEvaluator, _extractors_in, _values
 
 
 class NesStabilityEvaluator(NesEvaluator):

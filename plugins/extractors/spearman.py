@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from grnx_plugins.extractors.pearson import PearsonExtractor
 from scipy.stats import rankdata
+
+from grnx_plugins.extractors.pearson import PearsonExtractor
 
 
 class SpearmanExtractor(PearsonExtractor):

@@ -10,8 +10,9 @@ permutes every hidden state and attention map the same way and leaves the predic
 from __future__ import annotations
 
 import torch
-from grnx_plugins.models._layers import EncoderLayer, EncoderStack, masked_mean
 from torch import nn
+
+from grnx_plugins.models._layers import EncoderLayer, EncoderStack, masked_mean
 
 
 class CelluFormerNet(nn.Module):

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from grnx_plugins.models._layers import attention_with_map, masked_mean
 from grnx_plugins.models._training import BatchResult, Task
-from torch import nn
 
 #: Theodoris et al. 2023 (V1, gf-6L-30M-i2048) and Chen et al. 2024 (V2, gf-12L-104M-i4096).
 ARCHITECTURES: dict[str, dict[str, int]] = {

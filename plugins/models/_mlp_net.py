@@ -6,8 +6,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from grnx_plugins.models._training import BatchResult, Task
 from torch import nn
+
+from grnx_plugins.models._training import BatchResult, Task
 
 
 class MLPNet(nn.Module):

@@ -15,8 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from grnx_plugins.models._layers import EncoderLayer, EncoderStack, masked_mean
 from torch import nn
+
+from grnx_plugins.models._layers import EncoderLayer, EncoderStack, masked_mean
 
 #: scGPT whole-human pretraining settings (args.json of the released checkpoint).
 WHOLE_HUMAN = {

@@ -8,16 +8,15 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from grnx_core.errors import DataError
 from grnx_plugins.models._base import CellAttention
 from grnx_plugins.models._layers import check_layers_heads
 from grnx_plugins.models._training import BatchResult, Task, bucketed_batches
 
-from grnx_core.errors import DataError
-
 if TYPE_CHECKING:
-    from grnx_plugins.models._base import TokenModel
-
     from grnx_core.data_types import TokenizedCells
+    from grnx_plugins.models._base import TokenModel
 
 
 class Batch(NamedTuple):

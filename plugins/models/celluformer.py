@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from grnx_plugins.models._base import TokenModel
 from pydantic import Field
 
 from grnx_core.components import ComponentParams
+from grnx_plugins.models._base import TokenModel
 
 if TYPE_CHECKING:
     from grnx_core.data_types import TokenizedCells

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from grnx_plugins.models._base import TokenModel
 from pydantic import Field
 
 from grnx_core.components import ComponentParams
 from grnx_core.errors import DataError, GrnxError
+from grnx_plugins.models._base import TokenModel
 
 if TYPE_CHECKING:
     from grnx_core.context import RunContext
@@ -196,8 +196,9 @@ class Geneformer(TokenModel):
         return {"hf_folder": HF_FOLDER, "head": "classification" if self.classes_ else "masked_lm"}
 
     def _load_network(self, folder: Path, meta: dict[str, Any]) -> Any:
-        from grnx_plugins.models._geneformer_net import GeneformerNet
         from transformers import BertForMaskedLM, BertForSequenceClassification
+
+        from grnx_plugins.models._geneformer_net import GeneformerNet
 
         cls = BertForSequenceClassification if meta["classes"] else BertForMaskedLM
         hf_model = cls.from_pretrained(

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from grnx_plugins.models._base import MODEL_FILE, json_value
 from pydantic import Field
 
 from grnx_core.atomic import atomic_path
 from grnx_core.components import ComponentParams, Model
 from grnx_core.errors import DataError, GrnxError
+from grnx_plugins.models._base import MODEL_FILE, json_value
 
 if TYPE_CHECKING:
     import anndata
@@ -123,6 +123,7 @@ class MLP(Model):
 
     def _batches(self, adata: anndata.AnnData, batch_size: int, fn: Any) -> np.ndarray:
         import torch
+
         from grnx_plugins.models._mlp_net import MLPTask
 
         self._require_fitted()
@@ -174,8 +175,9 @@ class MLP(Model):
 
     @classmethod
     def load(cls, path: Path) -> MLP:
-        from grnx_plugins.models._mlp_net import MLPNet
         from safetensors.torch import load_file
+
+        from grnx_plugins.models._mlp_net import MLPNet
 
         path = Path(path)
         if not (path / MODEL_FILE).is_file():

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from grnx_plugins.models._base import TokenModel
 from pydantic import Field
 
 from grnx_core.components import ComponentParams
 from grnx_core.errors import DataError, GrnxError
+from grnx_plugins.models._base import TokenModel
 
 if TYPE_CHECKING:
     from grnx_core.data_types import TokenizedCells
@@ -77,6 +77,7 @@ class ScGPT(TokenModel):
     @staticmethod
     def read_state(path: Path) -> dict[str, Any]:
         import torch
+
         from grnx_plugins.models._scgpt_net import convert_state_dict
 
         try:

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from grnx_plugins.data._common import describe_non_counts, is_count_matrix
 
 from grnx_core.errors import DataError
+from grnx_plugins.data._common import describe_non_counts, is_count_matrix
 
 if TYPE_CHECKING:
     import anndata

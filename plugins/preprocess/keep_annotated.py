@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from grnx_plugins.data._common import read_table, require_columns
-from grnx_plugins.preprocess._common import obs_subset, require_obs
 from pydantic import Field
 
 from grnx_core import ComponentParams, Preprocessor
 from grnx_core.errors import DataError
+from grnx_plugins.data._common import read_table, require_columns
+from grnx_plugins.preprocess._common import obs_subset, require_obs
 
 if TYPE_CHECKING:
     import anndata

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from grnx_plugins.preprocess._common import keep_counts, require_in_memory
 from pydantic import Field
 
 from grnx_core import ComponentParams, Preprocessor
+from grnx_plugins.preprocess._common import keep_counts, require_in_memory
 
 if TYPE_CHECKING:
     import anndata

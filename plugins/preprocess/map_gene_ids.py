@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
-from grnx_plugins.data._common import existing_path, read_table
-from grnx_plugins.preprocess._common import require_in_memory
 from pydantic import Field
 
 from grnx_core import ComponentParams, Preprocessor
 from grnx_core.errors import DataError
+from grnx_plugins.data._common import existing_path, read_table
+from grnx_plugins.preprocess._common import require_in_memory
 
 if TYPE_CHECKING:
     import anndata

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from grnx_plugins.preprocess._common import counts_matrix, obs_subset, require_in_memory
 from pydantic import Field
 
 from grnx_core import ComponentParams, Preprocessor
 from grnx_core.errors import DataError
+from grnx_plugins.preprocess._common import counts_matrix, obs_subset, require_in_memory
 
 if TYPE_CHECKING:
     import anndata

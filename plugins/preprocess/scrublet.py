@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
+from pydantic import Field
+
+from grnx_core import ComponentParams, Preprocessor
+from grnx_core.errors import DataError
 from grnx_plugins.preprocess._common import (
     counts_matrix,
     obs_subset,
@@ -12,10 +16,6 @@ from grnx_plugins.preprocess._common import (
     scanpy_knn_is_broken,
     umap_figures,
 )
-from pydantic import Field
-
-from grnx_core import ComponentParams, Preprocessor
-from grnx_core.errors import DataError
 
 if TYPE_CHECKING:
     import anndata

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from grnx_plugins.preprocess._common import require_in_memory, umap_figures
 from pydantic import Field
 
 from grnx_core import ComponentParams, Preprocessor
 from grnx_core.errors import DataError
+from grnx_plugins.preprocess._common import require_in_memory, umap_figures
 
 if TYPE_CHECKING:
     import anndata

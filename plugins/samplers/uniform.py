@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from grnx_plugins.samplers._sample_size import SampleSizeParams, sample_size
 
 from grnx_core import CellSample, Sampler
+from grnx_plugins.samplers._sample_size import SampleSizeParams, sample_size
 
 if TYPE_CHECKING:
     import anndata

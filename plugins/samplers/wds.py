@@ -32,11 +32,11 @@ import time
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from grnx_plugins.samplers._sample_size import SampleSizeParams, sample_size
 from pydantic import Field
 
 from grnx_core import CellSample, Sampler
 from grnx_core.errors import DataError
+from grnx_plugins.samplers._sample_size import SampleSizeParams, sample_size
 
 if TYPE_CHECKING:
     import anndata

@@ -15,6 +15,7 @@ from grnx_core import ComponentParams, DataError, TokenizedCells, Tokenizer
 if TYPE_CHECKING:
     import anndata
     import scipy.sparse as sp
+
     from grnx_plugins.tokenizers._streaming import ChunkTokens
 
 

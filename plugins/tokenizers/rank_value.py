@@ -16,6 +16,7 @@ from grnx_core import ComponentParams, DataError, TokenizedCells, Tokenizer
 if TYPE_CHECKING:
     import anndata
     import scipy.sparse as sp
+
     from grnx_plugins.tokenizers._streaming import ChunkTokens
 
 #: Geneformer's scaling of each cell to 10,000 counts before dividing by the gene medians.

@@ -7,10 +7,10 @@ from itertools import combinations, permutations
 import numpy as np
 import pandas as pd
 import pytest
-from grnx_plugins.evaluators.auprc import AuprcEvaluator, jaccard, top_k_spearman
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
 from grnx_core import DataError, EvaluationResult, GroundTruth, Interactions, RunContext
+from grnx_plugins.evaluators.auprc import AuprcEvaluator, jaccard, top_k_spearman
 
 
 def make_case(seed, *, n_genes=25, directed=False, fraction_listed=0.6, n_true=30, ties=False, signed=False):

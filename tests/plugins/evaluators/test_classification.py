@@ -6,10 +6,10 @@ import anndata
 import numpy as np
 import pandas as pd
 import pytest
-from grnx_plugins.evaluators.classification import ClassificationEvaluator
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from grnx_core import DataError, DataRoles, Model, RunContext, TokenizedCells
+from grnx_plugins.evaluators.classification import ClassificationEvaluator
 
 
 class NearestCentroid(Model):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+
+from grnx_core import DataError, GroundTruth, Interactions, RunContext
 from grnx_plugins.evaluators.auprc import AuprcEvaluator
 from grnx_plugins.evaluators.ground_truth import GroundTruthSpec, build_ground_truth
 from grnx_plugins.evaluators.nes import NesEvaluator
-
-from grnx_core import DataError, GroundTruth, Interactions, RunContext
 
 
 @pytest.fixture(scope="module")

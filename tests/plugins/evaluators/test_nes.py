@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+
+from grnx_core import DataError, EvaluationResult, GroundTruth, Interactions, RunContext
 from grnx_plugins.evaluators import _gsea
 from grnx_plugins.evaluators.nes import NesEvaluator
 from grnx_plugins.evaluators.nes_stability import NesStabilityEvaluator
-
-from grnx_core import DataError, EvaluationResult, GroundTruth, Interactions, RunContext
 
 gseapy = pytest.importorskip("gseapy")
 

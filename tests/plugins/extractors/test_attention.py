@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from grnx_plugins.extractors.attention import AttentionExtractor
 
 from grnx_core import CellSample, DataError, DataRoles, RunContext, TokenizedCells
+from grnx_plugins.extractors.attention import AttentionExtractor
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from grnx_plugins.extractors.pearson import PearsonExtractor, correlation_matrix
-from grnx_plugins.extractors.spearman import SpearmanExtractor
 from scipy.stats import spearmanr
 
 from grnx_core import CellSample, DataError, RunContext
+from grnx_plugins.extractors.pearson import PearsonExtractor, correlation_matrix
+from grnx_plugins.extractors.spearman import SpearmanExtractor
 
 
 def _adata(sparse: bool, seed: int = 0) -> anndata.AnnData:

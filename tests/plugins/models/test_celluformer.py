@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from grnx_plugins.models.celluformer import CelluFormer
 from torch import nn
 
 from grnx_core import TokenizedCells
+from grnx_plugins.models.celluformer import CelluFormer
 
 TINY = {"d_model": 16, "n_layers": 2, "n_heads": 2, "d_ff": 32, "dropout": 0.0}
 

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from grnx_plugins.models.geneformer import Geneformer
 
 from grnx_core import DataError, TokenizedCells
+from grnx_plugins.models.geneformer import Geneformer
 
 TINY = {"n_layers": 2, "hidden_size": 16, "n_heads": 2, "intermediate_size": 32, "max_positions": 32,
         "dropout": 0.0}

@@ -11,9 +11,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from grnx_plugins.models.mlp import MLP
 
 from grnx_core import CellSample, DataError, DataRoles, RunContext
+from grnx_plugins.models.mlp import MLP
 
 
 def _adata(n_cells=60, n_genes=12, seed=0, sparse=True):

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from grnx_plugins.models.scgpt import ScGPT
 from torch import nn
 
 from grnx_core import DataError
+from grnx_plugins.models.scgpt import ScGPT
 
 TINY = {"d_model": 16, "n_layers": 2, "n_heads": 2, "d_ff": 32, "dropout": 0.0, "n_layers_cls": 2}
 D, LAYERS, HEADS, HIDDEN = 16, 2, 2, 32

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from grnx_plugins.models import _training as training
 
 from grnx_core import GrnxError, RunContext
+from grnx_plugins.models import _training as training
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine", "polynomial"])

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pydantic
 import pytest
-from grnx_plugins.samplers.stratified import StratifiedSampler, allocate
 
 from grnx_core.errors import DataError
+from grnx_plugins.samplers.stratified import StratifiedSampler, allocate
 
 
 def labelled(sizes: dict[str, int], seed: int = 0) -> ad.AnnData:

@@ -6,10 +6,10 @@ import anndata as ad
 import numpy as np
 import pydantic
 import pytest
-from grnx_plugins.samplers.uniform import UniformSampler
 from scipy.stats import chisquare
 
 from grnx_core.errors import DataError
+from grnx_plugins.samplers.uniform import UniformSampler
 
 
 def cells(n: int) -> ad.AnnData:

@@ -12,13 +12,13 @@ import pydantic
 import pytest
 import scipy.io
 import scipy.sparse as sp
-from grnx_plugins.samplers import _wds_hashing as hashing
-from grnx_plugins.samplers.uniform import UniformSampler
-from grnx_plugins.samplers.wds import WeightedDiversifiedSampler, efraimidis_spirakis
 from scipy.stats import spearmanr
 
 from grnx_core import CellSample
 from grnx_core.errors import DataError
+from grnx_plugins.samplers import _wds_hashing as hashing
+from grnx_plugins.samplers.uniform import UniformSampler
+from grnx_plugins.samplers.wds import WeightedDiversifiedSampler, efraimidis_spirakis
 
 
 def minmax_similarity(x: np.ndarray, y: np.ndarray) -> float:

@@ -8,9 +8,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from grnx_plugins.tokenizers.binned import Binned
 
 from grnx_core import DataError
+from grnx_plugins.tokenizers.binned import Binned
 
 
 def reference_bins(dense: np.ndarray, col_token: np.ndarray, n_bins: int):

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from grnx_plugins.tokenizers.export import DATA_FILE, read_geneformer_dataset, to_geneformer_dataset
 
 from grnx_core import DataError, TokenizedCells
+from grnx_plugins.tokenizers.export import DATA_FILE, read_geneformer_dataset, to_geneformer_dataset
 
 
 @pytest.fixture()

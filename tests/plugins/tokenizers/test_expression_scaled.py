@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from grnx_plugins.tokenizers.expression_scaled import ExpressionScaled
 
 from grnx_core import DataError
+from grnx_plugins.tokenizers.expression_scaled import ExpressionScaled
 
 
 def reference_cells(dense: np.ndarray, max_length: int, offset: int = 1):

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from grnx_plugins.tokenizers._dictionaries import load_dictionary
-from grnx_plugins.tokenizers.rank_value import RankValue, exact_nonzero_medians
 
 from grnx_core import DataError, TokenizedCells
+from grnx_plugins.tokenizers._dictionaries import load_dictionary
+from grnx_plugins.tokenizers.rank_value import RankValue, exact_nonzero_medians
 
 VERSIONS = {
     "V1": ("v1", "token_dictionary", "gene_median_dictionary", "ensembl_mapping_dict_gc30M"),

@@ -19,6 +19,17 @@ from grnx_plugins.evaluators.ground_truth import normalise_gene, overlap_error
 DirectedMode = Literal["auto", "directed", "undirected"]
 
 
+#: Directions of the overlap counts every pair evaluator reports with its scores (``report``).
+OVERLAP_METRICS: dict[str, bool] = {
+    "gt_edges": True,
+    "gt_pairs_in_universe": True,
+    "gt_genes_in_universe": True,
+    "universe_genes": True,
+    "gt_pairs_in_list": True,
+    "gt_signed_pairs_in_universe": True,
+}
+
+
 @dataclass
 class PairProblem:
     """One extractor's ranked list against the ground truth, inside the extractor's gene universe."""

@@ -10,6 +10,7 @@ import numpy as np
 from pydantic import Field
 
 from grnx_core import ComponentParams, DataError, EvaluationResult, Evaluator, RunContext
+from grnx_plugins.evaluators._pairs import OVERLAP_METRICS
 from grnx_plugins.evaluators.ground_truth import GroundTruthSpec, normalise_gene, resolve_ground_truth
 
 
@@ -74,12 +75,7 @@ class AuprcEvaluator(Evaluator):
         "epr": True,
         "epr_random": True,
         "n_candidates": True,
-        "gt_edges": True,
-        "gt_pairs_in_universe": True,
-        "gt_genes_in_universe": True,
-        "universe_genes": True,
-        "gt_pairs_in_list": True,
-        "gt_signed_pairs_in_universe": True,
+        **OVERLAP_METRICS,
         # aggregate() over repeats
         "top_k_jaccard": True,
         "top_k_spearman": True,

@@ -8,6 +8,7 @@ import numpy as np
 from pydantic import Field
 
 from grnx_core import ComponentParams, DataError, EvaluationResult, Evaluator, RunContext
+from grnx_plugins.evaluators._pairs import OVERLAP_METRICS
 from grnx_plugins.evaluators.ground_truth import GroundTruthSpec, resolve_ground_truth
 
 
@@ -65,11 +66,7 @@ class NesEvaluator(Evaluator):
         "pvalue": False,
         "n_hits": True,
         "n_items": True,
-        "gt_edges": True,
-        "gt_pairs_in_universe": True,
-        "gt_genes_in_universe": True,
-        "universe_genes": True,
-        "gt_pairs_in_list": True,
+        **OVERLAP_METRICS,
     }
 
     def evaluate(self, context: RunContext) -> EvaluationResult:

@@ -183,6 +183,19 @@ class ChunkTokens:
     #: Set by workers writing to disk: (ids file, values file or None) holding the tokens.
     spilled: tuple[str, str | None] | None = None
 
+    def flag_bad_value(self, flags: int, row: int, value: float, template: str) -> None:
+        """Record the first negative or non-finite value a kernel flagged.
+
+        ``template`` may use ``{kind}`` (what was wrong) and, filled in later, ``{cell}``/``{value}``.
+        """
+        from grnx_plugins.tokenizers import _kernels
+
+        if not flags:
+            return
+        kind = "a non-finite value" if flags & _kernels.NON_FINITE else "a negative value"
+        self.problem = template.replace("{kind}", kind)
+        self.problem_row, self.problem_value = int(row), float(value)
+
 
 Kernel = Callable[[Any, sp.csr_matrix, dict[str, np.ndarray]], ChunkTokens]
 

@@ -55,14 +55,12 @@ def _binned_kernel(plan: _BinnedPlan, block: sp.csr_matrix, per_row: dict[str, n
         lengths=lengths,
         counters={"n_cells_truncated": int((n_expressed > plan.max_length - 1).sum())},
     )
-    if flags:
-        kind = "a non-finite value" if flags & _kernels.NON_FINITE else "a negative value"
-        result.problem = (
-            f"Tokenizer 'binned' needs non-negative expression in {plan.source} (scGPT bins non-zero "
-            f"values); cell {{cell!r}} has {kind} ({{value}}). Tokenise before a 'scale' step, or point "
-            f"the 'layer' parameter at counts or normalised values."
-        )
-        result.problem_row, result.problem_value = int(bad_row), float(bad_value)
+    result.flag_bad_value(
+        flags, bad_row, bad_value,
+        f"Tokenizer 'binned' needs non-negative expression in {plan.source} (scGPT bins non-zero "
+        "values); cell {cell!r} has {kind} ({value}). Tokenise before a 'scale' step, or point "
+        "the 'layer' parameter at counts or normalised values.",
+    )
     return result
 
 

@@ -45,14 +45,12 @@ def _expression_scaled_kernel(
         lengths=lengths,
         counters={"n_cells_truncated": int((n_expressed > plan.max_length).sum())},
     )
-    if flags:
-        kind = "a non-finite value" if flags & _kernels.NON_FINITE else "a negative value"
-        result.problem = (
-            f"Tokenizer 'expression_scaled' needs non-negative expression in {plan.source} (CelluFormer "
-            f"scales gene embeddings by it); cell {{cell!r}} has {kind} ({{value}}). Tokenise before a "
-            f"'scale' step, or point the 'layer' parameter at normalised, non-negative values."
-        )
-        result.problem_row, result.problem_value = int(bad_row), float(bad_value)
+    result.flag_bad_value(
+        flags, bad_row, bad_value,
+        f"Tokenizer 'expression_scaled' needs non-negative expression in {plan.source} (CelluFormer "
+        "scales gene embeddings by it); cell {cell!r} has {kind} ({value}). Tokenise before a "
+        "'scale' step, or point the 'layer' parameter at normalised, non-negative values.",
+    )
     return result
 
 

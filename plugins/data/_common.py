@@ -190,3 +190,25 @@ def join_cell_metadata(
             joined[column] = joined[column].astype("category")
     keep = found if unmatched == "drop" else np.ones(len(obs), dtype=bool)
     return joined, keep
+
+
+def attach_cell_metadata(
+    adata: anndata.AnnData,
+    metadata: str | None,
+    cell_column: str | None,
+    unmatched: str,
+    required_obs: Sequence[str],
+    who: str,
+) -> anndata.AnnData:
+    """Join the optional per-cell table named by a source's ``metadata`` param, drop the cells
+    ``unmatched="drop"`` leaves out (backed data is read into memory then), and check the required
+    obs columns. Returns the AnnData to hand on."""
+    if metadata:
+        table = read_table(metadata, who, what="metadata table")
+        obs, keep = join_cell_metadata(adata.obs, table, cell_column, unmatched, who, f"metadata {metadata!r}")
+        adata.obs = obs
+        if not keep.all():
+            adata = adata[keep].to_memory() if adata.isbacked else adata[keep].copy()
+    check_required_obs(adata, required_obs, who)
+    return adata
+

@@ -12,11 +12,9 @@ from pydantic import Field
 from grnx_core import ComponentParams, DataSource
 from grnx_core.errors import DataError
 from grnx_plugins.data._common import (
-    check_required_obs,
+    attach_cell_metadata,
     existing_path,
     is_count_matrix,
-    join_cell_metadata,
-    read_table,
     record_source,
     set_counts,
     table_separator,
@@ -100,15 +98,9 @@ class CsvMatrix(DataSource):
             set_counts(adata, who)
         else:
             adata.X = adata.X.astype(np.float32)
-        if self.metadata:
-            meta = read_table(self.metadata, who, what="metadata table")
-            obs, keep = join_cell_metadata(
-                adata.obs, meta, self.metadata_cell_column, self.unmatched, who, f"metadata {self.metadata!r}"
-            )
-            adata.obs = obs
-            if not keep.all():
-                adata = adata[keep].copy()
-        check_required_obs(adata, self.required_obs, who)
+        adata = attach_cell_metadata(
+            adata, self.metadata, self.metadata_cell_column, self.unmatched, self.required_obs, who
+        )
         record_source(adata, self.name, "layers/counts" if is_counts else None, path=str(self.path),
                       values="counts" if is_counts else "normalized")
         return adata

@@ -10,12 +10,10 @@ from pydantic import Field
 from grnx_core import ComponentParams, DataSource
 from grnx_core.errors import DataError
 from grnx_plugins.data._common import (
-    check_required_obs,
+    attach_cell_metadata,
     describe_non_counts,
     existing_path,
     is_count_matrix,
-    join_cell_metadata,
-    read_table,
     record_source,
     set_counts,
 )
@@ -93,16 +91,9 @@ class H5ad(DataSource):
                     f"{', '.join(map(str, adata.obs.columns[:30]))}."
                 )
             adata.obs = adata.obs.rename(columns=self.rename_obs)
-        if self.metadata:
-            table = read_table(self.metadata, who, what="metadata table")
-            obs, keep = join_cell_metadata(
-                adata.obs, table, self.metadata_cell_column, self.unmatched, who, f"metadata {self.metadata!r}"
-            )
-            adata.obs = obs
-            if not keep.all():
-                adata = adata[keep].to_memory() if self.backed else adata[keep].copy()
-        check_required_obs(adata, self.required_obs, who)
-        return adata
+        return attach_cell_metadata(
+            adata, self.metadata, self.metadata_cell_column, self.unmatched, self.required_obs, who
+        )
 
     def _checked_backed(self, adata: anndata.AnnData, who: str) -> anndata.AnnData:
         if self.counts != "X":

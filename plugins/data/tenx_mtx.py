@@ -11,10 +11,8 @@ from pydantic import Field
 from grnx_core import ComponentParams, DataSource
 from grnx_core.errors import DataError
 from grnx_plugins.data._common import (
-    check_required_obs,
+    attach_cell_metadata,
     existing_path,
-    join_cell_metadata,
-    read_table,
     record_source,
     set_counts,
 )
@@ -151,15 +149,9 @@ class TenxMtx(DataSource):
             folder, who, self.matrix, self.features, self.barcodes, self.var_names, self.feature_type
         )
         set_counts(adata, who)
-        if self.metadata:
-            table = read_table(self.metadata, who, what="metadata table")
-            obs, keep = join_cell_metadata(
-                adata.obs, table, self.metadata_cell_column, self.unmatched, who, f"metadata {self.metadata!r}"
-            )
-            adata.obs = obs
-            if not keep.all():
-                adata = adata[keep].copy()
-        check_required_obs(adata, self.required_obs, who)
+        adata = attach_cell_metadata(
+            adata, self.metadata, self.metadata_cell_column, self.unmatched, self.required_obs, who
+        )
         record_source(adata, self.name, "layers/counts", path=str(self.path))
         return adata
 

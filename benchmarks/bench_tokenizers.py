@@ -12,13 +12,20 @@ References, on the first few thousand cells of the same file:
   a chunk of 512 cells with sparse/dense numpy, then ``np.argsort(-v)`` per cell in a Python
   loop), with the outputs checked against grnx's (equal outside tied values);
 - "naive": one cell at a time, one gene at a time, in plain Python.
-- If GENEFORMER_SRC points at a checkout of Geneformer's source (the folder holding the
-  ``geneformer`` package; never committed here, it needs loompy and datasets), its own
-  ``TranscriptomeTokenizer.tokenize_anndata`` runs on the same cells: speed ratio and agreement.
+- If GENEFORMER_SRC points at a clone of Geneformer's repository (the folder holding the
+  ``geneformer`` package; never committed here; its tokenizer needs loompy, scanpy and datasets),
+  Geneformer's own ``TranscriptomeTokenizer.tokenize_data`` (V2 API, September 2024 or later)
+  turns the same h5ad (all cells, or ``--geneformer-cells``) into a ``.dataset`` in a subprocess
+  of its own, and grnx does the same job with ``rank_value`` (its token folder, then the
+  ``.dataset`` export). Printed: both timings and peak memory, the speed ratios, the 20x target,
+  and how many cells the two ``.dataset`` folders hold identical (and identical outside tied
+  values). Only ``geneformer/tokenizer.py`` is imported: the package's ``__init__`` pulls in
+  torch-based modules tokenizing does not need.
 
     python benchmarks/bench_tokenizers.py                 # 200k cells x ~2,000 genes (~3.3 GB h5ad in /tmp)
     python benchmarks/bench_tokenizers.py --quick         # 20k cells
     python benchmarks/bench_tokenizers.py --cells 50000 --workers 2 --tokenizers rank_value
+    GENEFORMER_SRC=~/src/Geneformer python benchmarks/bench_tokenizers.py --tokenizers rank_value
 """
 
 from __future__ import annotations
@@ -95,15 +102,8 @@ def write_counts_h5ad(path: Path, genes: list[str], n_cells: int, nnz: int, seed
         draws = int(draws * nnz / (pilot[-1] / 200))
     partial = path.with_suffix(".partial")
     with h5py.File(partial, "w") as handle:
-        write_elem(
-            handle,
-            "obs",
-            pd.DataFrame(
-                {"donor": pd.Categorical(rng.integers(0, 8, n_cells).astype(str))},
-                index=[f"cell{i}" for i in range(n_cells)],
-            ),
-        )
-        write_elem(handle, "var", pd.DataFrame(index=genes))
+        # var["ensembl_id"] and obs["n_counts"] are what Geneformer's own tokenizer requires.
+        write_elem(handle, "var", pd.DataFrame({"ensembl_id": genes}, index=genes))
         # The CSR layout anndata writes, with large HDF5 chunks (anndata's own appends use tiny
         # ones, which doubles the read cost; files written by write_h5ad are contiguous).
         group = handle.create_group("X")
@@ -115,10 +115,12 @@ def write_counts_h5ad(path: Path, genes: list[str], n_cells: int, nnz: int, seed
             "indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 22,)
         )
         indptr = [np.zeros(1, dtype=np.int64)]
+        n_counts = []
         for start in range(0, n_cells, 5_000):
             rows = min(5_000, n_cells - start)
             columns, row_ptr = distinct_genes(rows, draws)
             values = (1 + rng.poisson(mean_count[columns])).astype(np.float32)
+            n_counts.append(np.add.reduceat(values.astype(np.float64), row_ptr[:-1]))
             offset = data.shape[0]
             data.resize((offset + len(values),))
             indices.resize((offset + len(values),))
@@ -126,6 +128,17 @@ def write_counts_h5ad(path: Path, genes: list[str], n_cells: int, nnz: int, seed
             indices[offset:] = columns
             indptr.append(row_ptr[1:] + offset)
         group.create_dataset("indptr", data=np.concatenate(indptr))
+        write_elem(
+            handle,
+            "obs",
+            pd.DataFrame(
+                {
+                    "donor": pd.Categorical(rng.integers(0, 8, n_cells).astype(str)),
+                    "n_counts": np.concatenate(n_counts),
+                },
+                index=[f"cell{i}" for i in range(n_cells)],
+            ),
+        )
     partial.rename(path)
 
 
@@ -172,8 +185,18 @@ def measure(args: argparse.Namespace) -> dict:
     cpu_started, started = cpu_seconds(), time.perf_counter()
     tokens = tokenizer.transform(adata, obs_columns=["donor"], path=Path(args.out) / "tokens")
     seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    exported = {}
+    if args.dataset:  # and on to the Geneformer .dataset that Geneformer's tokenize_data writes
+        from grnx_plugins.tokenizers.export import to_geneformer_dataset
+
+        to_geneformer_dataset(tokens, Path(args.out) / "grnx.dataset", columns=["donor"])
+        exported = {
+            "dataset_seconds": time.perf_counter() - started,
+            "dataset_cpu_seconds": cpu_seconds() - cpu_started,
+        }
     own, children = peak_mib()
     return {
+        **exported,
         "tokenizer": args.tokenizer,
         "cells": tokens.n_cells,
         "seconds": seconds,
@@ -181,6 +204,93 @@ def measure(args: argparse.Namespace) -> dict:
         "cells_per_s": tokens.n_cells / seconds,
         "cells_per_cpu_s": tokens.n_cells / cpu,
         "tokens_per_cell": float(tokens.lengths.mean()),
+        "baseline_mib": baseline,
+        "peak_main_mib": own,
+        "peak_worker_mib": children,
+    }
+
+
+def geneformer_tokenizer_class(source: str, dictionaries: Path):
+    """Geneformer's ``TranscriptomeTokenizer`` from ``<source>/geneformer/tokenizer.py`` alone.
+
+    The package's ``__init__`` imports its classifier, perturber and trainer (torch, ray, plotting
+    libraries) which tokenizing does not use, so a bare package module stands in for it, holding
+    the three dictionary paths ``tokenizer.py`` imports from it.
+    """
+    import importlib
+    import types
+
+    folder = Path(source).expanduser().resolve() / "geneformer"
+    if not (folder / "tokenizer.py").exists():
+        raise FileNotFoundError(
+            f"{folder / 'tokenizer.py'} does not exist: GENEFORMER_SRC must be the folder that holds "
+            f"Geneformer's 'geneformer' package (a clone of its repository)."
+        )
+    files = geneformer_dictionary_files(dictionaries)
+    package = types.ModuleType("geneformer")
+    package.__path__ = [str(folder)]
+    package.GENE_MEDIAN_FILE = files["gene_median_dictionary"]
+    package.TOKEN_DICTIONARY_FILE = files["token_dictionary"]
+    package.ENSEMBL_MAPPING_FILE = files.get("ensembl_mapping_dict")
+    sys.modules["geneformer"] = package
+    return importlib.import_module("geneformer.tokenizer").TranscriptomeTokenizer, files
+
+
+def geneformer_dictionary_files(dictionaries: Path) -> dict[str, Path]:
+    """Geneformer's pickled dictionaries by kind (``token_dictionary_gc95M.pkl`` -> ``token_dictionary``)."""
+    files = {p.stem.split("_gc")[0]: p for p in dictionaries.glob("*.pkl")}
+    missing = {"token_dictionary", "gene_median_dictionary"} - set(files)
+    if missing:
+        raise FileNotFoundError(
+            f"{dictionaries} lacks Geneformer's pickled {' and '.join(sorted(missing))}: its tokenizer reads "
+            f"only .pkl dictionaries (../shared/data/geneformer/v2 has them)."
+        )
+    return files
+
+
+def measure_geneformer(args: argparse.Namespace) -> dict:
+    """Geneformer's ``tokenize_data``: a folder holding the h5ad -> a ``.dataset`` on disk."""
+    import inspect
+
+    try:
+        tokenizer_class, files = geneformer_tokenizer_class(args.geneformer, Path(args.dictionaries))
+    except ModuleNotFoundError as missing:
+        raise SystemExit(
+            f"Geneformer's tokenizer imports '{missing.name}', which is not installed here "
+            f"(pip install {missing.name})."
+        ) from None
+    if "model_version" not in inspect.signature(tokenizer_class).parameters:
+        raise SystemExit(
+            "This Geneformer tokenizer predates the V2 models (no 'model_version' argument); point "
+            "GENEFORMER_SRC at a checkout from September 2024 or later."
+        )
+    tokenizer = tokenizer_class(
+        {"donor": "donor"},
+        nproc=args.geneformer_nproc,
+        model_version="V2",
+        gene_median_file=files["gene_median_dictionary"],
+        token_dictionary_file=files["token_dictionary"],
+        gene_mapping_file=files.get("ensembl_mapping_dict"),
+    )
+    folder = Path(args.out) / "input"
+    folder.mkdir()
+    (folder / "cells.h5ad").symlink_to(Path(args.path).resolve())
+    baseline, _ = peak_mib()
+    cpu_started, started = cpu_seconds(), time.perf_counter()
+    tokenizer.tokenize_data(folder, args.out, "geneformer", file_format="h5ad")
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    own, children = peak_mib()
+    import datasets
+
+    written = datasets.load_from_disk(str(Path(args.out) / "geneformer.dataset"))
+    return {
+        "tokenizer": "Geneformer tokenize_data",
+        "cells": written.num_rows,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "cells_per_s": written.num_rows / seconds,
+        "cells_per_cpu_s": written.num_rows / cpu,
+        "tokens_per_cell": float(np.mean(written.data.column("length").to_numpy())),
         "baseline_mib": baseline,
         "peak_main_mib": own,
         "peak_worker_mib": children,
@@ -195,30 +305,38 @@ def run_measurement(
     chunk_size: int,
     limit: int | None,
     scratch: Path,
+    extra: list[str] = (),
+    keep_output: bool = False,
 ) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"{tokenizer}-", dir=scratch))
-    command = [
-        sys.executable,
-        __file__,
-        "--worker",
-        "--path",
-        str(path),
-        "--dictionaries",
-        str(dictionaries),
-        "--tokenizer",
-        tokenizer,
-        "--workers",
-        str(workers),
-        "--chunk-size",
-        str(chunk_size),
-        "--out",
-        str(out),
-    ] + (["--limit", str(limit)] if limit else [])
+    command = (
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--path",
+            str(path),
+            "--dictionaries",
+            str(dictionaries),
+            "--tokenizer",
+            tokenizer,
+            "--workers",
+            str(workers),
+            "--chunk-size",
+            str(chunk_size),
+            "--out",
+            str(out),
+        ]
+        + (["--limit", str(limit)] if limit else [])
+        + list(extra)
+    )
     result = subprocess.run(command, capture_output=True, text=True, check=False)
-    subprocess.run(["rm", "-rf", str(out)], check=False)
+    if not keep_output:
+        subprocess.run(["rm", "-rf", str(out)], check=False)
     if result.returncode != 0:
-        raise SystemExit(f"{tokenizer} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        who = "Geneformer" if "--geneformer" in extra else tokenizer
+        raise SystemExit(f"{who} failed:\n{result.stderr.strip()[-3000:]}")
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "out": str(out)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,33 +427,134 @@ def agreement(ours, theirs, counts, genes, loaded) -> tuple[int, int]:
     return identical, equal_outside_ties
 
 
-def run_geneformer(source: str, path: Path, n_cells: int, dictionaries: Path, scratch: Path):
-    """Geneformer's own tokenizer on the first ``n_cells`` cells (needs loompy and datasets)."""
+def read_dataset_tokens(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(offsets, flat input_ids, donor column) of a ``datasets`` folder, without Python lists."""
+    import datasets
+
+    table = datasets.load_from_disk(str(path)).data.table
+    ids = table.column("input_ids").combine_chunks()
+    offsets = np.asarray(ids.offsets, dtype=np.int64)
+    flat = ids.values.to_numpy()
+    if offsets[0] != 0:  # a sliced array: rebase
+        flat, offsets = flat[offsets[0] : offsets[-1]], offsets - offsets[0]
+    return offsets, flat, [str(d) for d in table.column("donor").to_pylist()]
+
+
+def compare_with_geneformer(
+    source: str, path: Path, dictionaries: Path, args: argparse.Namespace, scratch: Path
+) -> None:
+    """Geneformer's ``tokenize_data`` and grnx ``rank_value`` + ``.dataset`` export, same h5ad, same
+    number of processes; prints both, the speed ratio, and how far the two ``.dataset`` agree."""
     import anndata as ad
 
-    sys.path.insert(0, source)
-    from geneformer import TranscriptomeTokenizer  # type: ignore[import-not-found]
-
-    subset = ad.read_h5ad(path, backed="r")[:n_cells].to_memory()
-    subset.var["ensembl_id"] = subset.var_names
-    subset.obs["n_counts"] = np.asarray(subset.X.sum(axis=1)).ravel()
-    folder = scratch / "geneformer_input"
-    folder.mkdir(exist_ok=True)
-    subset.write_h5ad(folder / "cells.h5ad")
-    files = {p.stem.split("_gc")[0]: p for p in dictionaries.glob("*.pkl")}
-    tokenizer = TranscriptomeTokenizer(
-        nproc=1,
-        model_version="V2",
-        gene_median_file=files["gene_median_dictionary"],
-        token_dictionary_file=files["token_dictionary"],
-        gene_mapping_file=files.get("ensembl_mapping_dict"),
+    if not (Path(source).expanduser() / "geneformer" / "tokenizer.py").exists():
+        print(
+            f"\nGeneformer's own tokenizer: not run: GENEFORMER_SRC={source} has no geneformer/tokenizer.py "
+            f"(it must be the folder holding Geneformer's 'geneformer' package, a clone of its repository)."
+        )
+        return
+    backed = ad.read_h5ad(path, backed="r")
+    n_cells = backed.n_obs
+    cells = min(args.geneformer_cells or n_cells, n_cells)
+    if cells < n_cells:
+        subset_path = scratch / f"first_{cells}_{path.name}"
+        if not subset_path.exists():
+            backed[:cells].to_memory().write_h5ad(subset_path)
+        path = subset_path
+    backed.file.close()
+    print(
+        f"\nGeneformer's own tokenizer (GENEFORMER_SRC={source}) against grnx, {cells:,} cells, "
+        f"grnx with {args.workers} worker process(es), Geneformer with nproc={args.geneformer_nproc}:"
     )
-    started = time.perf_counter()
-    result = tokenizer.tokenize_anndata(folder / "cells.h5ad")
-    seconds = time.perf_counter() - started
-    cells = result[0]
-    cls, eos = tokenizer.gene_token_dict["<cls>"], tokenizer.gene_token_dict["<eos>"]
-    return [np.concatenate([[cls], c[:4094], [eos]]) for c in cells], seconds
+    ours = run_measurement(
+        path,
+        dictionaries,
+        "rank_value",
+        args.workers,
+        args.chunk_size,
+        None,
+        scratch,
+        extra=["--dataset"],
+        keep_output=True,
+    )
+    try:
+        theirs = run_measurement(
+            path,
+            dictionaries,
+            "rank_value",
+            args.workers,
+            args.chunk_size,
+            None,
+            scratch,
+            extra=["--geneformer", source, "--geneformer-nproc", str(args.geneformer_nproc)],
+            keep_output=True,
+        )
+    except SystemExit as error:  # report, do not hide, a Geneformer that does not run
+        print(f"  {error}")
+        subprocess.run(["rm", "-rf", ours["out"]], check=False)
+        return
+    n = theirs["cells"]
+    lines = (
+        ("Geneformer tokenize_data", "h5ad -> .dataset", theirs["seconds"], theirs["cpu_seconds"]),
+        ("grnx rank_value", "h5ad -> grnx tokens", ours["seconds"], ours["cpu_seconds"]),
+        (
+            "grnx rank_value + export",
+            "h5ad -> .dataset",
+            ours["dataset_seconds"],
+            ours["dataset_cpu_seconds"],
+        ),
+    )
+    print(f"  {'':<26}{'output':<21}{'wall s':>8}{'cells/s':>9}{'CPU s':>8}{'grnx faster':>13}")
+    for label, output, seconds, cpu in lines:
+        ratio = "" if label.startswith("Geneformer") else f"{theirs['seconds'] / seconds:.1f}x"
+        print(f"  {label:<26}{output:<21}{seconds:>8.1f}{n / seconds:>9,.0f}{cpu:>8.1f}{ratio:>13}")
+    print(
+        f"  peak memory: Geneformer {theirs['peak_main_mib']:,.0f} MiB (child processes "
+        f"{theirs['peak_worker_mib']:,.0f}); grnx {ours['peak_main_mib']:,.0f} MiB (workers "
+        f"{ours['peak_worker_mib']:,.0f})"
+    )
+    ratio = theirs["seconds"] / ours["seconds"]
+    print(
+        f"  target (grnx >= 20x Geneformer's tokenizer, each writing its own output): "
+        f"{'met' if ratio >= 20 else 'NOT met'} at {ratio:.1f}x"
+    )
+
+    our_offsets, our_ids, our_donors = read_dataset_tokens(Path(ours["out"]) / "grnx.dataset")
+    their_offsets, their_ids, their_donors = read_dataset_tokens(Path(theirs["out"]) / "geneformer.dataset")
+    if len(our_offsets) != len(their_offsets):
+        print(
+            f"  outputs DISAGREE: {len(our_offsets) - 1:,} cells from grnx, {len(their_offsets) - 1:,} from Geneformer"
+        )
+    else:
+        differing = [
+            i
+            for i in range(len(our_offsets) - 1)
+            if not np.array_equal(
+                our_ids[our_offsets[i] : our_offsets[i + 1]],
+                their_ids[their_offsets[i] : their_offsets[i + 1]],
+            )
+        ]
+        outside = 0
+        if differing:
+            _, loaded, _, genes = load_reference_inputs(path, dictionaries, 0)
+            backed = ad.read_h5ad(path, backed="r")
+            counts = backed.X[np.asarray(differing)]
+            backed.file.close()
+            _, outside = agreement(
+                [our_ids[our_offsets[i] : our_offsets[i + 1]] for i in differing],
+                [their_ids[their_offsets[i] : their_offsets[i + 1]] for i in differing],
+                counts,
+                genes,
+                loaded,
+            )
+        n = len(our_offsets) - 1
+        print(
+            f"  outputs: cells identical {n - len(differing):,}/{n:,}, equal outside tied values "
+            f"{n - len(differing) + outside:,}/{n:,}; donor column "
+            f"{'identical' if our_donors == their_donors else 'DIFFERS'}"
+        )
+    for row in (ours, theirs):
+        subprocess.run(["rm", "-rf", row["out"]], check=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +575,12 @@ def main() -> None:
     parser.add_argument("--tokenizers", nargs="*", default=list(TOKENIZERS), choices=TOKENIZERS)
     parser.add_argument("--reference-cells", type=int, default=2_000)
     parser.add_argument(
+        "--geneformer-cells",
+        type=int,
+        default=None,
+        help="cells for the GENEFORMER_SRC comparison (default: all; Geneformer holds them all in memory)",
+    )
+    parser.add_argument(
         "--scratch", default=None, help="folder for the h5ad and outputs (default: a temp dir)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the generated h5ad for the next run")
@@ -366,9 +591,19 @@ def main() -> None:
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--geneformer-nproc",
+        type=int,
+        default=1,
+        help="Geneformer's nproc (its datasets.map processes; its ranking loop is single-threaded "
+        "either way). 2 fails at 200k cells on a 24 GiB machine: each map worker gets a pickled copy "
+        "of the in-memory dataset",
+    )
+    parser.add_argument("--dataset", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--geneformer", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(args)))
+        print(json.dumps(measure_geneformer(args) if args.geneformer else measure(args)))
         return
 
     n_cells = 20_000 if args.quick else args.cells
@@ -377,7 +612,7 @@ def main() -> None:
     genes, dictionaries = dictionary_genes(
         DEFAULT_DICTIONARIES if DEFAULT_DICTIONARIES.exists() else None, args.genes, scratch / "dictionaries"
     )
-    path = scratch / f"counts_{n_cells}x{len(genes)}_{args.nnz}.h5ad"
+    path = scratch / f"cells_{n_cells}x{len(genes)}_{args.nnz}.h5ad"
     if not path.exists():
         started = time.perf_counter()
         write_counts_h5ad(path, genes, n_cells, args.nnz)
@@ -448,24 +683,13 @@ def main() -> None:
                 f"{grnx_rate / rate:>6.1f}x   cells identical {identical}/{len(ours)}, "
                 f"equal outside ties {outside}/{len(ours)}"
             )
-        source = os.environ.get("GENEFORMER_SRC")
-        if source:
-            try:
-                theirs, seconds = run_geneformer(source, path, args.reference_cells, dictionaries, scratch)
-            except Exception as error:  # report, do not hide, a broken Geneformer install
-                print(f"  Geneformer from GENEFORMER_SRC={source} failed: {type(error).__name__}: {error}")
-            else:
-                rate = args.reference_cells / seconds
-                identical, outside = agreement(ours, theirs, counts, gene_ids, loaded)
-                print(
-                    f"  {'Geneformer TranscriptomeTokenizer':<30} {rate:>9,.0f} cells/s   grnx / Geneformer: "
-                    f"{grnx_rate / rate:>6.1f}x   cells identical {identical}/{len(ours)}, "
-                    f"equal outside ties {outside}/{len(ours)}"
-                )
-        else:
-            print(
-                "  Geneformer's own tokenizer: not run (set GENEFORMER_SRC to a Geneformer source checkout)."
-            )
+    source = os.environ.get("GENEFORMER_SRC")
+    if "rank_value" in args.tokenizers and source:
+        compare_with_geneformer(source, path, dictionaries, args, scratch)
+    elif "rank_value" in args.tokenizers:
+        print(
+            "\nGeneformer's own tokenizer: not run (set GENEFORMER_SRC to a clone of Geneformer's repository)."
+        )
     if not args.keep and args.scratch is None:
         subprocess.run(["rm", "-rf", str(scratch)], check=False)
 

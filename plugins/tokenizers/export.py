@@ -165,8 +165,9 @@ def to_geneformer_dataset(
 def _fingerprint(tokens: TokenizedCells, names: list[str]) -> str:
     """A content hash in the 16-hex-digit form ``datasets`` uses for fingerprints."""
     digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(tokens.offsets).tobytes())
-    digest.update(np.ascontiguousarray(tokens.input_ids).tobytes())
+    # Hashed through the buffer protocol: no copy of the (possibly memory-mapped) ids.
+    digest.update(np.ascontiguousarray(tokens.offsets))
+    digest.update(np.ascontiguousarray(tokens.input_ids))
     digest.update("\0".join(names).encode())
     digest.update("\0".join(map(str, tokens.obs.index)).encode())
     return digest.hexdigest()[:16]

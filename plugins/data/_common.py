@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from pydantic import Field
 
+from grnx_core import ComponentParams
 from grnx_core.errors import DataError
 
 if TYPE_CHECKING:
@@ -190,6 +192,24 @@ def join_cell_metadata(
             joined[column] = joined[column].astype("category")
     keep = found if unmatched == "drop" else np.ones(len(obs), dtype=bool)
     return joined, keep
+
+
+class CellMetadataParams(ComponentParams):
+    """The params of a source that joins an optional per-cell table (see :func:`attach_cell_metadata`)."""
+
+    metadata: str | None = Field(
+        None, description="optional per-cell table (CSV/TSV) joined on the cell names (ids, barcodes)"
+    )
+    metadata_cell_column: str | None = Field(
+        None, description="column of the metadata table holding the cell names; the first column when None"
+    )
+    unmatched: Literal["error", "drop", "keep"] = Field(
+        "error", description="cells without a metadata row: error, drop them, or keep with empty metadata"
+    )
+    required_obs: list[str] = Field(
+        default_factory=list,
+        description="obs columns that must exist after the metadata join (label, donor, ...); checked at load",
+    )
 
 
 def attach_cell_metadata(

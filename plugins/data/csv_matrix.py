@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from grnx_core import ComponentParams, DataSource
+from grnx_core import DataSource
 from grnx_core.errors import DataError
 from grnx_plugins.data._common import (
+    CellMetadataParams,
     attach_cell_metadata,
     existing_path,
     is_count_matrix,
@@ -38,7 +39,7 @@ class CsvMatrix(DataSource):
     description = "Dense CSV/TSV expression table, genes x cells (BEELINE) or cells x genes, plus metadata."
     reference = "https://doi.org/10.1038/s41592-019-0690-6"
 
-    class Params(ComponentParams):
+    class Params(CellMetadataParams):
         path: str = Field(description="CSV/TSV file (optionally .gz); the first column holds row names")
         orientation: Literal["genes_x_cells", "cells_x_genes"] = Field(
             "genes_x_cells", description="genes_x_cells: one row per gene (BEELINE); cells_x_genes: one row per cell"
@@ -46,16 +47,6 @@ class CsvMatrix(DataSource):
         sep: str | None = Field(None, description="column separator; from the file suffix when None (.tsv: tab)")
         values: Literal["auto", "counts", "normalized"] = Field(
             "auto", description="counts: raw integers (checked); normalized: kept as given; auto: decide from values"
-        )
-        metadata: str | None = Field(None, description="optional per-cell table (CSV/TSV) joined on cell name")
-        metadata_cell_column: str | None = Field(
-            None, description="column of the metadata table holding cell names; the first column when None"
-        )
-        unmatched: Literal["error", "drop", "keep"] = Field(
-            "error", description="cells without a metadata row: error, drop them, or keep with empty metadata"
-        )
-        required_obs: list[str] = Field(
-            default_factory=list, description="obs columns that must exist after the join; checked at load"
         )
 
     def input_files(self) -> list[Path]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from grnx_core import ComponentParams, DataSource
+from grnx_core import DataSource
 from grnx_core.errors import DataError
 from grnx_plugins.data._common import (
+    CellMetadataParams,
     attach_cell_metadata,
     describe_non_counts,
     existing_path,
@@ -40,7 +41,7 @@ class H5ad(DataSource):
     description = "AnnData .h5ad file with raw counts in X, raw or a layer; optionally backed on disk."
     reference = "https://doi.org/10.21105/joss.04371"
 
-    class Params(ComponentParams):
+    class Params(CellMetadataParams):
         path: str = Field(description="path to the .h5ad file (relative to where grnx runs)")
         backed: bool = Field(
             False, description="open read-only backed on disk instead of loading X into memory"
@@ -54,14 +55,6 @@ class H5ad(DataSource):
         )
         rename_obs: dict[str, str] = Field(
             default_factory=dict, description="obs columns to rename, old name -> new name"
-        )
-        metadata: str | None = Field(None, description="optional per-cell table (CSV/TSV) joined on cell id")
-        metadata_cell_column: str | None = Field(
-            None, description="column of the metadata table holding cell ids; the first column when None"
-        )
-        unmatched: Literal["error", "drop", "keep"] = Field(
-            "error",
-            description="cells without a metadata row: error, drop them, or keep with empty metadata",
         )
 
     def input_files(self) -> list[Path]:

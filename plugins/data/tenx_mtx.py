@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Literal
 import pandas as pd
 from pydantic import Field
 
-from grnx_core import ComponentParams, DataSource
+from grnx_core import DataSource
 from grnx_core.errors import DataError
 from grnx_plugins.data._common import (
+    CellMetadataParams,
     attach_cell_metadata,
     existing_path,
     record_source,
@@ -109,7 +110,7 @@ class TenxMtx(DataSource):
     description = "10x Genomics Matrix Market folder (matrix.mtx + genes/features + barcodes), plus metadata."
     reference = "https://www.10xgenomics.com/support/software/cell-ranger/latest/analysis/outputs/cr-outputs-mex-matrices"
 
-    class Params(ComponentParams):
+    class Params(CellMetadataParams):
         path: str = Field(description="folder holding the matrix, features and barcodes files")
         matrix: str | None = Field(None, description="matrix file name inside path; matrix.mtx(.gz) when None")
         features: str | None = Field(
@@ -121,16 +122,6 @@ class TenxMtx(DataSource):
         )
         feature_type: str | None = Field(
             "Gene Expression", description="keep only this feature type when the file lists types"
-        )
-        metadata: str | None = Field(None, description="optional per-cell table (CSV/TSV) joined on barcode")
-        metadata_cell_column: str | None = Field(
-            None, description="column of the metadata table holding barcodes; the first column when None"
-        )
-        unmatched: Literal["error", "drop", "keep"] = Field(
-            "error", description="cells without a metadata row: error, drop them, or keep with empty metadata"
-        )
-        required_obs: list[str] = Field(
-            default_factory=list, description="obs columns that must exist after the join; checked at load"
         )
 
     def input_files(self) -> list[Path]:

@@ -36,6 +36,11 @@ def require_in_memory(adata: anndata.AnnData, who: str) -> None:
         )
 
 
+def require_neighbour_graph(adata: anndata.AnnData, who: str) -> None:
+    if "connectivities" not in adata.obsp:
+        raise DataError(f"preprocessor {who!r} needs the neighbour graph; add the 'neighbors' step before it.")
+
+
 def keep_counts(adata: anndata.AnnData) -> None:
     """Before a step changes ``X``: keep ``X`` in ``layers["counts"]`` if it still holds raw counts.
 

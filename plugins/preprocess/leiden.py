@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from grnx_core import ComponentParams, Preprocessor
-from grnx_core.errors import DataError
-from grnx_plugins.preprocess._common import require_in_memory, umap_figures
+from grnx_plugins.preprocess._common import require_in_memory, require_neighbour_graph, umap_figures
 
 if TYPE_CHECKING:
     import anndata
@@ -42,8 +41,7 @@ class Leiden(Preprocessor):
         import scanpy as sc
 
         require_in_memory(adata, self.name)
-        if "connectivities" not in adata.obsp:
-            raise DataError("preprocessor 'leiden' needs the neighbour graph; add the 'neighbors' step before it.")
+        require_neighbour_graph(adata, self.name)
         extra = {"directed": False} if self.flavor == "igraph" else {}
         sc.tl.leiden(
             adata, resolution=self.resolution, key_added=self.key_added, flavor=self.flavor,

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from grnx_core import ComponentParams, Preprocessor
-from grnx_core.errors import DataError
-from grnx_plugins.preprocess._common import require_in_memory, umap_figures
+from grnx_plugins.preprocess._common import require_in_memory, require_neighbour_graph, umap_figures
 
 if TYPE_CHECKING:
     import anndata
@@ -36,8 +35,7 @@ class Umap(Preprocessor):
         import scanpy as sc
 
         require_in_memory(adata, self.name)
-        if "connectivities" not in adata.obsp:
-            raise DataError("preprocessor 'umap' needs the neighbour graph; add the 'neighbors' step before it.")
+        require_neighbour_graph(adata, self.name)
         sc.tl.umap(adata, min_dist=self.min_dist, spread=self.spread, random_state=self.seed)
         return adata
 

@@ -106,7 +106,9 @@ def _type_name(annotation: Any) -> str:
 
 def _describe_params(cls: Any) -> list[str]:
     lines = []
-    for name, info in cls.Params.model_fields.items():
+    fields = cls.Params.model_fields.items()
+    # Required params first: inherited params (shared mixins) would otherwise lead the list.
+    for name, info in sorted(fields, key=lambda item: not item[1].is_required()):
         default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
         annotation = _type_name(info.annotation)
         lines.append(f"      {name} ({annotation}, {default}): {info.description or ''}".rstrip(": "))

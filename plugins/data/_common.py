@@ -194,6 +194,43 @@ def join_cell_metadata(
     return joined, keep
 
 
+def carry_annotation(
+    obs: pd.DataFrame,
+    path: str,
+    cell_column: str | None,
+    columns: Sequence[str] | None,
+    who: str,
+    hint: str,
+) -> tuple[np.ndarray, int]:
+    """Copy ``columns`` (all when None) of a partial per-cell annotation table into ``obs``, in place.
+
+    Unlike :func:`join_cell_metadata`, cells the table does not list are expected (they get missing
+    values) and the table's columns replace obs columns of the same name. Text columns become
+    categorical. Returns the mask of listed cells and the number of table rows naming no cell;
+    ``hint`` ends the error raised when no cell is listed.
+    """
+    table = read_table(path, who, what="annotation table")
+    cell_column = cell_column or table.columns[0]
+    require_columns(table, [cell_column, *(columns or [])], who, f"annotation table {path!r}")
+    ids = table[cell_column].astype(str)
+    if ids.duplicated().any():
+        raise DataError(
+            f"{who}: annotation table lists cell(s) {', '.join(ids[ids.duplicated()].unique()[:3])} "
+            f"more than once in {cell_column!r}."
+        )
+    table = table.set_index(ids).drop(columns=[cell_column])
+    listed = obs.index.isin(table.index)
+    if not listed.any():
+        raise DataError(
+            f"{who}: none of the {len(obs)} cells is in the annotation table {path!r} (cells look "
+            f"like {', '.join(map(str, obs.index[:3]))}; the table has {', '.join(table.index[:3])}). {hint}"
+        )
+    for column in columns or list(table.columns):
+        values = table[column].reindex(obs.index)
+        obs[column] = pd.Categorical(values) if values.dtype == object else values.to_numpy()
+    return listed, int((~table.index.isin(obs.index)).sum())
+
+
 class CellMetadataParams(ComponentParams):
     """The params of a source that joins an optional per-cell table (see :func:`attach_cell_metadata`)."""
 

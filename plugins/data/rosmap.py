@@ -21,6 +21,7 @@ from pydantic import Field
 from grnx_core import ComponentParams, DataSource
 from grnx_core.errors import DataError
 from grnx_plugins.data._common import (
+    carry_annotation,
     describe_non_counts,
     existing_path,
     is_count_matrix,
@@ -258,27 +259,12 @@ class Rosmap(DataSource):
 
         # partial cell-type annotation
         if self.annotation_table:
-            table = read_table(self.annotation_table, who, what="annotation table")
-            cell_column = self.annotation_cell_column or table.columns[0]
-            require_columns(table, [cell_column, *(self.annotation_columns or [])], who,
-                            f"annotation table {self.annotation_table!r}")
-            columns = self.annotation_columns or [c for c in table.columns if c != cell_column]
-            table = table.assign(**{cell_column: table[cell_column].astype(str)})
-            if table[cell_column].duplicated().any():
-                raise DataError(f"{who}: annotation table lists some cells twice in {cell_column!r}.")
-            table = table.set_index(cell_column)
-            annotated = obs.index.isin(table.index)
-            if not annotated.any():
-                raise DataError(
-                    f"{who}: no cell id matches the annotation table {self.annotation_table!r} (data cells "
-                    f"look like {', '.join(obs.index[:3])}; the table has {', '.join(table.index[:3])}). "
-                    f"Fix cell_id_format or annotation_cell_column."
-                )
-            for column in columns:
-                values = table[column].reindex(obs.index)
-                obs[column] = pd.Categorical(values) if values.dtype == object else values.to_numpy()
+            annotated, n_unlisted = carry_annotation(
+                obs, self.annotation_table, self.annotation_cell_column, self.annotation_columns, who,
+                "Fix cell_id_format or annotation_cell_column.",
+            )
             report["n_cells_annotated"] = int(annotated[keep].sum())
-            report["n_annotation_rows_without_cell"] = int((~table.index.isin(obs.index)).sum())
+            report["n_annotation_rows_without_cell"] = n_unlisted
         adata.obs = obs
         if not keep.all():
             adata = adata[keep].copy()

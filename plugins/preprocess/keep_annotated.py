@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from pydantic import Field
 
 from grnx_core import ComponentParams, Preprocessor
 from grnx_core.errors import DataError
-from grnx_plugins.data._common import read_table, require_columns
+from grnx_plugins.data._common import carry_annotation
 from grnx_plugins.preprocess._common import obs_subset, require_obs
 
 if TYPE_CHECKING:
@@ -45,29 +44,11 @@ class KeepAnnotated(Preprocessor):
         keep = np.ones(adata.n_obs, dtype=bool)
         summary: dict[str, int] = {"n_cells_in": int(adata.n_obs)}
         if self.table is not None:
-            table = read_table(self.table, who, what="annotation table")
-            cell_column = self.cell_column or table.columns[0]
-            require_columns(table, [cell_column, *(self.columns or [])], who, f"annotation table {self.table!r}")
-            ids = table[cell_column].astype(str)
-            if ids.duplicated().any():
-                raise DataError(
-                    f"{who}: annotation table lists cell(s) {', '.join(ids[ids.duplicated()].unique()[:3])} "
-                    f"more than once in {cell_column!r}."
-                )
-            table = table.set_index(ids).drop(columns=[cell_column])
-            columns = self.columns or list(table.columns)
-            listed = adata.obs_names.isin(table.index)
-            if not listed.any():
-                raise DataError(
-                    f"{who}: none of the {adata.n_obs} cells is in the annotation table {self.table!r} (cells look "
-                    f"like {', '.join(adata.obs_names[:3])}; the table has {', '.join(table.index[:3])}). "
-                    f"Fix cell_column or the cell ids."
-                )
-            for column in columns:
-                values = table[column].reindex(adata.obs_names)
-                adata.obs[column] = pd.Categorical(values) if values.dtype == object else values.to_numpy()
+            listed, n_unlisted = carry_annotation(
+                adata.obs, self.table, self.cell_column, self.columns, who, "Fix cell_column or the cell ids."
+            )
             keep &= listed
-            summary["n_table_rows_without_cell"] = int((~table.index.isin(adata.obs_names)).sum())
+            summary["n_table_rows_without_cell"] = n_unlisted
         if self.key is not None:
             values = require_obs(adata, self.key, self.name, "key")
             keep &= values.notna().to_numpy()

@@ -166,6 +166,86 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    import difflib
+    from datetime import datetime, timezone
+
+    from grnx_core.cache import Cache, format_duration, format_size, parse_duration
+
+    cache_dir = getattr(args, "cache_dir", None)
+    cache = Cache(Path(cache_dir).expanduser() if cache_dir else None)
+    root = cache.root.absolute()
+    now = datetime.now(timezone.utc)
+
+    def when(moment: datetime) -> str:
+        age = now - moment
+        ago = "just now" if age.total_seconds() < 60 else f"{format_duration(age)} ago"
+        return f"{moment.astimezone():%Y-%m-%d %H:%M} ({ago})"
+
+    def entries(count: int) -> str:
+        return f"{count} entr{'y' if count == 1 else 'ies'}"
+
+    if args.cache_command == "info":
+        summary = list(cache.info().values())
+        print(f"cache: {root}")
+        if not summary:
+            print("no entries")
+            return 0
+        header = ("stage", "entries", "size", "last used", "least recently used")
+        rows = [
+            (s.stage, str(s.n_entries), format_size(s.n_bytes), when(s.newest_use), when(s.oldest_use))
+            for s in summary
+        ]
+        rows.append((
+            "total", str(sum(s.n_entries for s in summary)), format_size(sum(s.n_bytes for s in summary)),
+            when(max(s.newest_use for s in summary)), when(min(s.oldest_use for s in summary)),
+        ))
+        widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+        for row in [header, *rows]:
+            # Counts and sizes right-aligned, so their magnitudes line up.
+            cells = [cell.rjust(width) if column in (1, 2) else cell.ljust(width)
+                     for column, (cell, width) in enumerate(zip(row, widths))]
+            print("  ".join(cells).rstrip())
+        return 0
+
+    older_than = None
+    if args.older_than is not None:
+        try:
+            older_than = parse_duration(args.older_than)
+        except GrnxError as error:
+            raise GrnxError(f"--older-than: {error}") from None
+    if args.stage is not None:
+        stages = cache.stages()
+        close = difflib.get_close_matches(args.stage, stages, n=1)
+        if args.stage.replace(":", "_") not in stages and close:
+            raise GrnxError(
+                f"no stage {args.stage!r} in the cache at {root}. Did you mean {close[0]!r}? "
+                f"Stages there: {', '.join(stages)}."
+            )
+    if not args.yes and not sys.stdin.isatty():
+        raise GrnxError("grnx cache clear asks before removing anything, but stdin is not a terminal; "
+                        "pass --yes to remove without asking.")
+    scope = "".join([
+        f"of stage {args.stage} " if args.stage is not None else "",
+        f"not used for {args.older_than} " if older_than is not None else "",
+    ])
+    n_entries, n_bytes = cache.clear(older_than, args.stage, dry_run=True)
+    if n_entries == 0:
+        print(f"nothing to remove {scope}in {root}")
+        return 0
+    if not args.yes:
+        try:
+            answer = input(f"remove {entries(n_entries)} ({format_size(n_bytes)}) {scope}from {root}? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in {"y", "yes"}:
+            print("nothing removed")
+            return 0
+    n_entries, n_bytes = cache.clear(older_than, args.stage)
+    print(f"removed {entries(n_entries)} ({format_size(n_bytes)}) {scope}from {root}")
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 
@@ -210,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--tracking-uri", default=None)
     ui.set_defaults(handler=cmd_ui)
+
+    # --cache-dir is accepted before or after the action, like --debug.
+    cache_dir = argparse.ArgumentParser(add_help=False)
+    cache_dir.add_argument("--cache-dir", default=argparse.SUPPRESS, metavar="DIR",
+                           help="cache folder (default: GRNX_CACHE_DIR or ~/.cache/grnx)")
+    cache = commands.add_parser("cache", parents=[common, cache_dir], help="inspect or clear the cache of finished steps")
+    cache_actions = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    cache_actions.add_parser("info", parents=[common, cache_dir], help="entries, size and last use per stage")
+    clear = cache_actions.add_parser("clear", parents=[common, cache_dir], help="remove cache entries (asks first)")
+    clear.add_argument("--older-than", metavar="AGE", default=None,
+                       help="only entries not used for AGE, e.g. 7d, 12h or 30m")
+    clear.add_argument("--stage", default=None, help="only entries of this stage, e.g. model or tokenize")
+    clear.add_argument("--yes", "-y", action="store_true", help="remove without asking (needed without a terminal)")
+    cache.set_defaults(handler=cmd_cache)
     return parser
 
 

@@ -13,7 +13,7 @@ import inspect
 from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -49,6 +49,31 @@ class ComponentParams(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
 
 
+#: Data roles a ``Params`` field can default to (see :func:`role_field`).
+ROLES = ("label_key", "donor_key", "batch_key", "cell_type_key")
+
+#: What a stage can hand a component. A component lists what it reads in ``needs``; the recipe
+#: validator reports a need no earlier stage meets, and the executor loads only what is needed (a
+#: fully cached evaluator never reads the expression matrix).
+#: ``model_inputs`` is what the recipe's model reads: ``tokens`` for token models, else ``data``.
+NEEDS = ("data", "cells", "tokens", "tokenizer", "model", "model_inputs", "ground_truth", "interactions")
+
+
+def role_field(role: str, description: str) -> Any:
+    """A ``Params`` field that defaults to the recipe's data role (``data.<role>``) when left None.
+
+    The recipe validator fills it in, so ``grnx show`` and the tracked params carry the real value.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    return Field(None, description=f"{description}; data.{role} when None", json_schema_extra={"grnx_role": role})
+
+
+def seed_field(description: str = "random seed") -> Any:
+    """An optional ``seed`` field: None derives it from the recipe seed and the step's name."""
+    return Field(None, ge=0, le=2**32 - 1, description=f"{description}; derived from the recipe seed when None")
+
+
 class Component:
     """Common base of all component kinds."""
 
@@ -70,7 +95,11 @@ class Component:
 
     @classmethod
     def version(cls) -> str:
-        """Version string recorded with cached outputs; bump it when the results change."""
+        """Version string recorded with cached outputs and tags.
+
+        Cache keys also hold a digest of the component's source (see ``grnx_core.identity``), so
+        an edit invalidates cached outputs without a bump; bump it to mark a change of results.
+        """
         return getattr(cls, "__version__", "1")
 
     def get_params(self) -> dict[str, Any]:
@@ -138,6 +167,25 @@ class Tokenizer(Component):
     def transform(self, adata: anndata.AnnData, obs_columns: list[str] | None = None) -> TokenizedCells:
         raise NotImplementedError
 
+    def save(self, path: Path) -> None:
+        """Write the params and fitted state (attributes ending in ``_``) to the folder ``path``.
+
+        State is stored without pickles: JSON for plain values, ``.npy`` for arrays, lists for
+        pandas indexes. A tokenizer with other fitted state overrides ``save`` and ``load``.
+        """
+        from grnx_core.state import save_state
+
+        save_state(self, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Tokenizer:
+        """The fitted tokenizer that ``save`` wrote."""
+        from grnx_core.state import load_state
+
+        loaded = load_state(cls, path)
+        assert isinstance(loaded, Tokenizer)
+        return loaded
+
 
 class Model(Component):
     """A trainable model. ``fit`` reads tokens (or AnnData) and the train settings from the context."""
@@ -164,9 +212,15 @@ class Model(Component):
 
 
 class Extractor(Component):
-    """Ranks gene pairs from the context (data, sample, model)."""
+    """Ranks gene pairs from the context (data, sample, model).
+
+    ``needs`` lists what ``extract`` reads (names from ``NEEDS``); None means whatever the recipe
+    provides. The cache key of the step chains only the keys of what it needs, so a Pearson
+    extractor is not recomputed when the model changes.
+    """
 
     kind = Kind.EXTRACTOR
+    needs: ClassVar[tuple[str, ...] | None] = None
 
     def extract(self, context: RunContext) -> Interactions:
         raise NotImplementedError
@@ -188,6 +242,10 @@ class Evaluator(Component):
     higher_is_better: ClassVar[dict[str, bool]] = {}
     #: ask the runner for a reference run on all cells when the sampler repeats.
     needs_reference: ClassVar[bool] = False
+    #: what ``evaluate`` reads (names from ``NEEDS``); None means whatever the recipe provides.
+    needs: ClassVar[tuple[str, ...] | None] = None
+    #: the cell set evaluated when the recipe gives no ``cells``; None: the sample, else all cells.
+    default_cells: ClassVar[str | None] = None
 
     @classmethod
     def metric_direction(cls, metric: str) -> bool | None:

@@ -16,15 +16,23 @@ if TYPE_CHECKING:
     import matplotlib.figure
     import pandas as pd
 
-    from grnx_core.components import Model
+    from grnx_core.components import Model, Tokenizer
     from grnx_core.data_types import CellSample, GroundTruth, Interactions, TokenizedCells
     from grnx_core.recipe import Recipe, TrainSettings
 
 
 class RunLogger(Protocol):
-    """What components may log during a run; the tracking module implements it over MLflow."""
+    """What components and the executor may log during a run.
+
+    ``grnx_core.tracking.TrackedRun`` implements it over MLflow, :class:`NullLogger` drops
+    everything, and ``grnx_core.stage_log.RecordingLogger`` records a stage's logging for replay.
+    """
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
 
     def log_figure(self, name: str, figure: matplotlib.figure.Figure) -> None: ...
 
@@ -32,11 +40,22 @@ class RunLogger(Protocol):
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
 
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+
 
 class NullLogger:
     """Logs nothing: for components used outside a tracked run (notebooks, tests)."""
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
     def log_figure(self, name: str, figure: matplotlib.figure.Figure) -> None:
@@ -72,6 +91,8 @@ class RunContext:
     ground_truth: GroundTruth | None = None
     sample: CellSample | None = None
     tokens: TokenizedCells | None = None
+    #: the fitted tokenizer that made ``tokens`` (e.g. to tokenise perturbed cells the same way).
+    tokenizer: Tokenizer | None = None
     model: Model | None = None
     interactions: dict[str, Interactions] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)

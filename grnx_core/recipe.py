@@ -48,19 +48,59 @@ class DataSpec(ComponentSpec):
     cell_type_key: str | None = Field(None, description="obs column with the cell type")
 
 
+#: The cell sets a stage after the sampler can consume (``cells:``).
+CellSet = Literal["all", "train", "test", "sample"]
+
+
 class SamplerSpec(ComponentSpec):
     repeats: int = Field(
         1, ge=1, le=1000,
-        description="run the sampler and every later stage this many times, with seeds seed..seed+k-1, as nested runs",
+        description="draw this many samples, with sampler seeds seed..seed+k-1, each a nested run; "
+        "stages that do not consume the sample (the model) run once",
     )
+    seed: int | None = Field(None, ge=0, description="seed of the sampler's draw; the recipe seed when None")
+    reference: bool = Field(
+        False, description="also run the extractors and evaluators on all cells (the full-data reference run)"
+    )
+
+
+class ModelSpec(ComponentSpec):
+    cells: CellSet = Field("train", description="cells the model trains on: the split's train cells by default")
 
 
 class NamedSpec(ComponentSpec):
     id: str | None = Field(None, description="name of this step's outputs and metrics; defaults to name")
+    cells: CellSet | None = Field(
+        None, description="cells this step reads: the sample when there is a sampler, else all (or the component's default)"
+    )
 
     @property
     def step_id(self) -> str:
         return self.id or self.name
+
+
+class SweepPlot(_Strict):
+    metric: str = Field(description="metric to plot, e.g. eval/nes/attention/nes (the mean over repeats)")
+    x: str = Field(description="swept recipe path on the x axis; one line per value of the other swept paths")
+
+
+class SweepSpec(_Strict):
+    """A grid over recipe paths; every point is a child recipe run as a nested run."""
+
+    grid: dict[str, list[Any]] = Field(description="recipe path -> values, e.g. sampler.params.fraction: [0.01, 0.05]")
+    plot: SweepPlot | None = Field(None, description="a figure of one metric against one swept path")
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if not grid:
+            raise ValueError("the grid needs at least one recipe path")
+        for path, values in grid.items():
+            if not values:
+                raise ValueError(f"{path}: give at least one value")
+            if path in ("sweep", "schema_version") or path.startswith("sweep."):
+                raise ValueError(f"{path} cannot be swept")
+        return grid
 
 
 class TrainSettings(_Strict):
@@ -103,12 +143,13 @@ class Recipe(_Strict):
     preprocess: list[ComponentSpec] = Field(default_factory=list)
     sampler: SamplerSpec | None = None
     tokenizer: ComponentSpec | None = None
-    model: ComponentSpec | None = None
+    model: ModelSpec | None = None
     train: TrainSettings = Field(default_factory=TrainSettings)
     extractors: list[NamedSpec] = Field(default_factory=list)
     evaluators: list[NamedSpec] = Field(default_factory=list)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     cache: bool = Field(True, description="reuse finished steps from the cache")
+    sweep: SweepSpec | None = Field(None, description="a grid of child recipes, each a nested run")
 
     @field_validator("preprocess", "extractors", "evaluators", mode="before")
     @classmethod
@@ -348,10 +389,17 @@ class ResolvedStep:
     spec: ComponentSpec
     component_class: type[Component]
     params: ComponentParams
+    plugin: str = ""
+    plugin_version: str = ""
 
     @property
     def step_id(self) -> str:
         return getattr(self.spec, "step_id", self.spec.name)
+
+    @property
+    def needs(self) -> tuple[str, ...] | None:
+        """What the component reads (see ``grnx_core.components.NEEDS``); None: everything available."""
+        return getattr(self.component_class, "needs", None)
 
     def build(self) -> Component:
         return self.component_class.from_params(self.params)
@@ -364,6 +412,8 @@ class ResolvedRecipe:
     recipe: Recipe
     steps: list[ResolvedStep]
     source: LoadedRecipe | None = None
+    #: the registry the components were looked up in (children of a sweep are validated in it)
+    registry: Any = None
 
     def step(self, section: str) -> ResolvedStep | None:
         return next((s for s in self.steps if s.section == section), None)
@@ -476,6 +526,7 @@ def validate_recipe(loaded: LoadedRecipe, registry: Any) -> ResolvedRecipe:
                 continue
             try:
                 validated = component_class.Params(**params)
+                validated = _fill_run_defaults(validated, data, section, name, index, origins)
             except ValidationError as error:
                 problems.extend(_pydantic_problems(
                     error, path + ".params", origins, component_class.Params,
@@ -488,18 +539,56 @@ def validate_recipe(loaded: LoadedRecipe, registry: Any) -> ResolvedRecipe:
             if recipe is not None:
                 spec = getattr(recipe, section)
                 spec = spec[index] if index is not None else spec
-                steps.append(ResolvedStep(section, path, kind, spec, component_class, validated))
+                steps.append(ResolvedStep(
+                    section, path, kind, spec, component_class, validated, entry.plugin, entry.plugin_version,
+                ))
 
     if recipe is not None:
         problems.extend(_cross_checks(recipe, steps, origins))
     if problems:
         raise RecipeError(problems)
     assert recipe is not None
-    return ResolvedRecipe(recipe=recipe, steps=steps, source=loaded)
+    return ResolvedRecipe(recipe=recipe, steps=steps, source=loaded, registry=registry)
+
+
+def derive_seed(recipe_seed: int, stream: str) -> int:
+    """A seed for one named stream of a run, fixed by the recipe seed (in [0, 2**31))."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{recipe_seed}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") % 2**31
+
+
+def _fill_run_defaults(
+    params: ComponentParams, data: dict[str, Any], section: str, name: str, index: int | None, origins: Origins
+) -> ComponentParams:
+    """Fill a None ``seed`` from the recipe seed and None role fields from the recipe's data roles.
+
+    The stream of a step's seed is its section and name (``preprocess/split``; the k-th repeat of a
+    name gets ``#k``), so inserting another step does not change it.
+    """
+    updates: dict[str, Any] = {}
+    fields = type(params).model_fields
+    if "seed" in fields and params.seed is None:  # type: ignore[attr-defined]
+        recipe_seed = data.get("seed", 0)
+        recipe_seed = recipe_seed if isinstance(recipe_seed, int) and recipe_seed >= 0 else 0
+        stream = f"{section}/{name}"
+        items = data.get(section)
+        if isinstance(items, list) and index is not None:
+            earlier = sum(1 for item in items[:index] if isinstance(item, dict) and item.get("name") == name)
+            stream += f"#{earlier}" if earlier else ""
+        updates["seed"] = derive_seed(recipe_seed, stream)
+    roles = data.get("data") if isinstance(data.get("data"), dict) else {}
+    for field_name, info in fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        role = extra.get("grnx_role")
+        if role and getattr(params, field_name) is None and isinstance(roles.get(role), str):
+            updates[field_name] = roles[role]
+    return params.model_copy(update=updates) if updates else params
 
 
 def _cross_checks(recipe: Recipe, steps: list[ResolvedStep], origins: Origins) -> list[Problem]:
-    """Checks across sections: unique step ids, a tokenizer for token models."""
+    """Checks across sections: unique step ids, a tokenizer for token models, every need met."""
     problems = []
     for section in ("extractors", "evaluators"):
         seen: dict[str, int] = {}
@@ -517,15 +606,58 @@ def _cross_checks(recipe: Recipe, steps: list[ResolvedStep], origins: Origins) -
             "tokenizer", f"model {model.spec.name!r} reads tokenised cells, but the recipe has no tokenizer",
             source=origins.of("model"), hint="Add a 'tokenizer' section (see `grnx plugins tokenizer`).",
         ))
+    problems.extend(_unmet_needs(recipe, steps, origins))
+    return problems
+
+
+def _unmet_needs(recipe: Recipe, steps: list[ResolvedStep], origins: Origins) -> list[Problem]:
+    """A need no stage of the recipe provides, reported before any compute."""
+    provided = {"data", "cells", "ground_truth"}
+    if recipe.model is not None:
+        provided.add("model_inputs")
+    if recipe.tokenizer is not None:
+        provided |= {"tokens", "tokenizer"}
+    if recipe.model is not None:
+        provided.add("model")
+    if recipe.extractors:
+        provided.add("interactions")
+    adds = {
+        "tokens": "a 'tokenizer' section", "tokenizer": "a 'tokenizer' section", "model": "a 'model' section",
+        "interactions": "an extractor ('extractors' list)",
+    }
+    problems = []
+    for step in steps:
+        if step.section not in ("extractors", "evaluators"):
+            continue
+        for need in step.needs or ():
+            if need not in provided:
+                problems.append(Problem(
+                    step.path, f"{step.kind.value} {step.spec.name!r} needs {need}, which no stage of the recipe provides",
+                    source=origins.of(step.path), hint=f"Add {adds.get(need, need)}.",
+                ))
+        cells = getattr(step.spec, "cells", None)
+        if cells == "sample" and recipe.sampler is None:
+            problems.append(Problem(
+                f"{step.path}.cells", "is 'sample', but the recipe has no sampler",
+                source=origins.of(f"{step.path}.cells"), hint="Add a 'sampler' section or use cells: all.",
+            ))
+    if recipe.model is not None and recipe.model.cells == "sample" and recipe.sampler is None:
+        problems.append(Problem(
+            "model.cells", "is 'sample', but the recipe has no sampler",
+            source=origins.of("model.cells"), hint="Add a 'sampler' section or use cells: train.",
+        ))
     return problems
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), registry: Any = None) -> ResolvedRecipe:
     """Load, merge, override and validate a recipe file."""
+    from grnx_core.expansion import expand
     from grnx_core.registry import default_registry
 
     loaded = load_recipe_data(path, overrides)
-    return validate_recipe(loaded, registry or default_registry())
+    resolved = validate_recipe(loaded, registry or default_registry())
+    expand(resolved, resolved.registry)  # every child (sweep point, repeat, reference) must be valid too
+    return resolved
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 The default store is ``sqlite:///<repo>/mlflow/mlflow.db`` with artifacts in ``<repo>/mlflow/artifacts``;
 ``MLFLOW_TRACKING_URI`` overrides it. Metrics and params go out in batches (single calls cost
-~5 ms each on SQLite).
+~5 ms each on SQLite). Runs are tagged with the host and process that own them, so a run left
+RUNNING by a killed process is marked FAILED by the next one (``Tracker.fail_orphaned_runs``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_LENGTH = 6000
+
+#: Tags that say which process owns a run, so a run left RUNNING by a killed process can be found.
+HOST_TAG = "grnx.host"
+PID_TAG = "grnx.pid"
+PROCESS_START_TAG = "grnx.process_start"
+PID_NAMESPACE_TAG = "grnx.pid_namespace"
+#: A process whose start time differs by more than this from the tagged one is another process that
+#: reused the pid. Generous, because the epoch-based start time moves when the system clock is
+#: stepped, and judging a live run dead is worse than finding a dead one a run later.
+PROCESS_START_TOLERANCE_S = 60.0
 
 
 def store_dir() -> Path:
@@ -65,6 +79,85 @@ def _param_value(value: Any) -> str:
     if isinstance(value, (dict, list)):
         return json.dumps(value)
     return str(value)
+
+
+def process_state(pid: int) -> tuple[bool, float | None]:
+    """Whether process ``pid`` of this host is alive (a zombie has ended), and when it started, in
+    seconds since the epoch (None when that cannot be read)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            process = psutil.Process(pid)
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return False, None
+            return True, process.create_time()
+        except psutil.NoSuchProcess:
+            return False, None
+        except psutil.AccessDenied:
+            return True, None
+    try:
+        # Field 22 of /proc/<pid>/stat is the start in clock ticks after boot, as psutil reads it;
+        # the name (field 2) may hold spaces and parentheses, so fields are counted after its ")".
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        state, ticks = fields[0], int(fields[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        if state in ("Z", "X"):
+            return False, None
+        return True, boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):  # gone, or no /proc (macOS without psutil)
+        return _pid_exists(pid), None
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _pid_namespace() -> str | None:
+    """Containers on one host name can have separate pid spaces; their runs cannot be judged here."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _owner_tags() -> dict[str, str]:
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    _, started = process_state(os.getpid())
+    if started is not None:
+        tags[PROCESS_START_TAG] = repr(started)
+    namespace = _pid_namespace()
+    if namespace is not None:
+        tags[PID_NAMESPACE_TAG] = namespace
+    return tags
+
+
+def _owner_ended(tags: dict[str, str]) -> str | None:
+    """Why the process that owns a run of this host has ended, or None when it may be alive."""
+    try:
+        pid = int(tags[PID_TAG])
+    except (KeyError, ValueError):
+        return None
+    alive, started = process_state(pid)
+    if not alive:
+        return f"process {pid} on host {tags[HOST_TAG]} ended without finishing this run"
+    try:
+        recorded = float(tags[PROCESS_START_TAG])
+    except (KeyError, ValueError):
+        return None
+    if started is not None and abs(started - recorded) > PROCESS_START_TOLERANCE_S:
+        return (f"process {pid} on host {tags[HOST_TAG]} ended without finishing this run (pid {pid} now "
+                "belongs to another process)")
+    return None
 
 
 class Tracker:
@@ -112,10 +205,73 @@ class Tracker:
 
         tags = dict(tags or {})
         tags[MLFLOW_RUN_NAME] = run_name
+        tags.update(_owner_tags())
         if parent is not None:
             tags[MLFLOW_PARENT_RUN_ID] = parent.run_id
         run = self.client.create_run(self.experiment_id(experiment), tags=tags, run_name=run_name)
         return TrackedRun(self, run.info.run_id)
+
+    def fail_orphaned_runs(self, found_by: str | None = None) -> list[str]:
+        """Mark FAILED the runs left RUNNING by processes of this host that were killed outright.
+
+        Searches every experiment for RUNNING runs tagged with this host whose process is gone (or
+        whose pid now belongs to another process), tags each with ``grnx.error`` and ends it
+        as FAILED. Runs of other hosts or pid namespaces are left alone: their processes cannot be
+        seen from here. ``found_by`` is the id of the run doing the search, named in the tag.
+        Returns the ids of the runs marked.
+        """
+        from mlflow.entities import RunStatus
+
+        host = socket.gethostname()
+        namespace = _pid_namespace()
+        finder = f"run {found_by}" if found_by else f"process {os.getpid()}"
+        at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        # Host names hold no quotes (RFC 1123); the tag is compared again below all the same.
+        query = f"attributes.status = '{RunStatus.to_string(RunStatus.RUNNING)}' and tags.`{HOST_TAG}` = '{host}'"
+        experiment_ids = self._experiment_ids()
+        # Every page is read before any run is ended: ending one shrinks the result set, and the
+        # page token (an offset) would then skip runs.
+        candidates = [
+            run
+            for start in range(0, len(experiment_ids), 100)
+            for run in self._search_all_runs(experiment_ids[start : start + 100], query)
+        ]
+        failed = []
+        for run in candidates:
+            tags = run.data.tags
+            if tags.get(HOST_TAG) != host:
+                continue
+            if namespace is not None and tags.get(PID_NAMESPACE_TAG, namespace) != namespace:
+                continue
+            reason = _owner_ended(tags)
+            if reason is None:
+                continue
+            run_id = run.info.run_id
+            TrackedRun(self, run_id).set_tags({
+                "grnx.error": f"killed: {reason} (found by {finder} at {at})",
+                "grnx.error_type": "Killed",
+            })
+            self.client.set_terminated(run_id, status="FAILED")
+            failed.append(run_id)
+        return failed
+
+    def _experiment_ids(self) -> list[str]:
+        ids, token = [], None
+        while True:
+            page = self.client.search_experiments(max_results=1000, page_token=token)
+            ids.extend(experiment.experiment_id for experiment in page)
+            token = page.token
+            if not token:
+                return ids
+
+    def _search_all_runs(self, experiment_ids: list[str], query: str) -> Iterator[Any]:
+        token = None
+        while True:
+            page = self.client.search_runs(experiment_ids, filter_string=query, max_results=1000, page_token=token)
+            yield from page
+            token = page.token
+            if not token:
+                return
 
 
 class TrackedRun:

@@ -35,6 +35,7 @@ class AuprcEvaluator(Evaluator):
         "AUPRC, AUROC, early precision (EPR) of ranked pairs against a ground truth, with baselines."
     )
     reference = "https://doi.org/10.1038/s41592-019-0690-6"
+    needs: ClassVar[tuple[str, ...]] = ("interactions", "ground_truth")
 
     class Params(ComponentParams):
         ground_truth: GroundTruthSpec = Field(

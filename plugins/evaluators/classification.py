@@ -29,6 +29,9 @@ class ClassificationEvaluator(Evaluator):
     name = "classification"
     description = "Accuracy, macro-F1, per-class F1 and confusion matrix of the model on held-out cells."
     reference = "https://doi.org/10.1038/s41586-023-06139-9"
+    needs: ClassVar[tuple[str, ...]] = ("model", "model_inputs", "cells")
+    #: all cells: the evaluator picks the held-out (split == split_value) cells itself.
+    default_cells: ClassVar[str | None] = "all"
 
     class Params(ComponentParams):
         label_key: str | None = Field(

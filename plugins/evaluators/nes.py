@@ -31,6 +31,7 @@ class NesEvaluator(Evaluator):
     name = "nes"
     description = "GSEA prerank NES of ranked gene pairs against ground-truth pairs (gseapy-identical ES)."
     reference = "https://doi.org/10.1073/pnas.0506580102"
+    needs: ClassVar[tuple[str, ...]] = ("interactions", "ground_truth")
 
     class Params(ComponentParams):
         ground_truth: GroundTruthSpec = Field(

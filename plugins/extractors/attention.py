@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,7 @@ class AttentionExtractor(Extractor):
     name = "attention"
     description = "Gene pairs ranked by attention aggregated over cells: Z/M with per-cell (WDS) weights."
     reference = "https://arxiv.org/abs/2410.15616"
+    needs: ClassVar[tuple[str, ...]] = ("tokens", "model", "cells")
 
     class Params(ComponentParams):
         variant: Literal["all", "case", "case_minus_control"] = Field(

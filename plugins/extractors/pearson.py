@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -43,6 +43,7 @@ class PearsonExtractor(Extractor):
     name = "pearson"
     description = "Gene pairs ranked by Pearson co-expression, or by corr(case) - corr(control)."
     reference = "https://doi.org/10.1038/s41592-019-0690-6"
+    needs: ClassVar[tuple[str, ...]] = ("data", "cells")
 
     class Params(ComponentParams):
         group_key: str | None = Field(

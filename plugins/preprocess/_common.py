@@ -1,4 +1,4 @@
-"""Helpers shared by the preprocessors: obs checks, the counts layer, and UMAP figures."""
+"""Helpers shared by the preprocessors: seeds, obs and role checks, the counts layer, and UMAP figures."""
 
 from __future__ import annotations
 
@@ -16,16 +16,61 @@ if TYPE_CHECKING:
     import anndata
     import matplotlib.figure
 
+    from grnx_core import Preprocessor
 
-def require_obs(adata: anndata.AnnData, key: str, who: str, parameter: str) -> pd.Series:
-    """``adata.obs[key]``, or a DataError naming the parameter and the columns that exist."""
+
+def seed_or_zero(seed: int | None) -> int:
+    """The seed a step uses: ``seed``, or 0 when None.
+
+    A recipe fills every unset ``seed`` from the recipe seed and the step before the step is built,
+    so None only reaches a step built in Python outside a recipe; it then behaves as seed 0, the
+    same on every call.
+    """
+    return 0 if seed is None else seed
+
+
+def _available(adata: anndata.AnnData) -> str:
+    return ", ".join(map(str, adata.obs.columns[:30])) or "no obs columns"
+
+
+def require_obs(
+    adata: anndata.AnnData, key: str, who: str, parameter: str, role: str | None = None
+) -> pd.Series:
+    """``adata.obs[key]``, or a DataError naming the parameter and the columns that exist.
+
+    ``role`` names the data role (``data.<role>``) the parameter defaults to, if it has one.
+    """
     if key not in adata.obs.columns:
+        fix = f"{parameter} (or data.{role}, which it defaults to)" if role else parameter
         raise DataError(
             f"preprocessor {who!r}: {parameter} is {key!r}, but obs has no such column. Available: "
-            f"{', '.join(map(str, adata.obs.columns[:30])) or 'no obs columns'}. Set {parameter} to one "
-            f"of them (the recipe's data roles are not passed to preprocessors)."
+            f"{_available(adata)}. Set {fix} to one of them."
         )
     return adata.obs[key]
+
+
+def role_of(component: Preprocessor, parameter: str) -> str:
+    """The data role a ``role_field`` parameter defaults to (``label_key`` for ``data.label_key``)."""
+    extra = type(component).Params.model_fields[parameter].json_schema_extra
+    return extra["grnx_role"]  # type: ignore[index]
+
+
+def require_role(adata: anndata.AnnData, component: Preprocessor, parameter: str) -> pd.Series:
+    """``adata.obs`` column named by a ``role_field`` parameter the component cannot do without.
+
+    The recipe fills the parameter from ``data.<role>`` when it is left None; it is still None when
+    the recipe sets neither (or the step was built in Python without it), and the DataError then
+    says which to set.
+    """
+    key, role = getattr(component, parameter), role_of(component, parameter)
+    if key is None:
+        what = role.removesuffix("_key").replace("_", " ")
+        raise DataError(
+            f"preprocessor {component.name!r} needs {parameter}, the obs column of the {what}, but it is "
+            f"not set and the recipe sets no data.{role} for it to default to. Set {parameter} in the "
+            f"step's params or data.{role} in the recipe. Available obs columns: {_available(adata)}."
+        )
+    return require_obs(adata, key, component.name, parameter, role)
 
 
 def require_in_memory(adata: anndata.AnnData, who: str) -> None:

@@ -9,8 +9,9 @@ import pandas as pd
 from pydantic import Field
 
 from grnx_core import ComponentParams, Preprocessor
+from grnx_core.components import role_field, seed_field
 from grnx_core.errors import DataError
-from grnx_plugins.preprocess._common import obs_subset, require_obs
+from grnx_plugins.preprocess._common import obs_subset, require_obs, require_role, seed_or_zero
 
 if TYPE_CHECKING:
     import anndata
@@ -23,7 +24,11 @@ class Balance(Preprocessor):
     ``n_per_class`` cells, or as many as its smallest label has when None (a label with fewer
     cells keeps all of them). With ``apply_to: train`` only the cells whose ``obs[split_key]`` is
     "train" are undersampled and the others are kept, so the test set keeps its natural balance.
-    Seeded; cell order is preserved. Class sizes before and after go to ``uns["balance"]``.
+    ``label_key`` defaults to the recipe's ``data.label_key``; ``cell_type_key`` does not default
+    to ``data.cell_type_key`` (None balances all cells as one stratum). Seeded: the seed picks the
+    kept cells, the same seed the same ones; in a recipe it derives from the recipe seed unless
+    set, in Python None acts as 0. Cell order is preserved. Class sizes before and after go to
+    ``uns["balance"]``.
     """
 
     name = "balance"
@@ -32,15 +37,17 @@ class Balance(Preprocessor):
     writes = ("uns/balance",)
 
     class Params(ComponentParams):
-        label_key: str = Field(description="obs column of the class label")
-        cell_type_key: str | None = Field(None, description="balance within each value of this obs column")
+        label_key: str | None = role_field("label_key", "obs column of the class label")
+        cell_type_key: str | None = Field(
+            None, description="balance within each value of this obs column; all cells as one when None"
+        )
         n_per_class: int | None = Field(None, ge=1, description="cells kept per label; the smallest label's size when None")
         apply_to: str | None = Field(None, description="only undersample cells with this obs[split_key] value (e.g. train)")
         split_key: str = Field("split", description="obs column holding the split (for apply_to)")
-        seed: int = Field(0, description="random seed")
+        seed: int | None = seed_field("random seed of the undersampling")
 
     def __call__(self, adata: anndata.AnnData) -> anndata.AnnData:
-        labels = require_obs(adata, self.label_key, self.name, "label_key").astype(str).to_numpy()
+        labels = require_role(adata, self, "label_key").astype(str).to_numpy()
         strata = (
             require_obs(adata, self.cell_type_key, self.name, "cell_type_key").astype(str).to_numpy()
             if self.cell_type_key is not None else np.full(adata.n_obs, "all")
@@ -54,7 +61,7 @@ class Balance(Preprocessor):
                     f"preprocessor 'balance': no cell has obs[{self.split_key!r}] == {self.apply_to!r} "
                     f"(values: {', '.join(pd.unique(split)[:10])})."
                 )
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng(seed_or_zero(self.seed))
         keep = ~target
         before = pd.crosstab(strata[target], labels[target])
         for stratum in sorted(pd.unique(strata[target])):

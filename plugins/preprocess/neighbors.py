@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from grnx_core import ComponentParams, Preprocessor
+from grnx_core.components import seed_field
 from grnx_core.errors import DataError
-from grnx_plugins.preprocess._common import knn_transformer, require_in_memory
+from grnx_plugins.preprocess._common import knn_transformer, require_in_memory, seed_or_zero
 
 if TYPE_CHECKING:
     import anndata
@@ -21,7 +22,9 @@ class Neighbors(Preprocessor):
     atlas used k = 100. From 8,192 cells scanpy switches to approximate neighbours (pynndescent);
     with scipy >= 1.14 that path fails inside scanpy 1.11 (``csr_array`` has no ``getnnz``), so
     this step passes scanpy the same pynndescent settings through a transformer returning
-    ``csr_matrix``.
+    ``csr_matrix``. Seeded: the seed is the random state of the approximate search, the same seed
+    giving the same graph; below those sizes neighbours are exact and the seed changes nothing;
+    in a recipe it derives from the recipe seed unless set, in Python None acts as 0.
     """
 
     name = "neighbors"
@@ -34,7 +37,7 @@ class Neighbors(Preprocessor):
         n_pcs: int | None = Field(None, ge=1, description="principal components used; all in X_pca when None")
         use_rep: str | None = Field(None, description="obsm key to use; X_pca (or X for few genes) when None")
         metric: str = Field("euclidean", description="distance metric")
-        seed: int = Field(0, description="random state of the approximate neighbour search")
+        seed: int | None = seed_field("random state of the approximate neighbour search")
 
     def __call__(self, adata: anndata.AnnData) -> anndata.AnnData:
         import scanpy as sc
@@ -50,9 +53,10 @@ class Neighbors(Preprocessor):
                 f"preprocessor 'neighbors': n_neighbors={self.n_neighbors} needs more than that many cells; "
                 f"the data has {adata.n_obs}."
             )
+        seed = seed_or_zero(self.seed)
         sc.pp.neighbors(
             adata, n_neighbors=self.n_neighbors, n_pcs=self.n_pcs, use_rep=self.use_rep,
-            metric=self.metric, random_state=self.seed,
-            transformer=knn_transformer(adata.n_obs, self.n_neighbors, self.metric, self.seed),
+            metric=self.metric, random_state=seed,
+            transformer=knn_transformer(adata.n_obs, self.n_neighbors, self.metric, seed),
         )
         return adata

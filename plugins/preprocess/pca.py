@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from grnx_core import ComponentParams, Preprocessor
+from grnx_core.components import seed_field
 from grnx_core.errors import DataError
-from grnx_plugins.preprocess._common import require_in_memory
+from grnx_plugins.preprocess._common import require_in_memory, seed_or_zero
 
 if TYPE_CHECKING:
     import anndata
@@ -18,7 +19,10 @@ class Pca(Preprocessor):
     """Writes ``obsm["X_pca"]``, ``varm["PCs"]`` and ``uns["pca"]`` (variance, variance ratio).
 
     By default only the highly variable genes enter (when ``var["highly_variable"]`` exists), as
-    in scanpy. ``n_comps`` is lowered to fit small data (below min(cells, genes)).
+    in scanpy. ``n_comps`` is lowered to fit small data (below min(cells, genes)). Seeded: the seed
+    is the solver's random state, the same seed giving the same components; it changes them
+    markedly only with the randomized solver on dense data (arpack's start vector only moves the
+    last digits); in a recipe it derives from the recipe seed unless set, in Python None acts as 0.
     """
 
     name = "pca"
@@ -34,7 +38,7 @@ class Pca(Preprocessor):
         svd_solver: Literal["arpack", "randomized", "auto", "covariance_eigh"] | None = Field(
             None, description="solver passed to scanpy; its default when None"
         )
-        seed: int = Field(0, description="random state of the solver")
+        seed: int | None = seed_field("random state of the solver")
 
     def __call__(self, adata: anndata.AnnData) -> anndata.AnnData:
         import scanpy as sc
@@ -55,6 +59,6 @@ class Pca(Preprocessor):
             )
         sc.pp.pca(
             adata, n_comps=n_comps, mask_var="highly_variable" if use_hvg else None,
-            svd_solver=self.svd_solver, random_state=self.seed,
+            svd_solver=self.svd_solver, random_state=seed_or_zero(self.seed),
         )
         return adata

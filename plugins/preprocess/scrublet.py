@@ -7,13 +7,16 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from grnx_core import ComponentParams, Preprocessor
+from grnx_core.components import role_field, seed_field
 from grnx_core.errors import DataError
 from grnx_plugins.preprocess._common import (
     counts_matrix,
     obs_subset,
     require_in_memory,
     require_obs,
+    role_of,
     scanpy_knn_is_broken,
+    seed_or_zero,
     umap_figures,
 )
 
@@ -29,10 +32,13 @@ class Scrublet(Preprocessor):
     them. Writes ``obs["doublet_score"]``, ``obs["predicted_doublet"]`` and ``uns["scrublet"]``
     (per-batch thresholds and rates, from scanpy) plus ``uns["scrublet_summary"]`` (cells scored and
     removed). Doublets form between cells of one library, so ``batch_key`` should name the 10x
-    library / batch column, as in the ROSMAP atlas. Where scanpy's approximate neighbours are broken
-    (scipy >= 1.14 with scanpy 1.11) and a batch plus its simulated doublets reach 8,192 cells, the
-    doublet neighbours are found exactly (brute force): same scores as scanpy's small-data path,
-    quadratic time in the batch size.
+    library / batch column, as in the ROSMAP atlas; it defaults to the recipe's ``data.batch_key``,
+    and all cells are scored at once (one library) when neither is set. Where scanpy's approximate
+    neighbours are broken (scipy >= 1.14 with scanpy 1.11) and a batch plus its simulated doublets
+    reach 8,192 cells, the doublet neighbours are found exactly (brute force): same scores as
+    scanpy's small-data path, quadratic time in the batch size. Seeded: the seed drives the doublet
+    simulation and the figure's cell subset, the same seed giving the same scores; in a recipe it
+    derives from the recipe seed unless set, in Python None acts as 0.
     """
 
     name = "scrublet"
@@ -41,7 +47,11 @@ class Scrublet(Preprocessor):
     writes = ("obs/doublet_score", "obs/predicted_doublet", "uns/scrublet", "uns/scrublet_summary")
 
     class Params(ComponentParams):
-        batch_key: str | None = Field(None, description="obs column of the batch (library); all cells at once when None")
+        batch_key: str | None = role_field(
+            "batch_key",
+            "obs column of the batch (library), each scored on its own (all cells together if "
+            "data.batch_key is unset too)",
+        )
         action: Literal["flag", "remove"] = Field("flag", description="flag doublets in obs, or remove them")
         expected_doublet_rate: float = Field(0.05, gt=0, lt=1, description="expected fraction of doublets")
         sim_doublet_ratio: float = Field(2.0, gt=0, description="simulated doublets per observed cell")
@@ -49,7 +59,7 @@ class Scrublet(Preprocessor):
         threshold: float | None = Field(
             None, ge=0, le=1, description="doublet-score threshold; set automatically per batch when None"
         )
-        seed: int = Field(0, description="random state of the doublet simulation")
+        seed: int | None = seed_field("random state of the doublet simulation")
         color_by: list[str] = Field(default_factory=list, description="more obs columns to colour the figure by")
         figure_max_cells: int = Field(20_000, ge=10, description="cells drawn in the figure (random subset)")
 
@@ -62,7 +72,7 @@ class Scrublet(Preprocessor):
         counts = counts_matrix(adata, self.name)
         obs = pd.DataFrame(index=adata.obs_names.copy())
         if self.batch_key is not None:
-            batches = require_obs(adata, self.batch_key, self.name, "batch_key")
+            batches = require_obs(adata, self.batch_key, self.name, "batch_key", role_of(self, "batch_key"))
             obs["batch"] = batches.to_numpy()
             sizes = batches.value_counts()
             small = sizes[sizes <= self.n_prin_comps]
@@ -85,7 +95,8 @@ class Scrublet(Preprocessor):
             sc.pp.scrublet(
                 light, batch_key="batch" if self.batch_key is not None else None,
                 sim_doublet_ratio=self.sim_doublet_ratio, expected_doublet_rate=self.expected_doublet_rate,
-                n_prin_comps=self.n_prin_comps, threshold=self.threshold, random_state=self.seed, verbose=False,
+                n_prin_comps=self.n_prin_comps, threshold=self.threshold, random_state=seed_or_zero(self.seed),
+                verbose=False,
                 use_approx_neighbors=False if exact else None,
             )
         except ValueError as error:
@@ -114,6 +125,6 @@ class Scrublet(Preprocessor):
         title = (f"Scrublet: {summary.get('n_predicted_doublets', '?')} predicted doublets of "
                  f"{summary.get('n_cells', '?')} cells ({self.action})")
         return umap_figures(adata, [k for k in keys if k], "scrublet_umap", title,
-                            self.figure_max_cells, self.seed)
+                            self.figure_max_cells, seed_or_zero(self.seed))
 
 

@@ -9,8 +9,9 @@ import pandas as pd
 from pydantic import Field
 
 from grnx_core import ComponentParams, Preprocessor
+from grnx_core.components import role_field, seed_field
 from grnx_core.errors import DataError
-from grnx_plugins.preprocess._common import require_obs
+from grnx_plugins.preprocess._common import require_obs, require_role, seed_or_zero
 
 if TYPE_CHECKING:
     import anndata
@@ -62,7 +63,10 @@ class Split(Preprocessor):
     ``test_fraction`` of each label's donors go to test (at least one, never all, when a label
     has two or more donors). When labels vary within donors (e.g. cell types), donors are
     assigned greedily so each label's share of test cells approaches ``test_fraction``. Without
-    ``label_key`` donors are split at random. Seeded: the same seed gives the same split.
+    ``label_key`` donors are split at random. ``donor_key`` defaults to the recipe's
+    ``data.donor_key``; ``label_key`` does not default to ``data.label_key`` (None keeps the split
+    unstratified). Seeded: the same seed gives the same split, another seed usually another one;
+    in a recipe the seed derives from the recipe seed unless set, in Python None acts as 0.
     ``uns["split"]`` lists the donors and cell counts of each side and the labels missing from one.
     """
 
@@ -72,13 +76,17 @@ class Split(Preprocessor):
     writes = ("obs/split", "uns/split")
 
     class Params(ComponentParams):
-        donor_key: str = Field(description="obs column of the donor (subject); no donor is on both sides")
-        label_key: str | None = Field(None, description="obs column to stratify by; none when None")
+        donor_key: str | None = role_field(
+            "donor_key", "obs column of the donor (subject); no donor is on both sides"
+        )
+        label_key: str | None = Field(
+            None, description="obs column to stratify by; unstratified when None (data.label_key is not used)"
+        )
         test_fraction: float = Field(0.2, gt=0, lt=1, description="share of donors (or cells per label) in test")
-        seed: int = Field(0, description="random seed")
+        seed: int | None = seed_field("random seed of the donor assignment")
 
     def __call__(self, adata: anndata.AnnData) -> anndata.AnnData:
-        donors = require_obs(adata, self.donor_key, self.name, "donor_key")
+        donors = require_role(adata, self, "donor_key")
         if donors.isna().any():
             raise DataError(
                 f"preprocessor 'split': {int(donors.isna().sum())} cells have no donor in obs[{self.donor_key!r}]; "
@@ -91,7 +99,7 @@ class Split(Preprocessor):
                 f"preprocessor 'split': a donor-aware split needs at least 2 donors; obs[{self.donor_key!r}] "
                 f"has {len(unique)}."
             )
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng(seed_or_zero(self.seed))
         if self.label_key is None:
             n_test = min(len(unique) - 1, max(1, round(self.test_fraction * len(unique))))
             test = set(rng.permutation(unique)[:n_test])

@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from grnx_core import ComponentParams, Preprocessor
-from grnx_plugins.preprocess._common import require_in_memory, require_neighbour_graph, umap_figures
+from grnx_core.components import seed_field
+from grnx_plugins.preprocess._common import (
+    require_in_memory,
+    require_neighbour_graph,
+    seed_or_zero,
+    umap_figures,
+)
 
 if TYPE_CHECKING:
     import anndata
@@ -15,7 +21,11 @@ if TYPE_CHECKING:
 
 
 class Umap(Preprocessor):
-    """Writes ``obsm["X_umap"]`` and ``uns["umap"]``; needs the graph from ``neighbors``."""
+    """Writes ``obsm["X_umap"]`` and ``uns["umap"]``; needs the graph from ``neighbors``.
+
+    Seeded: the seed drives the layout's initialisation and optimisation, the same seed giving
+    the same embedding, another seed another one; in a recipe it derives from the recipe seed unless set, in Python None acts as 0.
+    """
 
     name = "umap"
     description = "UMAP embedding of the kNN graph (scanpy tl.umap)."
@@ -25,7 +35,7 @@ class Umap(Preprocessor):
     class Params(ComponentParams):
         min_dist: float = Field(0.5, ge=0, description="how tightly points pack")
         spread: float = Field(1.0, gt=0, description="scale of the embedded points")
-        seed: int = Field(0, description="random state")
+        seed: int | None = seed_field("random state of the layout (and the figure's cell subset)")
         color_by: list[str] = Field(
             default_factory=list, description="obs columns to colour the figure by (batch, cluster, label)"
         )
@@ -36,9 +46,9 @@ class Umap(Preprocessor):
 
         require_in_memory(adata, self.name)
         require_neighbour_graph(adata, self.name)
-        sc.tl.umap(adata, min_dist=self.min_dist, spread=self.spread, random_state=self.seed)
+        sc.tl.umap(adata, min_dist=self.min_dist, spread=self.spread, random_state=seed_or_zero(self.seed))
         return adata
 
     def figures(self, adata: anndata.AnnData) -> dict[str, matplotlib.figure.Figure]:
         keys = list(self.color_by) or [k for k in ("leiden", "batch") if k in adata.obs.columns]
-        return umap_figures(adata, keys, "umap", "UMAP", self.figure_max_cells, self.seed)
+        return umap_figures(adata, keys, "umap", "UMAP", self.figure_max_cells, seed_or_zero(self.seed))

@@ -7,18 +7,21 @@ import types
 import numpy as np
 from pydantic import Field
 
+import json
+
 from grnx_core import (
     CellSample,
     ComponentParams,
     EvaluationResult,
     Evaluator,
+    Model,
     Preprocessor,
     Sampler,
     hookimpl,
 )
 from grnx_core.registry import Registry
 
-CALLS = {"scale_genes": 0}
+CALLS = {"scale_genes": 0, "centroid_fit": 0}
 
 
 class ScaleGenes(Preprocessor):
@@ -47,6 +50,7 @@ class TopPairScore(Evaluator):
     description = "The highest interaction score of each extractor."
     reference = "https://doi.org/10.1186/s13059-017-1382-0"
     higher_is_better = {"top_score": True}
+    needs = ("interactions",)
 
     class Params(ComponentParams):
         fail: bool = Field(False, description="raise instead of evaluating")
@@ -91,6 +95,48 @@ class TopScoreStability(TopPairScore):
         return {"mse_vs_reference": float(np.mean(errors))}
 
 
+class CentroidModel(Model):
+    """Nearest class centroid on the expression: a model cheap enough to count its fits."""
+
+    name = "centroid"
+    description = "Nearest class centroid of the cells' expression."
+    reference = "https://doi.org/10.1073/pnas.082099299"
+    input_kind = "adata"
+
+    class Params(ComponentParams):
+        pass
+
+    def fit(self, context):
+        CALLS["centroid_fit"] += 1
+        adata, _ = context.sampled_adata()
+        key = context.roles.label_key
+        labels = adata.obs[key].astype(str).to_numpy()
+        matrix = np.asarray(adata.X.todense() if hasattr(adata.X, "todense") else adata.X, dtype=float)
+        self.classes_ = sorted(set(labels))
+        self.centroids_ = np.stack([matrix[labels == c].mean(axis=0) for c in self.classes_])
+        self.cells_ = [str(name) for name in adata.obs_names]
+        context.logger.log_metrics({"train/n_cells": len(labels)}, step=0)
+        return self
+
+    def predict(self, inputs):
+        matrix = np.asarray(inputs.X.todense() if hasattr(inputs.X, "todense") else inputs.X, dtype=float)
+        distances = ((matrix[:, None, :] - self.centroids_[None, :, :]) ** 2).sum(axis=2)
+        return np.asarray(self.classes_, dtype=object)[distances.argmin(axis=1)]
+
+    def save(self, path):
+        path.mkdir(parents=True)
+        (path / "centroid.json").write_text(json.dumps(
+            {"classes": self.classes_, "centroids": self.centroids_.tolist(), "cells": self.cells_}
+        ))
+
+    @classmethod
+    def load(cls, path):
+        stored = json.loads((path / "centroid.json").read_text())
+        model = cls()
+        model.classes_, model.centroids_, model.cells_ = stored["classes"], np.array(stored["centroids"]), stored["cells"]
+        return model
+
+
 def fixture_registry() -> Registry:
     """The installed plugins plus the components above, in a fresh registry."""
     registry = Registry.from_entry_points()
@@ -100,5 +146,6 @@ def fixture_registry() -> Registry:
         lambda register: [register(TopPairScore), register(TopScoreStability)]
     )
     module.grnx_register_samplers = hookimpl(lambda register: register(StrideSampler))
+    module.grnx_register_models = hookimpl(lambda register: register(CentroidModel))
     registry.add_plugin(module, "core-tests", "0")
     return registry

@@ -56,7 +56,7 @@ def test_rerun_after_failure_resumes_from_cached_steps(tmp_path, registry):
     assert result.status == "FINISHED"
     assert CALLS["scale_genes"] == 1, "the preprocessing step must come from the cache"
     assert stages == [
-        ("data", False), ("preprocess", True), ("extract:pearson", True), ("extract:spearman", True),
+        ("data", True), ("preprocess:0:scale_genes", True), ("extract:pearson", True), ("extract:spearman", True),
         ("evaluate:top_pair_score", False),
     ]
     # The cached result is the one a cold run computes.
@@ -72,7 +72,7 @@ def test_changing_a_parameter_invalidates_only_later_steps(tmp_path, registry):
     changed = Runner(
         _resolve(tmp_path, registry, fail=False, overrides=["extractors.1.params.rank_by=value"]), cache=cache
     ).run()
-    assert changed.cached_stages == ["preprocess", "extract:pearson"]
+    assert changed.cached_stages == ["data", "preprocess:0:scale_genes", "extract:pearson"]
 
 
 def test_pearson_scores_equal_numpy_on_the_preprocessed_data(tmp_path, registry):

@@ -42,3 +42,15 @@ def test_fixed_size_and_errors(make_adata):
     adata.obs["split"] = "test"
     with pytest.raises(DataError, match="no cell has obs\\['split'\\] == 'train'"):
         Balance(label_key="label", apply_to="train")(adata)
+
+
+def test_seed_picks_the_cells_and_none_acts_as_zero(make_adata):
+    adata = make_adata(n_cells=600)
+    kept = {seed: list(Balance(label_key="label", seed=seed)(adata.copy()).obs_names) for seed in (0, 1)}
+    assert kept[0] != kept[1]
+    assert list(Balance(label_key="label")(adata.copy()).obs_names) == kept[0]
+
+
+def test_label_key_left_unset_names_the_param_and_the_role(make_adata):
+    with pytest.raises(DataError, match=r"needs label_key.*data\.label_key in the recipe"):
+        Balance()(make_adata())

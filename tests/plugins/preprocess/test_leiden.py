@@ -39,3 +39,17 @@ def test_needs_neighbors_and_draws_a_figure(make_adata):
     assert list(figures) == ["leiden_umap"] and isinstance(figures["leiden_umap"], Figure)
     titles = [ax.get_title() for ax in figures["leiden_umap"].axes if ax.get_title()]
     assert titles == ["cluster", "batch"]
+
+
+def test_seed_changes_an_ambiguous_partition_and_none_acts_as_zero():
+    """Points without clusters: the partition depends on the node order, hence on the seed."""
+    import anndata as ad
+    from sklearn.metrics import adjusted_rand_score
+
+    points = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
+    adata = ad.AnnData(points, obsm={"X_pca": points})
+    sc.pp.neighbors(adata, n_neighbors=10)
+    labels = {seed: Leiden(seed=seed)(adata.copy()).obs["leiden"].to_numpy() for seed in (0, 1)}
+    np.testing.assert_array_equal(Leiden(seed=1)(adata.copy()).obs["leiden"], labels[1])
+    assert adjusted_rand_score(labels[0], labels[1]) < 0.9
+    np.testing.assert_array_equal(Leiden()(adata.copy()).obs["leiden"], labels[0])

@@ -44,3 +44,27 @@ def test_approximate_neighbours_for_many_cells():
     found = [set(distances.indices[distances.indptr[i]:distances.indptr[i + 1]]) for i in range(len(points))]
     recall = np.mean([len(found[i] & set(exact[i])) / 9 for i in range(len(points))])
     assert recall > 0.95
+
+
+def test_exact_neighbours_do_not_depend_on_the_seed(make_adata):
+    adata = make_adata(n_cells=150)
+    sc.pp.log1p(adata)
+    sc.pp.pca(adata, n_comps=10)
+    graphs = [Neighbors(n_neighbors=10, seed=seed)(adata.copy()).obsp["connectivities"] for seed in (None, 0, 1)]
+    assert (graphs[0] != graphs[1]).nnz == 0 and (graphs[0] != graphs[2]).nnz == 0
+
+
+@pytest.mark.slow
+def test_approximate_neighbours_follow_the_seed():
+    """From 4,096 cells with a non-euclidean metric the search is approximate (pynndescent), hence seeded."""
+    import anndata as ad
+
+    points = np.random.default_rng(0).normal(size=(4096, 8)).astype(np.float32)
+
+    def graph(seed):
+        adata = ad.AnnData(points, obsm={"X_pca": points})
+        return Neighbors(n_neighbors=10, metric="cosine", seed=seed)(adata).obsp["distances"]
+
+    first, again, unset, other = graph(3), graph(3), graph(None), graph(4)
+    assert (first != again).nnz == 0 and (unset != graph(0)).nnz == 0
+    assert (first != other).nnz > 0

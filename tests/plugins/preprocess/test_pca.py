@@ -45,3 +45,12 @@ def test_components_fit_small_data_and_hvg_required(make_adata):
     assert Pca(n_comps=50)(adata).obsm["X_pca"].shape == (12, 11)
     with pytest.raises(DataError, match="highly_variable"):
         Pca(use_highly_variable=True)(make_adata())
+
+
+def test_seed_drives_the_randomized_solver_and_none_acts_as_zero(make_adata):
+    adata = make_adata(dense=True)
+    sc.pp.log1p(adata)
+    pcs = {seed: Pca(n_comps=10, svd_solver="randomized", seed=seed)(adata.copy()).obsm["X_pca"] for seed in (0, 1)}
+    np.testing.assert_array_equal(Pca(n_comps=10, svd_solver="randomized", seed=1)(adata.copy()).obsm["X_pca"], pcs[1])
+    assert np.abs(pcs[0] - pcs[1]).max() > 1e-2
+    np.testing.assert_array_equal(Pca(n_comps=10, svd_solver="randomized")(adata.copy()).obsm["X_pca"], pcs[0])

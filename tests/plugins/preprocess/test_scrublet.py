@@ -71,3 +71,20 @@ def test_errors(make_adata):
         Scrublet(batch_key="donor", n_prin_comps=30)(adata)
     with pytest.raises(DataError, match="too few variable genes for n_prin_comps=50"):
         Scrublet(n_prin_comps=50)(make_adata(n_cells=200, n_genes=30))
+
+
+def test_seed_changes_the_simulated_doublets_and_none_acts_as_zero(make_adata):
+    adata = make_adata(n_cells=200, n_genes=100)
+    scores = {seed: Scrublet(n_prin_comps=10, seed=seed)(adata.copy()).obs["doublet_score"].to_numpy()
+              for seed in (0, 1)}
+    np.testing.assert_array_equal(Scrublet(n_prin_comps=10, seed=1)(adata.copy()).obs["doublet_score"], scores[1])
+    assert not np.allclose(scores[0], scores[1])
+    np.testing.assert_array_equal(Scrublet(n_prin_comps=10)(adata.copy()).obs["doublet_score"], scores[0])
+
+
+def test_batch_key_left_unset_scores_all_cells_together(make_adata):
+    """batch_key defaults to data.batch_key; with neither set, all cells form one library (no error)."""
+    result = Scrublet(n_prin_comps=10)(make_adata(n_cells=200, n_genes=100))
+    assert "batches" not in result.uns["scrublet"] and result.uns["scrublet_summary"]["n_cells"] == 200
+    with pytest.raises(DataError, match=r"Set batch_key \(or data\.batch_key, which it defaults to\)"):
+        Scrublet(batch_key="library")(make_adata(n_cells=60))

@@ -46,3 +46,25 @@ def test_errors(make_adata):
     adata.obs["one"] = "d"
     with pytest.raises(DataError, match="at least 2 donors"):
         Split(donor_key="one")(adata)
+
+
+def test_unstratified_split_follows_the_seed(make_adata):
+    adata = make_adata(n_cells=400)
+    adata.obs["donor"] = pd.Categorical(np.array([f"d{i}" for i in range(20)])[np.arange(400) % 20])
+    tests = {seed: donors_on(Split(donor_key="donor", seed=seed)(adata.copy()), "test") for seed in range(4)}
+    assert donors_on(Split(donor_key="donor", seed=2)(adata.copy()), "test") == tests[2]
+    assert len({frozenset(t) for t in tests.values()}) > 1
+
+
+def test_seed_none_acts_as_zero(make_adata):
+    adata = make_adata(n_cells=400)
+    unset = Split(donor_key="donor", label_key="label")(adata.copy())
+    zero = Split(donor_key="donor", label_key="label", seed=0)(adata.copy())
+    np.testing.assert_array_equal(unset.obs["split"], zero.obs["split"])
+
+
+def test_donor_key_left_unset_names_the_param_and_the_role(make_adata):
+    with pytest.raises(DataError, match=r"needs donor_key.*Set donor_key in the step's params or data\.donor_key"):
+        Split()(make_adata())
+    with pytest.raises(DataError, match=r"Set donor_key \(or data\.donor_key, which it defaults to\)"):
+        Split(donor_key="subject")(make_adata())

@@ -26,3 +26,14 @@ def test_matches_scanpy_and_draws(make_adata):
 def test_needs_neighbors(make_adata):
     with pytest.raises(DataError, match="neighbors"):
         Umap()(make_adata())
+
+
+def test_seed_changes_the_embedding_and_none_acts_as_zero(make_adata):
+    adata = make_adata(n_cells=150)
+    sc.pp.log1p(adata)
+    sc.pp.pca(adata, n_comps=10)
+    sc.pp.neighbors(adata, n_neighbors=10)
+    embedded = {seed: Umap(seed=seed)(adata.copy()).obsm["X_umap"] for seed in (0, 1)}
+    np.testing.assert_array_equal(Umap(seed=1)(adata.copy()).obsm["X_umap"], embedded[1])
+    assert not np.allclose(embedded[0], embedded[1])
+    np.testing.assert_array_equal(Umap()(adata.copy()).obsm["X_umap"], embedded[0])

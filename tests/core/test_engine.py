@@ -1,0 +1,321 @@
+"""The engine: cell sets, a model trained once across repeats, code-aware cache keys, seeds, sweeps,
+runs that read no matrix when cached, and cached stages logged like computed ones."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import textwrap
+import types
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from grnx_core import hookimpl
+from grnx_core.cache import Cache
+from grnx_core.errors import RecipeError
+from grnx_core.recipe import load_recipe
+from grnx_core.runner import Runner
+from grnx_core.tracking import Tracker
+
+from .plugin_fixtures import CALLS, fixture_registry
+
+SYNTHETIC = "{name: synthetic, params: {n_cells: 240, n_genes: 20, n_regulators: 5, n_donors: 6, seed: 3}, " \
+            "label_key: disease, donor_key: donor}"
+
+PROTOCOL = f"""
+schema_version: 1
+name: protocol
+seed: 4
+data: {SYNTHETIC}
+preprocess: [{{name: split, params: {{test_fraction: 0.3}}}}]
+sampler: {{name: stride, params: {{step: 4}}, repeats: 3}}
+model: {{name: centroid, cells: train}}
+extractors: [{{name: pearson}}]
+evaluators: [{{name: top_pair_score}}, {{name: classification}}]
+"""
+
+
+def _write(tmp_path, text, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _run(path, registry, cache, overrides=(), tracker=None):
+    resolved = load_recipe(path, overrides, registry=registry)
+    return Runner(resolved, cache=cache, plugin_manager=registry.plugin_manager, tracker=tracker).run()
+
+
+def _stages(child):
+    return {report.stage: report.cached for report in child.leaf.stages}
+
+
+def test_model_trains_once_on_all_training_cells_while_each_repeat_samples(tmp_path):
+    registry = fixture_registry()
+    cache = Cache(tmp_path / "cache")
+    path = _write(tmp_path, PROTOCOL)
+    CALLS["centroid_fit"] = 0
+    result = _run(path, registry, cache)
+    assert CALLS["centroid_fit"] == 1, "the model does not read the sample: one fit for three repeats"
+    repeats = [child for child in result.children if child.child.role == "repeat"]
+    assert [child.child.sampler_seed for child in repeats] == [4, 5, 6]
+    assert [_stages(child)["model"] for child in repeats] == [False, True, True]
+    assert [_stages(child)["extract:pearson"] for child in repeats] == [False, False, False]
+
+    adata = result.context.adata
+    train = list(adata.obs_names[adata.obs["split"] == "train"])
+    model = repeats[0].leaf.context.model
+    assert model.cells_ == train, "cells: train is every training cell, not the sample's"
+    assert len(train) > len(repeats[0].sample.sample.indices)
+
+    samples = []
+    for child in repeats:
+        sample = child.sample
+        chosen = np.zeros(adata.n_obs, dtype=bool)
+        chosen[sample.sample.indices] = True
+        assert list(sample.obs.columns) == ["stride_chosen"], "each repeat owns the columns its sampler wrote"
+        assert np.array_equal(sample.obs["stride_chosen"].to_numpy(), chosen)
+        samples.append(sample.sample.indices)
+    assert len({tuple(s) for s in samples}) > 1, "different sampler seeds draw different cells"
+    assert "stride_chosen" not in adata.obs.columns, "the shared data is not changed by a sampler"
+
+    rerun = _run(path, registry, cache)
+    assert CALLS["centroid_fit"] == 1
+    for first, again in zip(repeats, [c for c in rerun.children if c.child.role == "repeat"]):
+        assert all(_stages(again).values()) or set(k for k, v in _stages(again).items() if not v) == {
+            "evaluate:top_pair_score", "evaluate:classification"}
+        assert np.array_equal(first.sample.sample.indices, again.sample.sample.indices)
+        assert first.sample.obs.equals(again.sample.obs), "a cached repeat restores its own sample columns"
+        assert first.leaf.metrics == again.leaf.metrics
+
+
+def test_unmet_needs_and_cell_sets_are_reported_before_any_compute(tmp_path):
+    registry = fixture_registry()
+    path = _write(tmp_path, f"""
+        schema_version: 1
+        name: needs
+        data: {SYNTHETIC}
+        extractors: [{{name: attention}}, {{name: pearson, cells: sample}}]
+        evaluators: [{{name: classification}}]
+    """)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path, registry=registry)
+    message = str(error.value)
+    assert "extractors.0: extractor 'attention' needs tokens" in message
+    assert "extractor 'attention' needs model" in message
+    assert "evaluators.0: evaluator 'classification' needs model" in message
+    assert "extractors.1.cells: is 'sample', but the recipe has no sampler" in message
+
+
+_PREPROCESSOR_SOURCE = '''
+"""An edited-by-the-test preprocessor."""
+import numpy as np
+from grnx_core import ComponentParams, Preprocessor
+
+class Shift(Preprocessor):
+    name = "shift"
+    description = "Add a constant."
+    reference = "https://example.org/shift"
+    writes = ("X",)
+
+    class Params(ComponentParams):
+        pass
+
+    def __call__(self, adata):
+        adata = adata.copy()
+        adata.X = np.asarray(adata.X) + OFFSET
+        return adata
+
+OFFSET = 1.0
+'''
+
+_EXTRACTOR_SOURCE = '''
+"""An edited-by-the-test extractor."""
+import numpy as np
+from grnx_core import ComponentParams, Extractor, Interactions
+
+class Covariance(Extractor):
+    name = "covariance"
+    description = "Gene pairs by covariance."
+    reference = "https://example.org/covariance"
+    needs = ("data", "cells")
+
+    class Params(ComponentParams):
+        pass
+
+    def extract(self, context):
+        adata, _ = context.sampled_adata()
+        matrix = np.cov(np.asarray(adata.X, dtype=float), rowvar=False) * SCALE
+        return Interactions.from_matrix(matrix, list(adata.var_names), directed=False, extractor=self.name)
+
+SCALE = 1.0
+'''
+
+
+def _edit_registry(tmp_path):
+    """A registry with the two modules above, (re)imported from their current source."""
+    registry = fixture_registry()
+    for name in ("grnx_edit_pre", "grnx_edit_ext"):
+        sys.modules.pop(name, None)
+    pre, ext = importlib.import_module("grnx_edit_pre"), importlib.import_module("grnx_edit_ext")
+    module = types.ModuleType("grnx_edit_plugin")
+    module.grnx_register_preprocessors = hookimpl(lambda register: register(pre.Shift))
+    module.grnx_register_extractors = hookimpl(lambda register: register(ext.Covariance))
+    registry.add_plugin(module, "edit-tests", "0")
+    return registry
+
+
+def test_editing_a_component_source_invalidates_that_step_and_later_ones_only(tmp_path, monkeypatch):
+    (tmp_path / "grnx_edit_pre.py").write_text(_PREPROCESSOR_SOURCE)
+    (tmp_path / "grnx_edit_ext.py").write_text(_EXTRACTOR_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _write(tmp_path, """
+        schema_version: 1
+        name: edits
+        data: {name: scanpy_builtin, params: {dataset: krumsiek11}}
+        preprocess: [{name: shift}, {name: scale_genes}]
+        extractors: [{name: covariance}]
+    """)
+    cache = Cache(tmp_path / "cache")
+
+    def cached():
+        result = _run(path, _edit_registry(tmp_path), cache)
+        return {report.stage: report.cached for report in result.stages}
+
+    assert not any(cached().values())
+    assert all(cached().values())
+    # A change to the extractor's module: only the extraction reruns.
+    (tmp_path / "grnx_edit_ext.py").write_text(_EXTRACTOR_SOURCE.replace("SCALE = 1.0", "SCALE = 2.0"))
+    assert cached() == {"data": True, "preprocess:0:shift": True, "preprocess:1:scale_genes": True,
+                        "extract:covariance": False}
+    # A change to the first preprocessor: it and everything after it rerun, the data stage does not.
+    (tmp_path / "grnx_edit_pre.py").write_text(_PREPROCESSOR_SOURCE.replace("OFFSET = 1.0", "OFFSET = 3.0"))
+    assert cached() == {"data": True, "preprocess:0:shift": False, "preprocess:1:scale_genes": False,
+                        "extract:covariance": False}
+
+
+def test_recipe_seed_reaches_the_split_and_the_umap(tmp_path):
+    registry = fixture_registry()
+    path = _write(tmp_path, f"""
+        schema_version: 1
+        name: seeds
+        data: {SYNTHETIC.replace("n_donors: 6", "n_donors: 12")}
+        preprocess:
+          - {{name: normalize_total, params: {{target_sum: 10000}}}}
+          - {{name: log1p}}
+          - {{name: pca, params: {{n_comps: 5}}}}
+          - {{name: neighbors, params: {{n_neighbors: 10}}}}
+          - {{name: umap, params: {{color_by: []}}}}
+          - {{name: split, params: {{test_fraction: 0.3}}}}
+    """)
+
+    def prepared(seed):
+        resolved = load_recipe(path, [f"seed={seed}"], registry=registry)
+        return Runner(resolved, cache=Cache(enabled=False)).run().context.adata
+
+    zero, again, one = prepared(0), prepared(0), prepared(1)
+    assert np.array_equal(zero.obsm["X_umap"], again.obsm["X_umap"])
+    assert zero.obs["split"].equals(again.obs["split"])
+    assert not np.allclose(zero.obsm["X_umap"], one.obsm["X_umap"]), "seed=1 must move the UMAP"
+    assert not zero.obs["split"].equals(one.obs["split"]), "seed=1 must change the donor split"
+
+
+def test_a_sweep_runs_every_point_as_a_child_with_group_aggregates_and_a_figure(tmp_path):
+    registry = fixture_registry()
+    path = _write(tmp_path, """
+        schema_version: 1
+        name: sweep
+        data: {name: scanpy_builtin, params: {dataset: krumsiek11}}
+        sampler: {name: stride, params: {step: 3}}
+        extractors: [{name: pearson}]
+        evaluators: [{name: top_pair_score}]
+        tracking: {experiment: sweep-tests}
+        sweep:
+          grid:
+            sampler.params.step: [3, 5]
+            extractors.0.params.rank_by: [abs, value]
+            seed: [0, 1]
+          plot: {metric: eval/top_pair_score/pearson/top_score, x: sampler.params.step}
+    """)
+    tracker = Tracker(os.environ["MLFLOW_TRACKING_URI"])
+    result = _run(path, registry, Cache(tmp_path / "cache"), tracker=tracker)
+    assert len(result.children) == 8 == len(result.child_run_ids)
+    client = MlflowClient(tracker.tracking_uri)
+    children = client.search_runs(
+        [tracker.experiment_id("sweep-tests")], f"tags.mlflow.parentRunId = '{result.run_id}'"
+    )
+    assert len(children) == 8
+    parent = client.get_run(result.run_id).data.metrics
+    for child in result.children:
+        values = child.child.resolved.recipe
+        label = f"step_{values.sampler.params['step']}-rank_by_{values.extractors[0].params['rank_by']}-seed_{values.seed}"
+        score = child.leaf.metrics["eval/top_pair_score/pearson/top_score"]
+        assert parent[f"sweep/{label}/eval/top_pair_score/pearson/top_score.mean"] == pytest.approx(score)
+        assert parent[f"sweep/{label}/eval/top_pair_score/pearson/top_score.n"] == 1
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "sweep")}
+    assert "sweep/groups.csv" in artifacts
+    assert "sweep/eval_top_pair_score_pearson_top_score_vs_sampler.params.step.png" in artifacts
+    # Points that differ only by an extractor's params share the sample: it is computed once per seed and step.
+    sampled = [report.cached for report in result.stages if report.stage == "sample"]
+    assert sampled.count(False) == 4
+
+
+def test_a_fully_cached_rerun_reads_no_matrix(tmp_path, monkeypatch):
+    import anndata
+    import scanpy as sc
+
+    adata = sc.datasets.krumsiek11()
+    adata.X = np.round(np.abs(adata.X) * 10)
+    adata.uns.clear()  # krumsiek11's uns has integer keys, which h5ad cannot hold
+    adata.obs_names_make_unique()
+    adata.write_h5ad(tmp_path / "data.h5ad")
+    registry = fixture_registry()
+    path = _write(tmp_path, f"""
+        schema_version: 1
+        name: backed
+        data: {{name: h5ad, params: {{path: {tmp_path / 'data.h5ad'}, backed: false}}}}
+        preprocess: [{{name: normalize_total, params: {{target_sum: 100}}}}]
+        sampler: {{name: stride, params: {{step: 3}}}}
+        extractors: [{{name: pearson}}]
+        evaluators: [{{name: top_pair_score}}]
+    """)
+    cache = Cache(tmp_path / "cache")
+    cold = _run(path, registry, cache)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError(f"the cached rerun read an AnnData: {args}")
+
+    monkeypatch.setattr(anndata, "read_h5ad", no_reading)
+    warm = _run(path, registry, cache)
+    assert warm.metrics == cold.metrics
+    assert set(warm.cached_stages) == {"data", "preprocess:0:normalize_total", "sample", "extract:pearson"}
+
+
+def test_a_cached_stage_logs_what_a_computed_one_logged(tmp_path):
+    registry = fixture_registry()
+    path = _write(tmp_path, PROTOCOL.replace("repeats: 3", "repeats: 1") + "tracking: {experiment: replay-tests}\n")
+    tracker = Tracker(os.environ["MLFLOW_TRACKING_URI"])
+    cache = Cache(tmp_path / "cache")
+    client = MlflowClient(tracker.tracking_uri)
+
+    def logged(run_id):
+        run = client.get_run(run_id)
+
+        def walk(folder=None):
+            for item in client.list_artifacts(run_id, folder):
+                yield from walk(item.path) if item.is_dir else [item.path]
+
+        history = client.get_metric_history(run_id, "train/n_cells")
+        return run.data.metrics, sorted(walk()), [(m.step, m.value) for m in history]
+
+    first = _run(path, registry, cache, tracker=tracker)
+    second = _run(path, registry, cache, tracker=tracker)
+    assert set(second.cached_stages) >= {"data", "preprocess:0:split", "sample", "model", "extract:pearson"}
+    metrics_1, artifacts_1, curve_1 = logged(first.run_id)
+    metrics_2, artifacts_2, curve_2 = logged(second.run_id)
+    assert metrics_1 == metrics_2
+    assert artifacts_1 == artifacts_2 and "model/centroid.json" in artifacts_1
+    assert curve_1 == curve_2 and curve_1

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import types
 
 import numpy as np
 from pydantic import Field
-
-import json
 
 from grnx_core import (
     CellSample,

@@ -1,4 +1,5 @@
-"""The ``grnx`` command: run, validate and show recipes, list plugins, open the MLflow UI.
+"""The ``grnx`` command: run, validate and show recipes, list plugins, inspect and clear the cache,
+open the MLflow UI.
 
 User errors (bad recipes, missing files, bad data) exit with status 2 and a short message; a
 traceback is printed only with ``--debug``.
@@ -55,20 +56,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(f"run {result.run_id or '(not tracked)'}: {result.status}")
-    if result.cached_stages:
-        print(f"from cache: {', '.join(result.cached_stages)}")
-    if result.metrics:
+    _print_summary(resolved, result, args)
+    return 0
+
+
+def _print_summary(resolved: Any, result: Any, args: argparse.Namespace) -> None:
+    """The compact end-of-run summary; ``--verbose`` adds every metric and the top pairs."""
+    from grnx_core.summary import headline_table, stage_line
+
+    recipe = resolved.recipe
+    nested = f", {len(result.children)} child runs" if result.children else ""
+    print(f"run {result.run_id or '(not tracked)'}: {result.status} ({recipe.name} v{recipe.version}{nested})")
+    for line in headline_table(result.metrics, list(result.interactions)):
+        print(f"  {line}")
+    print(f"  {stage_line(result.stages)}")
+    if args.verbose and result.metrics:
         width = max(len(name) for name in result.metrics)
         for name in sorted(result.metrics):
             print(f"  {name:<{width}}  {result.metrics[name]:.6g}")
-    for step_id, interactions in result.interactions.items():
-        top = interactions.table.head(5)
-        pairs = ", ".join(f"{s}-{t}" for s, t in zip(top["source"], top["target"]))
-        print(f"  {step_id}: {len(interactions)} pairs; top: {pairs}")
+    if args.verbose:
+        for step_id, interactions in result.interactions.items():
+            top = interactions.table.head(5)
+            pairs = ", ".join(f"{s}-{t}" for s, t in zip(top["source"], top["target"]))
+            print(f"  {step_id}: {len(interactions)} pairs; top: {pairs}")
     if result.run_id:
-        print("view: grnx ui")
-    return 0
+        if result.artifact_uri:
+            print(f"  artifacts: {result.artifact_uri}")
+        print(f"  view: grnx ui, then http://127.0.0.1:5000 (experiment {recipe.tracking.experiment!r})")
+    if not args.verbose:
+        print("  (--verbose lists every metric)")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -266,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="overrides such as seed=1 model.params.n_layers=2")
     run.add_argument("--no-cache", action="store_true", help="recompute every step")
     run.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    run.add_argument("--verbose", "-v", action="store_true", help="print every metric and the top pairs")
     run.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or mlflow/mlflow.db)")
     run.set_defaults(handler=cmd_run)
 

@@ -65,8 +65,9 @@ def grnx_run_started(context: RunContext, run_id: str | None) -> None:
 
 @hookspec
 def grnx_stage_finished(context: RunContext, stage: str, cached: bool) -> None:
-    """Called after each stage (``data``, ``preprocess``, ``sample``, ``tokenize``, ``model``,
-    ``extract:<id>``, ``evaluate:<id>``); ``cached`` is True when its output came from the cache."""
+    """Called after each stage of each leaf run: ``data``, ``preprocess:<index>:<name>``,
+    ``sample``, ``tokenize``, ``model``, ``extract:<id>``, ``evaluate:<id>``. ``cached`` is True
+    when the output came from the cache (or from another child of the same nested run)."""
 
 
 @hookspec

@@ -189,8 +189,19 @@ class Runner:
         aggregates: dict[str, float] = {}
         rows = []
         labelled = any(group.label for group in plan.groups)
+        # Sweep points that differ only in the sampler share one full-data reference run.
+        references: dict[str, ChildResult] = {}
         for group in plan.groups:
-            outcomes = [self._child(child, run, result) for child in group.children]
+            outcomes = []
+            for child in group.children:
+                identity = json.dumps(child.resolved.to_dict(), sort_keys=True) if child.role == "reference" else ""
+                if identity and identity in references:
+                    outcomes.append(references[identity])
+                    continue
+                outcome = self._child(child, run, result)
+                if identity:
+                    references[identity] = outcome
+                outcomes.append(outcome)
             repeats = [o for o in outcomes if o.child.role != "reference"]
             reference = next((o for o in outcomes if o.child.role == "reference"), None)
             group_metrics = self._aggregate(group, repeats, reference)

@@ -282,6 +282,11 @@ class TrackedRun:
         self.client = tracker.client
         self.run_id = run_id
 
+    @property
+    def artifact_uri(self) -> str:
+        """Where the run's artifacts are (a file:// URI for the default store)."""
+        return str(self.client.get_run(self.run_id).info.artifact_uri)
+
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 

@@ -57,12 +57,30 @@ def test_validate_a_folder(tmp_path, capsys):
     assert f"invalid: {tmp_path / 'bad.yaml'}" in captured.err
 
 
-def test_run_untracked_prints_the_top_pairs(tmp_path, capsys):
+def test_run_untracked_prints_the_top_pairs_when_verbose(tmp_path, capsys):
     path = tmp_path / "r.yaml"
     path.write_text(textwrap.dedent(RECIPE))
     assert main(["run", str(path), "--no-track", "--no-cache"]) == 0
     out = capsys.readouterr().out
-    assert "run (not tracked): FINISHED" in out and "pearson: 55 pairs; top:" in out
+    assert "run (not tracked): FINISHED" in out and "pearson: 55 pairs; top:" not in out
+    assert "stages: " in out and "(--verbose lists every metric)" in out
+    assert main(["run", str(path), "--no-track", "--no-cache", "--verbose"]) == 0
+    assert "pearson: 55 pairs; top:" in capsys.readouterr().out
+
+
+def test_run_summary_has_a_row_per_extractor_and_the_headline_metrics(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(textwrap.dedent(RECIPE) + textwrap.dedent("""
+        evaluators:
+          - {name: auprc, params: {ground_truth: {source: data}}}
+          - {name: nes, params: {ground_truth: {source: data}, permutations: 100}}
+    """))
+    assert main(["run", str(path), "--no-track"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.strip().startswith("extractor"))
+    assert header.split() == ["extractor", "AUPRC/rand", "EPR", "NES", "p"]
+    row = next(line for line in lines if line.strip().startswith("pearson"))
+    assert len(row.split()) == 5 and all(cell != "-" for cell in row.split())
 
 
 def test_missing_data_file_is_a_user_error(tmp_path, capsys, monkeypatch):

@@ -509,6 +509,10 @@ class _Leaf:
         return self._stage("sample", "sample", self.keys["sample"], compute, _load_sample).get()
 
     def tokens(self) -> TokenValue:
+        return self._tokens_stage().get()
+
+    def _tokens_stage(self) -> Lazy:
+        """The tokenize stage; its value (the token files) is loaded only on ``get()``."""
         step = self.tokenizer_step
         assert step is not None
 
@@ -535,7 +539,7 @@ class _Leaf:
                 return _FromEntry()
             return TokenValue(tokens, tokenizer)
 
-        return self._stage("tokenize", "tokenize", self.keys["tokens"], compute, self._load_tokens).get()
+        return self._stage("tokenize", "tokenize", self.keys["tokens"], compute, self._load_tokens)
 
     def _load_tokens(self, folder: Path) -> TokenValue:
         tokenizer = None
@@ -650,6 +654,8 @@ class _Leaf:
         self.prepared()  # logs every preprocess step; reads no matrix when the last one is cached
         if self.sampler_step is not None:
             result.sample = self.sample()
+        if self.tokenizer_step is not None:  # runs even when no later stage reads the tokens
+            self._tokens_stage()
         if self.model_step is not None:
             self.model()
         for step in self.resolved.steps_of("extractors"):

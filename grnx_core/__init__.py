@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from grnx_core.components import (
+    AttentionModel,
     Component,
     ComponentParams,
     DataSource,
@@ -15,13 +16,22 @@ from grnx_core.components import (
     Tokenizer,
 )
 from grnx_core.context import DataRoles, NullLogger, RunContext
-from grnx_core.data_types import CellSample, EvaluationResult, GroundTruth, Interactions, TokenizedCells
+from grnx_core.data_types import (
+    CellAttention,
+    CellSample,
+    EvaluationResult,
+    GroundTruth,
+    Interactions,
+    TokenizedCells,
+)
 from grnx_core.errors import DataError, GrnxError, PluginError, RecipeError
 from grnx_core.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionModel",
+    "CellAttention",
     "CellSample",
     "Component",
     "ComponentParams",

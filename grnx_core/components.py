@@ -10,8 +10,9 @@ Fitted state ends in ``_``.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from grnx_core.context import RunContext
-    from grnx_core.data_types import CellSample, EvaluationResult, Interactions, TokenizedCells
+    from grnx_core.data_types import CellAttention, CellSample, EvaluationResult, Interactions, TokenizedCells
 
 
 class Kind(str, Enum):
@@ -209,6 +210,27 @@ class Model(Component):
     @classmethod
     def load(cls, path: Path) -> Model:
         raise NotImplementedError
+
+
+@runtime_checkable
+class AttentionModel(Protocol):
+    """A fitted model that yields per-cell attention maps (celluformer, geneformer, scgpt).
+
+    Extractors reach models only through contracts like this one, never through a plugin's
+    internals; ``token_info_["special_ids"]`` names the token ids that are not genes.
+    """
+
+    def attention(
+        self,
+        tokens: TokenizedCells,
+        *,
+        cells: np.ndarray | None = None,
+        layers: list[int] | None = None,
+        heads: list[int] | None = None,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        include_special: bool = False,
+    ) -> Iterator[CellAttention]: ...
 
 
 class Extractor(Component):

@@ -128,6 +128,17 @@ class RunContext:
             return adata, np.ones(adata.n_obs)
         return adata[self.sample.indices], self.sample.weights
 
+    def cell_column(self, tokens: TokenizedCells, key: str) -> pd.Series | None:
+        """A per-cell column for ``tokens``: from their carried obs, else from ``adata`` by cell name."""
+        if key in tokens.obs.columns:
+            return tokens.obs[key]
+        adata = self.adata
+        if adata is not None and key in adata.obs.columns:
+            names = tokens.obs.index
+            if names.isin(adata.obs_names).all():
+                return adata.obs.loc[names, key]
+        return None
+
     def require_obs(self, key: str | None, role: str, who: str) -> str:
         """Check an obs column exists; ``role`` names what it is for in the message."""
         adata = self.require_adata(who)

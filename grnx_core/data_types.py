@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -180,6 +180,20 @@ class TokenizedCells:
             vocabulary=meta["vocabulary"],
             metadata=meta["metadata"],
         )
+
+
+class CellAttention(NamedTuple):
+    """One cell's attention map over its genes, as attention models yield it.
+
+    ``cell`` is the row of the TokenizedCells, ``token_ids`` the cell's tokens in sequence order
+    (special tokens only when asked for), ``attention[a, b]`` the attention token ``a`` pays to
+    token ``b``, averaged over the chosen layers and heads (float32, diagonal kept; usually a
+    read-only-by-convention view into its batch's array, so copy it before modifying it).
+    """
+
+    cell: int
+    token_ids: np.ndarray
+    attention: np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,16 +142,11 @@ GENEFORMER_DICTIONARIES = Case(
     ),
 )
 
-SCANPY_COUNTS_BUG = {
-    "counts_declared": "scanpy_builtin declares its counts in uns['grnx']['counts'], not in "
-                       "uns['grnx_data']['counts'] like every other data source (record_source)",
-}
-
 #: "kind:name" -> the Case(s) a built-in runs with; components not listed run with their defaults.
 CASES: dict[str, Case | list[Case]] = {
     "data:scanpy_builtin": [
-        Case({"dataset": "krumsiek11"}, name="krumsiek11", xfail=SCANPY_COUNTS_BUG),
-        Case({"dataset": "pbmc68k_reduced"}, name="pbmc68k_reduced", xfail=SCANPY_COUNTS_BUG),
+        Case({"dataset": "krumsiek11"}, name="krumsiek11"),
+        Case({"dataset": "pbmc68k_reduced"}, name="pbmc68k_reduced"),
     ],
     "data:h5ad": Case(lambda f: {"path": str(f.h5ad)}, dense_params=lambda f: {"path": str(f.h5ad_dense)}),
     "data:10x_mtx": Case(lambda f: {"path": str(f.mtx_folder)}),
@@ -159,12 +154,7 @@ CASES: dict[str, Case | list[Case]] = {
     "data:synthetic": Case({"n_cells": 60, "n_genes": 30, "n_regulators": 6, "n_donors": 4}),
     "data:rosmap": Case(_rosmap_params),
     "preprocessor:map_gene_ids": Case(lambda f: {"table": str(f.gene_table)}),
-    "preprocessor:scrublet": Case(
-        {"n_prin_comps": 5},
-        xfail={"sparse_dense": "doublet scores differ by up to 0.008 between CSR and dense counts: scanpy's "
-                               "scrublet runs its arpack PCA on the layout it is given, and the step passes "
-                               "the counts on unconverted"},
-    ),
+    "preprocessor:scrublet": Case({"n_prin_comps": 5}),
     "preprocessor:qc_filter": Case({"min_genes": 5, "min_cells": 3, "max_pct_mt": 60}),
     "preprocessor:normalize_total": Case({"key_added": "size_factor"}),
     "preprocessor:highly_variable_genes": [

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 from pydantic import Field
 
 from grnx_core import ComponentParams, DataError, DataSource
+from grnx_plugins.data._common import record_source
 
 
 def krumsiek11_network() -> pd.DataFrame:
@@ -64,7 +65,7 @@ class ScanpyBuiltin(DataSource):
             # h5ad needs string keys; scanpy keys the highlighted cells by index.
             adata.uns["highlights"] = {str(k): v for k, v in adata.uns.get("highlights", {}).items()}
             # Simulated continuous expression: there are no counts to keep.
-            adata.uns["grnx"] = {"counts": None, "dataset": "krumsiek11"}
+            record_source(adata, self.name, None, dataset="krumsiek11")
             return adata
         return self._pbmc68k_counts()
 
@@ -90,7 +91,7 @@ class ScanpyBuiltin(DataSource):
             X=counts.copy(), obs=reduced.obs.copy(), var=pd.DataFrame(index=reduced.raw.var_names.copy())
         )
         adata.layers["counts"] = counts
-        adata.uns["grnx"] = {"counts": "layers/counts", "dataset": "pbmc68k_reduced"}
+        record_source(adata, self.name, "layers/counts", dataset="pbmc68k_reduced")
         return adata
 
     def ground_truth(self) -> pd.DataFrame | None:

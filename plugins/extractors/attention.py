@@ -9,6 +9,7 @@ import pandas as pd
 from pydantic import Field
 
 from grnx_core import ComponentParams, DataError, Extractor, Interactions, RunContext
+from grnx_core.components import AttentionModel
 
 
 class AttentionExtractor(Extractor):
@@ -60,7 +61,7 @@ class AttentionExtractor(Extractor):
 
     def _model(self, context: RunContext) -> Any:
         model = context.model
-        if model is None or not callable(getattr(model, "attention", None)):
+        if model is None or not isinstance(model, AttentionModel):
             found = "no model" if model is None else f"model {getattr(model, 'name', type(model).__name__)!r}"
             raise DataError(
                 f"extractor 'attention' needs a transformer with an attention API (celluformer, "
@@ -87,15 +88,13 @@ class AttentionExtractor(Extractor):
         everyone = np.arange(tokens.n_cells)
         if self.variant == "all":
             return [everyone]
-        from grnx_plugins.models._base import TokenModel
-
         key = self.group_key or context.roles.label_key
         if key is None or self.case is None:
             raise DataError(
                 f"extractor 'attention' variant {self.variant!r} needs params.case (the disease "
                 f"label) and a label column (params.group_key or data.label_key)."
             )
-        column = TokenModel.obs_column(context, tokens, key)
+        column = context.cell_column(tokens, key)
         if column is None:
             raise DataError(f"extractor 'attention': obs column {key!r} is not in the tokens or the data.")
         values = column.astype(str).to_numpy()

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from grnx_core.atomic import atomic_path
 from grnx_core.components import Model
+from grnx_core.data_types import CellAttention
 from grnx_core.errors import DataError, GrnxError
 
 if TYPE_CHECKING:
@@ -25,20 +26,6 @@ if TYPE_CHECKING:
     from grnx_core.data_types import TokenizedCells
 
 MODEL_FILE = "grnx_model.json"
-
-
-class CellAttention(NamedTuple):
-    """One cell's attention map over its genes.
-
-    ``cell`` is the row of the TokenizedCells, ``token_ids`` the cell's tokens in sequence order
-    (special tokens only when asked for), ``attention[a, b]`` the attention token ``a`` pays to
-    token ``b``, averaged over the chosen layers and heads (float32, diagonal kept; usually a
-    read-only-by-convention view into its batch's array, so copy it before modifying it).
-    """
-
-    cell: int
-    token_ids: np.ndarray
-    attention: np.ndarray
 
 
 def special_token_ids(tokens: TokenizedCells) -> list[int]:
@@ -138,15 +125,8 @@ class TokenModel(Model):
 
     @staticmethod
     def obs_column(context: RunContext, tokens: TokenizedCells, key: str) -> pd.Series | None:
-        """A per-cell column from the tokens' obs, else from ``context.adata`` by cell name."""
-        if key in tokens.obs.columns:
-            return tokens.obs[key]
-        adata = context.adata
-        if adata is not None and key in adata.obs.columns:
-            names = tokens.obs.index
-            if names.isin(adata.obs_names).all():
-                return adata.obs.loc[names, key]
-        return None
+        """A per-cell column from the tokens' obs, else from the data (``RunContext.cell_column``)."""
+        return context.cell_column(tokens, key)
 
     def training_candidates(self, context: RunContext, tokens: TokenizedCells) -> np.ndarray:
         """Cells allowed in training: ``split == "train"`` when a split exists, else all."""

@@ -319,3 +319,21 @@ def test_a_cached_stage_logs_what_a_computed_one_logged(tmp_path):
     assert metrics_1 == metrics_2
     assert artifacts_1 == artifacts_2 and "model/centroid.json" in artifacts_1
     assert curve_1 == curve_2 and curve_1
+
+
+def test_extractors_reach_models_only_through_grnx_core_contracts():
+    from pathlib import Path
+
+    extractors = Path(__file__).resolve().parents[2] / "plugins" / "extractors"
+    for module in sorted(extractors.glob("*.py")):
+        source = module.read_text()
+        assert "grnx_plugins.models" not in source, f"{module.name} imports a model plugin's internals"
+
+
+def test_attention_models_satisfy_the_attention_contract():
+    from grnx_core import AttentionModel
+    from grnx_plugins.models.celluformer import CelluFormer
+    from grnx_plugins.models.mlp import MLP
+
+    assert issubclass(CelluFormer, AttentionModel)
+    assert not issubclass(MLP, AttentionModel)

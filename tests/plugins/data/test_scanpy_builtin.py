@@ -23,7 +23,7 @@ def test_krumsiek11_loads_with_unique_names_and_no_counts():
     source = ScanpyBuiltin(dataset="krumsiek11")
     adata = source.load()
     assert adata.shape == (640, 11) and adata.obs_names.is_unique
-    assert adata.uns["grnx"]["counts"] is None
+    assert adata.uns["grnx_data"]["counts"] == "none"
     assert set(source.ground_truth()["source"]) <= set(adata.var_names)
 
 

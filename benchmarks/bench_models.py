@@ -45,7 +45,13 @@ SIZES = {
     },
     "quick": {
         "celluformer": {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "dropout": 0.1},
-        "geneformer": {"architecture": "v1", "n_layers": 2, "hidden_size": 32, "n_heads": 4, "intermediate_size": 64},
+        "geneformer": {
+            "architecture": "v1",
+            "n_layers": 2,
+            "hidden_size": 32,
+            "n_heads": 4,
+            "intermediate_size": 64,
+        },
         "scgpt": {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "dropout": 0.2},
         "mlp": {"hidden_sizes": [128, 64], "dropout": 0.1},
     },
@@ -69,10 +75,12 @@ def make_tokens(model: str, n_cells: int, length: int, seed: int = 0):
         specials, prefix = ["<pad>"], []
     vocabulary = specials + [f"G{i}" for i in range(N_GENES)]
     n_body = length - len(prefix)
-    ids = np.concatenate([
-        np.r_[prefix, rng.choice(np.arange(len(specials), len(vocabulary)), n_body, replace=False)]
-        for _ in range(n_cells)
-    ])
+    ids = np.concatenate(
+        [
+            np.r_[prefix, rng.choice(np.arange(len(specials), len(vocabulary)), n_body, replace=False)]
+            for _ in range(n_cells)
+        ]
+    )
     if model == "geneformer":
         values = None
     elif model == "scgpt":
@@ -83,9 +91,12 @@ def make_tokens(model: str, n_cells: int, length: int, seed: int = 0):
     labels = np.where(np.arange(n_cells) % 2 == 0, "case", "control")
     metadata = {"pad_id": 0, "pad_value": -2.0 if model == "scgpt" else 0.0, "vocab_size": len(vocabulary)}
     return TokenizedCells(
-        input_ids=ids, offsets=np.arange(n_cells + 1) * length,
+        input_ids=ids,
+        offsets=np.arange(n_cells + 1) * length,
         obs=pd.DataFrame({"label": labels}, index=[f"c{i}" for i in range(n_cells)]),
-        values=values, vocabulary=vocabulary, metadata=metadata,
+        values=values,
+        vocabulary=vocabulary,
+        metadata=metadata,
     )
 
 
@@ -95,8 +106,11 @@ def make_adata(n_cells: int, n_genes: int):
     rng = np.random.default_rng(0)
     x = rng.poisson(1.0, (n_cells, n_genes)).astype(np.float32)
     labels = np.where(np.arange(n_cells) % 2 == 0, "case", "control")
-    return ad.AnnData(X=x, obs=pd.DataFrame({"label": labels}, index=[f"c{i}" for i in range(n_cells)]),
-                      var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]))
+    return ad.AnnData(
+        X=x,
+        obs=pd.DataFrame({"label": labels}, index=[f"c{i}" for i in range(n_cells)]),
+        var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]),
+    )
 
 
 def worker(spec: dict) -> dict:
@@ -112,18 +126,35 @@ def worker(spec: dict) -> dict:
     params = dict(SIZES[spec["size"]][name])
     if name == "geneformer" and length > 2048:
         params["max_positions"] = length
-    train = SimpleNamespace(epochs=1, batch_size=batch, learning_rate=1e-4, validation_fraction=0.0,
-                            device="cpu", optimizer="adam", max_grad_norm=1.0)
+    train = SimpleNamespace(
+        epochs=1,
+        batch_size=batch,
+        learning_rate=1e-4,
+        validation_fraction=0.0,
+        device="cpu",
+        optimizer="adam",
+        max_grad_norm=1.0,
+    )
     if name == "mlp":
         adata = make_adata(n_cells, length)
-        context = RunContext(roles=DataRoles(label_key="label"), adata=adata, recipe=SimpleNamespace(train=train))
-        warm = RunContext(roles=DataRoles(label_key="label"), adata=make_adata(8, length),
-                          recipe=SimpleNamespace(train=train))
+        context = RunContext(
+            roles=DataRoles(label_key="label"), adata=adata, recipe=SimpleNamespace(train=train)
+        )
+        warm = RunContext(
+            roles=DataRoles(label_key="label"),
+            adata=make_adata(8, length),
+            recipe=SimpleNamespace(train=train),
+        )
     else:
         tokens = make_tokens(name, n_cells, length)
-        context = RunContext(roles=DataRoles(label_key="label"), tokens=tokens, recipe=SimpleNamespace(train=train))
-        warm = RunContext(roles=DataRoles(label_key="label"), tokens=make_tokens(name, 4, 16),
-                          recipe=SimpleNamespace(train=train))
+        context = RunContext(
+            roles=DataRoles(label_key="label"), tokens=tokens, recipe=SimpleNamespace(train=train)
+        )
+        warm = RunContext(
+            roles=DataRoles(label_key="label"),
+            tokens=make_tokens(name, 4, 16),
+            recipe=SimpleNamespace(train=train),
+        )
     cls(**params).fit(warm)  # imports and first-call set-up stay out of the timing
     baseline = rss_mb()
     started = time.perf_counter()
@@ -162,14 +193,16 @@ def worker(spec: dict) -> dict:
     started = time.perf_counter()
     extractor.aggregate(model, extract_context, cells, np.ones(len(cells)), universe)
     extract = time.perf_counter() - started
-    result.update({
-        "forward_cells_per_s": eval_tokens.n_cells / forward,
-        "attention_cells_per_s": eval_tokens.n_cells / attention,
-        "attention_over_forward": attention / forward,
-        "extract_cells_per_s": eval_tokens.n_cells / extract,
-        "extract_genes": len(universe),
-        "peak_mb": rss_mb(),
-    })
+    result.update(
+        {
+            "forward_cells_per_s": eval_tokens.n_cells / forward,
+            "attention_cells_per_s": eval_tokens.n_cells / attention,
+            "attention_over_forward": attention / forward,
+            "extract_cells_per_s": eval_tokens.n_cells / extract,
+            "extract_genes": len(universe),
+            "peak_mb": rss_mb(),
+        }
+    )
     return result
 
 
@@ -188,30 +221,52 @@ def main() -> None:
         return
     size = "quick" if args.quick else "default"
     lengths = args.lengths or ([64, 128] if args.quick else [256, 1024, 2048])
-    print(f"grnx model benchmark ({size} sizes, CPU, {args.threads} torch thread(s), training batch "
-          f"{args.batch_size}); reference: attention extraction vs a plain forward pass, target <= 1.5x")
-    header = (f"{'model':<12}{'L':>6}{'train cells/s':>15}{'train peak MB':>15}{'+MB':>8}"
-              f"{'fwd cells/s':>13}{'attn cells/s':>14}{'attn/fwd':>10}{'extract cells/s':>17}")
+    print(
+        f"grnx model benchmark ({size} sizes, CPU, {args.threads} torch thread(s), training batch "
+        f"{args.batch_size}); reference: attention extraction vs a plain forward pass, target <= 1.5x"
+    )
+    header = (
+        f"{'model':<12}{'L':>6}{'train cells/s':>15}{'train peak MB':>15}{'+MB':>8}"
+        f"{'fwd cells/s':>13}{'attn cells/s':>14}{'attn/fwd':>10}{'extract cells/s':>17}"
+    )
     print(header)
     print("-" * len(header))
     for name in args.models:
         for length in lengths:
             n_cells = max(4, min(32, 8192 // length)) if not args.quick else 16
-            spec = {"model": name, "length": length, "n_cells": n_cells, "batch_size": args.batch_size,
-                    "size": size, "threads": args.threads, "n_eval": n_cells, "repeats": args.repeats,
-                    "attention_batch": args.batch_size}
+            spec = {
+                "model": name,
+                "length": length,
+                "n_cells": n_cells,
+                "batch_size": args.batch_size,
+                "size": size,
+                "threads": args.threads,
+                "n_eval": n_cells,
+                "repeats": args.repeats,
+                "attention_batch": args.batch_size,
+            }
             completed = subprocess.run(
-                [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                [sys.executable, __file__, "--worker", json.dumps(spec)],
+                capture_output=True,
+                text=True,
             )
             if completed.returncode != 0:
                 print(f"{name:<12}{length:>6}  failed: {completed.stderr.strip().splitlines()[-1]}")
                 continue
             r = json.loads(completed.stdout.strip().splitlines()[-1])
-            attention = (f"{r['forward_cells_per_s']:>13.2f}{r['attention_cells_per_s']:>14.2f}"
-                         f"{r['attention_over_forward']:>9.2f}x{r['extract_cells_per_s']:>17.2f}"
-                         ) if "attention_over_forward" in r else f"{'-':>13}{'-':>14}{'-':>10}{'-':>17}"
-            print(f"{name:<12}{length:>6}{r['train_cells_per_s']:>15.2f}{r['train_peak_mb']:>15.0f}"
-                  f"{r['train_growth_mb']:>8.0f}{attention}", flush=True)
+            attention = (
+                (
+                    f"{r['forward_cells_per_s']:>13.2f}{r['attention_cells_per_s']:>14.2f}"
+                    f"{r['attention_over_forward']:>9.2f}x{r['extract_cells_per_s']:>17.2f}"
+                )
+                if "attention_over_forward" in r
+                else f"{'-':>13}{'-':>14}{'-':>10}{'-':>17}"
+            )
+            print(
+                f"{name:<12}{length:>6}{r['train_cells_per_s']:>15.2f}{r['train_peak_mb']:>15.0f}"
+                f"{r['train_growth_mb']:>8.0f}{attention}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

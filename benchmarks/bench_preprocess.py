@@ -29,7 +29,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KANG = Path(os.environ.get("GRNX_SHARED_DATA", REPO.parent / "shared" / "data")) / "scrna" / "kang2018_pbmc_ifnb"
+KANG = (
+    Path(os.environ.get("GRNX_SHARED_DATA", REPO.parent / "shared" / "data")) / "scrna" / "kang2018_pbmc_ifnb"
+)
+
 
 def chain(batch_key: str, n_top_genes: int, n_neighbors: int) -> list[tuple[str, dict]]:
     """The grnx steps (name, params); run_scanpy makes the same calls with the same settings."""
@@ -81,8 +84,12 @@ def run_scanpy(adata, steps):
         # Same work-around as the grnx step where scanpy's approximate neighbours are broken.
         largest = int(adata.obs[params["scrublet"]["batch_key"]].value_counts().max())
         exact = scanpy_knn_is_broken() and largest * 3 >= 8192
-        sc.pp.scrublet(adata, batch_key=params["scrublet"]["batch_key"], verbose=False,
-                       use_approx_neighbors=False if exact else None)
+        sc.pp.scrublet(
+            adata,
+            batch_key=params["scrublet"]["batch_key"],
+            verbose=False,
+            use_approx_neighbors=False if exact else None,
+        )
         return adata[~adata.obs["predicted_doublet"].to_numpy()].copy()
 
     adata = timed("scrublet", scrublet)
@@ -97,16 +104,28 @@ def run_scanpy(adata, steps):
     adata = timed("qc_filter", qc)
     timed("normalize_total", lambda: sc.pp.normalize_total(adata, target_sum=10_000))
     timed("log1p", lambda: sc.pp.log1p(adata))
-    timed("highly_variable_genes", lambda: sc.pp.highly_variable_genes(
-        adata, n_top_genes=params["highly_variable_genes"]["n_top_genes"], subset=True))
+    timed(
+        "highly_variable_genes",
+        lambda: sc.pp.highly_variable_genes(
+            adata, n_top_genes=params["highly_variable_genes"]["n_top_genes"], subset=True
+        ),
+    )
     timed("regress_out", lambda: sc.pp.regress_out(adata, keys=["total_counts"]))
     timed("scale", lambda: sc.pp.scale(adata, max_value=10))
     timed("pca", lambda: sc.pp.pca(adata, n_comps=50, random_state=0))
     k = params["neighbors"]["n_neighbors"]
-    timed("neighbors", lambda: sc.pp.neighbors(
-        adata, n_neighbors=k, random_state=0, transformer=knn_transformer(adata.n_obs, k, "euclidean", 0)))
-    timed("leiden", lambda: sc.tl.leiden(adata, resolution=1.0, flavor="igraph", n_iterations=2,
-                                         directed=False, random_state=0))
+    timed(
+        "neighbors",
+        lambda: sc.pp.neighbors(
+            adata, n_neighbors=k, random_state=0, transformer=knn_transformer(adata.n_obs, k, "euclidean", 0)
+        ),
+    )
+    timed(
+        "leiden",
+        lambda: sc.tl.leiden(
+            adata, resolution=1.0, flavor="igraph", n_iterations=2, directed=False, random_state=0
+        ),
+    )
     timed("umap", lambda: sc.tl.umap(adata, random_state=0))
     return adata, timings
 
@@ -120,8 +139,17 @@ def worker(side: str, path: str, steps: list) -> None:
     adata, timings = (run_grnx if side == "grnx" else run_scanpy)(adata, steps)
     total = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
-    print(json.dumps({"timings": timings, "total": total, "peak_mib": peak, "shape": list(adata.shape),
-                      "n_clusters": int(adata.obs["leiden"].nunique())}))
+    print(
+        json.dumps(
+            {
+                "timings": timings,
+                "total": total,
+                "peak_mib": peak,
+                "shape": list(adata.shape),
+                "n_clusters": int(adata.obs["leiden"].nunique()),
+            }
+        )
+    )
 
 
 def warm_up() -> None:
@@ -161,10 +189,13 @@ def prepare(dataset: str, n_cells: int, folder: Path) -> tuple[Path, str, int]:
 
         start = time.perf_counter()
         # 16 libraries, as in a multi-donor atlas (scrublet's cost grows with the square of a library).
-        adata = Synthetic(n_cells=n_cells, n_genes=2000, n_regulators=200, mean_depth=3000.0, n_donors=32,
-                          n_batches=16).load()
-        print(f"  synthetic: simulated {n_cells:,} cells x 2,000 genes in {time.perf_counter() - start:.1f} s "
-              f"({adata.X.nnz / adata.X.shape[0]:.0f} non-zeros per cell)")
+        adata = Synthetic(
+            n_cells=n_cells, n_genes=2000, n_regulators=200, mean_depth=3000.0, n_donors=32, n_batches=16
+        ).load()
+        print(
+            f"  synthetic: simulated {n_cells:,} cells x 2,000 genes in {time.perf_counter() - start:.1f} s "
+            f"({adata.X.nnz / adata.X.shape[0]:.0f} non-zeros per cell)"
+        )
         batch_key, n_top = "batch", 1000
     path = folder / f"{dataset}.h5ad"
     adata.write_h5ad(path)
@@ -178,30 +209,51 @@ def compare(dataset: str, n_cells: int, folder: Path, repeats: int) -> None:
     for _ in range(repeats):  # interleaved, so load from other processes hits both sides alike
         for side in ("grnx", "scanpy"):
             output = subprocess.run(
-                [sys.executable, __file__, "--worker", side, "--path", str(path), "--steps", json.dumps(steps)],
-                capture_output=True, text=True, check=False,
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    side,
+                    "--path",
+                    str(path),
+                    "--steps",
+                    json.dumps(steps),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if output.returncode != 0:
                 raise SystemExit(f"{side} worker failed:\n{output.stderr[-3000:]}")
             runs[side].append(json.loads(output.stdout.strip().splitlines()[-1]))
     # Best of the repeats, per step (the usual way to time on a shared machine).
-    grnx, scanpy = ({
-        "timings": {name: min(r["timings"][name] for r in side_runs) for name, _ in steps},
-        "total": min(r["total"] for r in side_runs),
-        "peak_mib": max(r["peak_mib"] for r in side_runs),
-        "shape": side_runs[0]["shape"], "n_clusters": side_runs[0]["n_clusters"],
-    } for side_runs in (runs["grnx"], runs["scanpy"]))
+    grnx, scanpy = (
+        {
+            "timings": {name: min(r["timings"][name] for r in side_runs) for name, _ in steps},
+            "total": min(r["total"] for r in side_runs),
+            "peak_mib": max(r["peak_mib"] for r in side_runs),
+            "shape": side_runs[0]["shape"],
+            "n_clusters": side_runs[0]["n_clusters"],
+        }
+        for side_runs in (runs["grnx"], runs["scanpy"])
+    )
     print(f"\n{dataset}: best of {repeats} interleaved run(s) per side")
-    print(f"\n{dataset}: {path.name}, result {grnx['shape'][0]:,} x {grnx['shape'][1]:,} (scanpy "
-          f"{scanpy['shape'][0]:,} x {scanpy['shape'][1]:,}), Leiden clusters {grnx['n_clusters']} / {scanpy['n_clusters']}")
+    print(
+        f"\n{dataset}: {path.name}, result {grnx['shape'][0]:,} x {grnx['shape'][1]:,} (scanpy "
+        f"{scanpy['shape'][0]:,} x {scanpy['shape'][1]:,}), Leiden clusters {grnx['n_clusters']} / {scanpy['n_clusters']}"
+    )
     print(f"  {'step':<24}{'grnx s':>10}{'scanpy s':>10}{'ratio':>8}")
     for name, _ in steps:
         a, b = grnx["timings"][name], scanpy["timings"][name]
         print(f"  {name:<24}{a:>10.2f}{b:>10.2f}{a / b if b > 0 else float('nan'):>8.2f}")
-    print(f"  {'total':<24}{grnx['total']:>10.2f}{scanpy['total']:>10.2f}{grnx['total'] / scanpy['total']:>8.2f}"
-          f"   (target <= 1.10)")
-    print(f"  {'peak RSS MiB':<24}{grnx['peak_mib']:>10.0f}{scanpy['peak_mib']:>10.0f}"
-          f"{grnx['peak_mib'] / scanpy['peak_mib']:>8.2f}")
+    print(
+        f"  {'total':<24}{grnx['total']:>10.2f}{scanpy['total']:>10.2f}{grnx['total'] / scanpy['total']:>8.2f}"
+        f"   (target <= 1.10)"
+    )
+    print(
+        f"  {'peak RSS MiB':<24}{grnx['peak_mib']:>10.0f}{scanpy['peak_mib']:>10.0f}"
+        f"{grnx['peak_mib'] / scanpy['peak_mib']:>8.2f}"
+    )
 
 
 def main() -> None:
@@ -209,8 +261,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10,000 synthetic cells instead of 100,000")
     parser.add_argument("--synthetic-cells", type=int, default=None, help="number of synthetic cells")
     parser.add_argument("--no-kang", action="store_true", help="skip the Kang 2018 data")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per side on Kang (best kept)")
-    parser.add_argument("--synthetic-repeats", type=int, default=1, help="runs per side on the synthetic data")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved runs per side on Kang (best kept)"
+    )
+    parser.add_argument(
+        "--synthetic-repeats", type=int, default=1, help="runs per side on the synthetic data"
+    )
     parser.add_argument("--worker", choices=["grnx", "scanpy"], help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--steps", help=argparse.SUPPRESS)

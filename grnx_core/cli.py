@@ -66,7 +66,9 @@ def _print_summary(resolved: Any, result: Any, args: argparse.Namespace) -> None
 
     recipe = resolved.recipe
     nested = f", {len(result.children)} child runs" if result.children else ""
-    print(f"run {result.run_id or '(not tracked)'}: {result.status} ({recipe.name} v{recipe.version}{nested})")
+    print(
+        f"run {result.run_id or '(not tracked)'}: {result.status} ({recipe.name} v{recipe.version}{nested})"
+    )
     for line in headline_table(result.metrics, list(result.interactions)):
         print(f"  {line}")
     print(f"  {stage_line(result.stages)}")
@@ -125,7 +127,9 @@ def _describe_params(cls: Any) -> list[str]:
     fields = cls.Params.model_fields.items()
     # Required params first: inherited params (shared mixins) would otherwise lead the list.
     for name, info in sorted(fields, key=lambda item: not item[1].is_required()):
-        default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
+        default = (
+            "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
+        )
         annotation = _type_name(info.annotation)
         lines.append(f"      {name} ({annotation}, {default}): {info.description or ''}".rstrip(": "))
     return lines
@@ -170,8 +174,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from grnx_core.tracking import artifact_root_for, default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-               "--port", str(args.port)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     artifact_root = artifact_root_for(uri)
     if artifact_root is not None:
         command += ["--default-artifact-root", artifact_root.resolve().as_uri()]
@@ -212,15 +226,22 @@ def cmd_cache(args: argparse.Namespace) -> int:
             (s.stage, str(s.n_entries), format_size(s.n_bytes), when(s.newest_use), when(s.oldest_use))
             for s in summary
         ]
-        rows.append((
-            "total", str(sum(s.n_entries for s in summary)), format_size(sum(s.n_bytes for s in summary)),
-            when(max(s.newest_use for s in summary)), when(min(s.oldest_use for s in summary)),
-        ))
+        rows.append(
+            (
+                "total",
+                str(sum(s.n_entries for s in summary)),
+                format_size(sum(s.n_bytes for s in summary)),
+                when(max(s.newest_use for s in summary)),
+                when(min(s.oldest_use for s in summary)),
+            )
+        )
         widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
         for row in [header, *rows]:
             # Counts and sizes right-aligned, so their magnitudes line up.
-            cells = [cell.rjust(width) if column in (1, 2) else cell.ljust(width)
-                     for column, (cell, width) in enumerate(zip(row, widths))]
+            cells = [
+                cell.rjust(width) if column in (1, 2) else cell.ljust(width)
+                for column, (cell, width) in enumerate(zip(row, widths))
+            ]
             print("  ".join(cells).rstrip())
         return 0
 
@@ -239,12 +260,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
                 f"Stages there: {', '.join(stages)}."
             )
     if not args.yes and not sys.stdin.isatty():
-        raise GrnxError("grnx cache clear asks before removing anything, but stdin is not a terminal; "
-                        "pass --yes to remove without asking.")
-    scope = "".join([
-        f"of stage {args.stage} " if args.stage is not None else "",
-        f"not used for {args.older_than} " if older_than is not None else "",
-    ])
+        raise GrnxError(
+            "grnx cache clear asks before removing anything, but stdin is not a terminal; "
+            "pass --yes to remove without asking."
+        )
+    scope = "".join(
+        [
+            f"of stage {args.stage} " if args.stage is not None else "",
+            f"not used for {args.older_than} " if older_than is not None else "",
+        ]
+    )
     n_entries, n_bytes = cache.clear(older_than, args.stage, dry_run=True)
     if n_entries == 0:
         print(f"nothing to remove {scope}in {root}")
@@ -268,7 +293,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     # --debug works before or after the command; the command's copy must not reset the other.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
+    )
     parser = argparse.ArgumentParser(
         prog="grnx",
         description="Gene-gene interactions from single-cell data, as tracked experiments.",
@@ -283,13 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="recompute every step")
     run.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     run.add_argument("--verbose", "-v", action="store_true", help="print every metric and the top pairs")
-    run.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or mlflow/mlflow.db)")
+    run.add_argument(
+        "--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or mlflow/mlflow.db)"
+    )
     run.set_defaults(handler=cmd_run)
 
     validate = commands.add_parser("validate", parents=[common], help="check recipes without running them")
     validate.add_argument("paths", nargs="+", help="recipe files or folders of recipes")
-    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="an override to apply before validating (repeatable)")
+    validate.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override to apply before validating (repeatable)",
+    )
     validate.set_defaults(handler=cmd_validate)
 
     show = commands.add_parser("show", parents=[common], help="print the resolved recipe")
@@ -298,28 +333,43 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=cmd_show)
 
     plugins = commands.add_parser("plugins", parents=[common], help="list installed components")
-    plugins.add_argument("kind", nargs="?", choices=[k.value for k in Kind], help="only this kind, with params")
+    plugins.add_argument(
+        "kind", nargs="?", choices=[k.value for k in Kind], help="only this kind, with params"
+    )
     plugins.add_argument("name", nargs="?", help="only this component")
     plugins.set_defaults(handler=cmd_plugins)
 
     ui = commands.add_parser("ui", parents=[common], help="open the MLflow UI on the grnx store")
-    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    ui.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--tracking-uri", default=None)
     ui.set_defaults(handler=cmd_ui)
 
     # --cache-dir is accepted before or after the action, like --debug.
     cache_dir = argparse.ArgumentParser(add_help=False)
-    cache_dir.add_argument("--cache-dir", default=argparse.SUPPRESS, metavar="DIR",
-                           help="cache folder (default: GRNX_CACHE_DIR or ~/.cache/grnx)")
-    cache = commands.add_parser("cache", parents=[common, cache_dir], help="inspect or clear the cache of finished steps")
+    cache_dir.add_argument(
+        "--cache-dir",
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="cache folder (default: GRNX_CACHE_DIR or ~/.cache/grnx)",
+    )
+    cache = commands.add_parser(
+        "cache", parents=[common, cache_dir], help="inspect or clear the cache of finished steps"
+    )
     cache_actions = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     cache_actions.add_parser("info", parents=[common, cache_dir], help="entries, size and last use per stage")
-    clear = cache_actions.add_parser("clear", parents=[common, cache_dir], help="remove cache entries (asks first)")
-    clear.add_argument("--older-than", metavar="AGE", default=None,
-                       help="only entries not used for AGE, e.g. 7d, 12h or 30m")
+    clear = cache_actions.add_parser(
+        "clear", parents=[common, cache_dir], help="remove cache entries (asks first)"
+    )
+    clear.add_argument(
+        "--older-than", metavar="AGE", default=None, help="only entries not used for AGE, e.g. 7d, 12h or 30m"
+    )
     clear.add_argument("--stage", default=None, help="only entries of this stage, e.g. model or tokenize")
-    clear.add_argument("--yes", "-y", action="store_true", help="remove without asking (needed without a terminal)")
+    clear.add_argument(
+        "--yes", "-y", action="store_true", help="remove without asking (needed without a terminal)"
+    )
     cache.set_defaults(handler=cmd_cache)
     return parser
 

@@ -67,12 +67,16 @@ def role_field(role: str, description: str) -> Any:
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    return Field(None, description=f"{description}; data.{role} when None", json_schema_extra={"grnx_role": role})
+    return Field(
+        None, description=f"{description}; data.{role} when None", json_schema_extra={"grnx_role": role}
+    )
 
 
 def seed_field(description: str = "random seed") -> Any:
     """An optional ``seed`` field: None derives it from the recipe seed and the step's name."""
-    return Field(None, ge=0, le=2**32 - 1, description=f"{description}; derived from the recipe seed when None")
+    return Field(
+        None, ge=0, le=2**32 - 1, description=f"{description}; derived from the recipe seed when None"
+    )
 
 
 class Component:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from grnx_core.components import Model, Tokenizer
     from grnx_core.data_types import CellSample, GroundTruth, Interactions, TokenizedCells
-    from grnx_core.recipe import Recipe, TrainSettings
+    from grnx_core.recipe import TrainSettings
 
 
 class RunLogger(Protocol):
@@ -86,7 +86,8 @@ class RunContext:
 
     seed: int = 0
     roles: DataRoles = field(default_factory=DataRoles)
-    recipe: Recipe | None = None
+    #: the recipe's ``train`` section (components never see the whole recipe)
+    train_settings: TrainSettings | None = None
     adata: anndata.AnnData | None = None
     ground_truth: GroundTruth | None = None
     sample: CellSample | None = None
@@ -110,11 +111,10 @@ class RunContext:
 
     @property
     def train(self) -> TrainSettings:
+        """How models train: the recipe's ``train`` section, defaults outside a recipe."""
         from grnx_core.recipe import TrainSettings
 
-        if self.recipe is None or self.recipe.train is None:
-            return TrainSettings()
-        return self.recipe.train
+        return self.train_settings if self.train_settings is not None else TrainSettings()
 
     def require_adata(self, who: str) -> anndata.AnnData:
         if self.adata is None:

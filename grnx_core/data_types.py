@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -124,9 +124,11 @@ class TokenizedCells:
         indices = np.asarray(indices, dtype=np.int64)
         lengths = self.lengths[indices]
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        gather = np.concatenate(
-            [np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices]
-        ) if len(indices) else np.zeros(0, dtype=np.int64)
+        gather = (
+            np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices])
+            if len(indices)
+            else np.zeros(0, dtype=np.int64)
+        )
         return TokenizedCells(
             input_ids=self.input_ids[gather],
             offsets=offsets,
@@ -149,6 +151,7 @@ class TokenizedCells:
             start, stop = self.offsets[i], self.offsets[i + 1]
             ids[row, : stop - start] = self.input_ids[start:stop]
             if values is not None:
+                assert self.values is not None  # values is None exactly when self.values is
                 values[row, : stop - start] = self.values[start:stop]
         return ids, values, mask
 
@@ -167,16 +170,14 @@ class TokenizedCells:
 
     @classmethod
     def load(cls, path: Path, mmap: bool = True) -> TokenizedCells:
-        mode = "r" if mmap else None
+        mode: Literal["r"] | None = "r" if mmap else None
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
         values_path = path / "values.npy"
         return cls(
             input_ids=np.load(path / "input_ids.npy", mmap_mode=mode, allow_pickle=False),
             offsets=np.load(path / "offsets.npy", allow_pickle=False),
             obs=pd.read_parquet(path / "obs.parquet"),
-            values=np.load(values_path, mmap_mode=mode, allow_pickle=False)
-            if values_path.exists()
-            else None,
+            values=np.load(values_path, mmap_mode=mode, allow_pickle=False) if values_path.exists() else None,
             vocabulary=meta["vocabulary"],
             metadata=meta["metadata"],
         )
@@ -237,8 +238,10 @@ class Interactions:
         self.table = table.iloc[order].reset_index(drop=True)
         self.directed = directed
         self.extractor = extractor
-        self.genes = list(genes) if genes is not None else sorted(
-            set(self.table["source"]).union(self.table["target"])
+        self.genes = (
+            list(genes)
+            if genes is not None
+            else sorted(set(self.table["source"]).union(self.table["target"]))
         )
         self.metadata = dict(metadata or {})
 
@@ -300,8 +303,11 @@ class Interactions:
 
     def top(self, k: int) -> Interactions:
         return Interactions(
-            self.table.head(k), directed=self.directed, extractor=self.extractor,
-            genes=self.genes, metadata=self.metadata,
+            self.table.head(k),
+            directed=self.directed,
+            extractor=self.extractor,
+            genes=self.genes,
+            metadata=self.metadata,
         )
 
     def save(self, path: Path) -> None:
@@ -312,8 +318,12 @@ class Interactions:
         table = pa.Table.from_pandas(self.table, preserve_index=False)
         extra = {
             b"grnx": json.dumps(
-                {"directed": self.directed, "extractor": self.extractor, "genes": self.genes,
-                 "metadata": self.metadata}
+                {
+                    "directed": self.directed,
+                    "extractor": self.extractor,
+                    "genes": self.genes,
+                    "metadata": self.metadata,
+                }
             ).encode()
         }
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
@@ -327,8 +337,11 @@ class Interactions:
         table = pq.read_table(path)
         meta = json.loads(table.schema.metadata[b"grnx"])
         return cls(
-            table.to_pandas(), directed=meta["directed"], extractor=meta["extractor"],
-            genes=meta["genes"], metadata=meta["metadata"],
+            table.to_pandas(),
+            directed=meta["directed"],
+            extractor=meta["extractor"],
+            genes=meta["genes"],
+            metadata=meta["metadata"],
         )
 
     def to_beeline(self, path: Path) -> None:

@@ -28,13 +28,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from grnx_core.cache import Cache, step_key
-from grnx_core.components import Tokenizer
+from grnx_core.components import (
+    Component,
+    DataSource,
+    Evaluator,
+    Extractor,
+    Model,
+    Preprocessor,
+    Sampler,
+    Tokenizer,
+)
 from grnx_core.context import DataRoles, NullLogger, RunContext, RunLogger
 from grnx_core.data_types import CellSample, EvaluationResult, GroundTruth, Interactions, TokenizedCells
 from grnx_core.errors import DataError, GrnxError
@@ -45,6 +54,22 @@ from grnx_core.stage_log import RECORD_FILE, RecordingLogger, replay, replay_eve
 log = logging.getLogger("grnx")
 
 ROLE_NAMES = ("label_key", "donor_key", "batch_key", "cell_type_key")
+
+_C = TypeVar("_C", bound=Component)
+
+
+def _build(step: ResolvedStep, base: type[_C]) -> _C:
+    """The step's component, typed as its kind's base class (the registry checked the subclass)."""
+    component = step.build()
+    assert isinstance(component, base)
+    return component
+
+
+def _component_class(step: ResolvedStep, base: type[_C]) -> type[_C]:
+    """The step's class, typed as its kind's base class (the registry checked the subclass)."""
+    cls = step.component_class
+    assert issubclass(cls, base)
+    return cls
 
 
 class _SkipCache(Exception):
@@ -58,7 +83,9 @@ class _SkipCache(Exception):
 class Lazy:
     """A stage value that is loaded from the cache only when a computing stage asks for it."""
 
-    def __init__(self, load: Callable[[], Any] | None = None, value: Any = None, loaded: bool = False) -> None:
+    def __init__(
+        self, load: Callable[[], Any] | None = None, value: Any = None, loaded: bool = False
+    ) -> None:
         self._load, self._value, self._loaded = load, value, loaded or load is None
 
     def get(self) -> Any:
@@ -71,7 +98,9 @@ class Lazy:
 class PreparedData(Lazy):
     """The AnnData after preprocessing; its ``obs`` is read without the matrix when not loaded."""
 
-    def __init__(self, path: Path | None = None, adata: Any = None, load: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self, path: Path | None = None, adata: Any = None, load: Callable[[], Any] | None = None
+    ) -> None:
         import anndata
 
         self.path = path
@@ -196,12 +225,20 @@ class _Leaf:
         self.logger = logger
         data = self.recipe.data
         self.roles = DataRoles(
-            label_key=data.label_key, donor_key=data.donor_key, batch_key=data.batch_key,
+            label_key=data.label_key,
+            donor_key=data.donor_key,
+            batch_key=data.batch_key,
             cell_type_key=data.cell_type_key,
         )
         self.result = LeafResult()
         self.keys: dict[str, str] = {}
-        self.summary_context = RunContext(seed=self.recipe.seed, roles=self.roles, recipe=self.recipe, logger=logger)
+        self.summary_context = RunContext(
+            seed=self.recipe.seed,
+            roles=self.roles,
+            train_settings=self.recipe.train,
+            logger=logger,
+            extras={"recipe_name": self.recipe.name},
+        )
         #: stage id -> value, for the stages this leaf resolved (each is logged once per leaf)
         self.local: dict[str, Lazy] = {}
         self._raw: PreparedData | None = None
@@ -211,7 +248,9 @@ class _Leaf:
 
     @staticmethod
     def _identity(step: ResolvedStep) -> dict[str, Any]:
-        return component_identity(step.spec.name, step.component_class, step.params, step.plugin, step.plugin_version)
+        return component_identity(
+            step.spec.name, step.component_class, step.params, step.plugin, step.plugin_version
+        )
 
     def _files(self, component: Any) -> list[str]:
         memo_dir = self.cache.root if self.cache.enabled else None
@@ -222,8 +261,10 @@ class _Leaf:
         data_step = resolved.step("data")
         assert data_step is not None
         self.data_step = data_step
-        self.source = data_step.build()
-        key = self.keys["data"] = step_key(stage="data", component=self._identity(data_step), files=self._files(self.source))
+        self.source = _build(data_step, DataSource)
+        key = self.keys["data"] = step_key(
+            stage="data", component=self._identity(data_step), files=self._files(self.source)
+        )
         self.preprocess: list[tuple[str, ResolvedStep, str]] = []
         for index, step in enumerate(resolved.steps_of("preprocess")):
             key = step_key(stage="preprocess", input=key, component=self._identity(step))
@@ -242,23 +283,42 @@ class _Leaf:
             component = self.tokenizer_step.build()
             files = self._files(component) if hasattr(component, "input_files") else []
             self.keys["tokens"] = step_key(
-                stage="tokenize", input=key, component=self._identity(self.tokenizer_step), files=files,
-                carried=self._carried_roles(), fitted_on="train",
+                stage="tokenize",
+                input=key,
+                component=self._identity(self.tokenizer_step),
+                files=files,
+                carried=self._carried_roles(),
+                fitted_on="train",
             )
         self.model_step = resolved.step("model")
         if self.model_step is not None:
-            reads = "tokens" if getattr(self.model_step.component_class, "input_kind", "tokens") == "tokens" else "data"
+            reads = (
+                "tokens"
+                if getattr(self.model_step.component_class, "input_kind", "tokens") == "tokens"
+                else "data"
+            )
             self.keys["model"] = step_key(
-                stage="model", input=self._key_of(reads), cells=self._cells_key(default_cells(self.model_step, False)),
-                component=self._identity(self.model_step), train=self.recipe.train, seed=self.recipe.seed,
+                stage="model",
+                input=self._key_of(reads),
+                cells=self._cells_key(default_cells(self.model_step, False)),
+                component=self._identity(self.model_step),
+                train=self.recipe.train,
+                seed=self.recipe.seed,
                 roles=self.roles.__dict__,
             )
         for step in resolved.steps_of("extractors"):
             needs = self._needs(step)
             self.keys[f"extract:{step.step_id}"] = step_key(
-                stage="extract", component=self._identity(step),
-                inputs={need: self._key_of(need) for need in sorted(needs) if need not in ("cells", "interactions")},
-                cells=self._cells_key(self._cells_of(step)), seed=self.recipe.seed, roles=self.roles.__dict__,
+                stage="extract",
+                component=self._identity(step),
+                inputs={
+                    need: self._key_of(need)
+                    for need in sorted(needs)
+                    if need not in ("cells", "interactions")
+                },
+                cells=self._cells_key(self._cells_of(step)),
+                seed=self.recipe.seed,
+                roles=self.roles.__dict__,
             )
         self.result.data_key = self.keys["data"]
 
@@ -277,13 +337,19 @@ class _Leaf:
             available.add("interactions")
         declared = set(available if step.needs is None else step.needs)
         if "model_inputs" in declared and self.model_step is not None:
-            declared.add("tokens" if getattr(self.model_step.component_class, "input_kind", "tokens") == "tokens" else "data")
+            declared.add(
+                "tokens"
+                if getattr(self.model_step.component_class, "input_kind", "tokens") == "tokens"
+                else "data"
+            )
         return declared & available
 
     def _key_of(self, need: str) -> str:
         return {
-            "data": self.keys["prepared"], "tokens": self.keys.get("tokens", ""),
-            "tokenizer": self.keys.get("tokens", ""), "model": self.keys.get("model", ""),
+            "data": self.keys["prepared"],
+            "tokens": self.keys.get("tokens", ""),
+            "tokenizer": self.keys.get("tokens", ""),
+            "model": self.keys.get("model", ""),
             "ground_truth": self.keys["data"],
         }[need]
 
@@ -369,9 +435,11 @@ class _Leaf:
             adata = self._load_source()
             network = self.source.ground_truth()
             meta = {
-                "n_obs": int(adata.n_obs), "n_vars": int(adata.n_vars),
+                "n_obs": int(adata.n_obs),
+                "n_vars": int(adata.n_vars),
                 "obs_columns": list(map(str, adata.obs.columns)),
-                "directed": bool(self.source.ground_truth_directed()), "name": self.data_step.spec.name,
+                "directed": bool(self.source.ground_truth_directed()),
+                "name": self.data_step.spec.name,
             }
             if network is not None:
                 network.to_parquet(folder / "ground_truth.parquet")
@@ -387,7 +455,9 @@ class _Leaf:
         """The data source's AnnData, loaded at most once per leaf (once per run without preprocessing)."""
         self.data()
         if not self.preprocess:  # the raw data is what every stage reads: share it across leaves
-            shared = self.x.memo.setdefault("adata:" + self.keys["data"], self._raw or PreparedData(load=self._load_source))
+            shared = self.x.memo.setdefault(
+                "adata:" + self.keys["data"], self._raw or PreparedData(load=self._load_source)
+            )
             self._raw = shared
         if self._raw is None:
             self._raw = PreparedData(load=self._load_source)
@@ -428,12 +498,23 @@ class _Leaf:
                 stage, step, key = self.preprocess[index]
                 before = previous if previous is not None else self.raw()
 
-                def compute(folder: Path, recorder: RecordingLogger, step: ResolvedStep = step,
-                            before: PreparedData = before, stage: str = stage) -> PreparedData:
+                def compute(
+                    folder: Path,
+                    recorder: RecordingLogger,
+                    step: ResolvedStep = step,
+                    before: PreparedData = before,
+                    stage: str = stage,
+                ) -> PreparedData:
                     return self._preprocess_step(folder, recorder, step, before, stage)
 
-                previous = self._stage(stage, "preprocess", key, compute, _load_prepared,
-                                       memoize=index == len(self.preprocess) - 1).get()
+                previous = self._stage(
+                    stage,
+                    "preprocess",
+                    key,
+                    compute,
+                    _load_prepared,
+                    memoize=index == len(self.preprocess) - 1,
+                ).get()
             assert previous is not None
             value = previous
         self.local["prepared"] = Lazy(value=value)
@@ -444,14 +525,16 @@ class _Leaf:
     ) -> PreparedData:
         # Intermediate outputs are never shared (only the last step's is memoised), so the
         # preprocessor may change its input in place, as scanpy functions do.
-        component = step.build()
+        component = _build(step, Preprocessor)
         adata = component(before.get())
         if adata is None:
             raise GrnxError(f"preprocessor {step.spec.name!r} returned nothing; it must return the AnnData.")
         index = stage.split(":")[1]
         for name, figure in component.figures(adata).items():
             recorder.log_figure(f"figures/preprocess/{int(index):02d}_{step.spec.name}_{name}.png", figure)
-        recorder.log_metrics({"data/n_cells_preprocessed": adata.n_obs, "data/n_genes_preprocessed": adata.n_vars})
+        recorder.log_metrics(
+            {"data/n_cells_preprocessed": adata.n_obs, "data/n_genes_preprocessed": adata.n_vars}
+        )
         if self.cache.enabled:
             try:
                 adata.write_h5ad(folder / "adata.h5ad")
@@ -486,7 +569,7 @@ class _Leaf:
 
         def compute(folder: Path, recorder: RecordingLogger) -> SampleValue:
             adata = self.prepared().get()
-            sampler = step.build()
+            sampler = _build(step, Sampler)
             original = adata.obs
             adata.obs = original.copy()  # the sampler's columns belong to this sample, not the shared data
             try:
@@ -496,12 +579,14 @@ class _Leaf:
             finally:
                 adata.obs = original
             if not isinstance(sample, CellSample):
-                raise GrnxError(f"sampler {step.spec.name!r} returned {type(sample).__name__}, not CellSample.")
+                raise GrnxError(
+                    f"sampler {step.spec.name!r} returned {type(sample).__name__}, not CellSample."
+                )
             sample.save(folder / "sample.npz")
             added.to_parquet(folder / "obs.parquet")
             for name, figure in figures.items():
                 recorder.log_figure(f"figures/sample/{name}.png", figure)
-            metrics = {"sample/n_cells": sample.n_cells}
+            metrics: dict[str, float] = {"sample/n_cells": sample.n_cells}
             metrics.update({f"sample/{k}": v for k, v in sample.info.items() if isinstance(v, (int, float))})
             recorder.log_metrics(metrics)
             return SampleValue(sample, added)
@@ -519,22 +604,28 @@ class _Leaf:
         def compute(folder: Path, recorder: RecordingLogger) -> Any:
             prepared = self.prepared()
             adata = prepared.get()
-            tokenizer = step.build()
+            tokenizer = _build(step, Tokenizer)
             train = self.cells("train")
             tokenizer.fit(adata if train is None else adata[train.indices])
             carried = [c for c in self._carried_roles() if c in adata.obs.columns]
             streams = "path" in inspect.signature(tokenizer.transform).parameters
             if streams:  # written chunk by chunk into the cache, never whole in memory
-                tokenizer.transform(adata, obs_columns=carried, path=folder / "tokens")
-                tokens = TokenizedCells.load(folder / "tokens", mmap=False) if not self.cache.enabled else None
+                streaming: Any = tokenizer  # ``path`` extends the base class's transform signature
+                streaming.transform(adata, obs_columns=carried, path=folder / "tokens")
+                tokens = (
+                    TokenizedCells.load(folder / "tokens", mmap=False) if not self.cache.enabled else None
+                )
             else:
                 tokens = tokenizer.transform(adata, obs_columns=carried)
                 tokens.save(folder / "tokens")
             _save_tokenizer(tokenizer, folder / "tokenizer")
             lengths = (tokens or TokenizedCells.load(folder / "tokens")).lengths
-            recorder.log_metrics({
-                "tokens/n_cells": len(lengths), "tokens/mean_length": float(lengths.mean()) if len(lengths) else 0.0,
-            })
+            recorder.log_metrics(
+                {
+                    "tokens/n_cells": len(lengths),
+                    "tokens/mean_length": float(lengths.mean()) if len(lengths) else 0.0,
+                }
+            )
             if tokens is None:
                 return _FromEntry()
             return TokenValue(tokens, tokenizer)
@@ -545,7 +636,7 @@ class _Leaf:
         tokenizer = None
         if (folder / "tokenizer").is_dir():
             assert self.tokenizer_step is not None
-            tokenizer = self.tokenizer_step.component_class.load(folder / "tokenizer")
+            tokenizer = _component_class(self.tokenizer_step, Tokenizer).load(folder / "tokenizer")
         return TokenValue(TokenizedCells.load(folder / "tokens"), tokenizer)
 
     def model(self) -> Lazy:
@@ -555,7 +646,7 @@ class _Leaf:
 
         def compute(folder: Path, recorder: RecordingLogger) -> Any:
             context = self.context_for(step, default_cells(step, False), recorder)
-            model = step.build()
+            model = _build(step, Model)
             model.fit(context)
             model.save(folder / "model")
             if not self.cache.enabled:  # the folder is thrown away: log the model from it now
@@ -563,7 +654,13 @@ class _Leaf:
             return model
 
         first_time = "model" not in self.local
-        value = self._stage("model", "model", key, compute, lambda folder: step.component_class.load(folder / "model"))
+        value = self._stage(
+            "model",
+            "model",
+            key,
+            compute,
+            lambda folder: _component_class(step, Model).load(folder / "model"),
+        )
         entry = self.cache.lookup("model", key)
         if first_time and entry is not None:
             # One artifact per `grnx run`: a model shared by every repeat is logged to the first run
@@ -581,9 +678,11 @@ class _Leaf:
 
         def compute(folder: Path, recorder: RecordingLogger) -> Interactions:
             context = self.context_for(step, self._cells_of(step), recorder)
-            interactions = step.build().extract(context)
+            interactions = _build(step, Extractor).extract(context)
             if not isinstance(interactions, Interactions):
-                raise GrnxError(f"extractor {step.spec.name!r} returned {type(interactions).__name__}, not Interactions.")
+                raise GrnxError(
+                    f"extractor {step.spec.name!r} returned {type(interactions).__name__}, not Interactions."
+                )
             interactions.extractor = step_id
             (folder / "artifact").mkdir()
             named = folder / "artifact" / f"{step_id}.parquet"
@@ -595,14 +694,21 @@ class _Leaf:
         def load(folder: Path) -> Interactions:
             return Interactions.load(folder / "artifact" / f"{step_id}.parquet")
 
-        return self._stage(f"extract:{step_id}", "extract", self.keys[f"extract:{step_id}"], compute, load).get()
+        return self._stage(
+            f"extract:{step_id}", "extract", self.keys[f"extract:{step_id}"], compute, load
+        ).get()
 
     # -- contexts -----------------------------------------------------------------------------
 
     def context_for(self, step: ResolvedStep, cells: str, logger: RunLogger) -> RunContext:
         """The narrow context a component computes from: only what it needs, for its cell set."""
         needs = self._needs(step) if step.section != "model" else self._model_needs(step)
-        context = RunContext(seed=self.recipe.seed, roles=copy.copy(self.roles), recipe=self.recipe, logger=logger)
+        context = RunContext(
+            seed=self.recipe.seed,
+            roles=copy.copy(self.roles),
+            train_settings=self.recipe.train,
+            logger=logger,
+        )
         chosen = self.cells(cells) if "cells" in needs or needs & {"data", "tokens"} else None
         context.sample = chosen
         context.extras["cells"] = cells
@@ -627,7 +733,9 @@ class _Leaf:
         return {reads, "cells"}
 
     def full_context(self) -> RunContext:
-        context = RunContext(seed=self.recipe.seed, roles=copy.copy(self.roles), recipe=self.recipe)
+        context = RunContext(
+            seed=self.recipe.seed, roles=copy.copy(self.roles), train_settings=self.recipe.train
+        )
         meta = self.data()
         context.adata = self.prepared().get()
         context.ground_truth = meta.ground_truth
@@ -667,11 +775,13 @@ class _Leaf:
 
     def evaluate(self, step: ResolvedStep) -> EvaluationResult:
         started = time.perf_counter()
-        evaluator = step.build()
+        evaluator = _build(step, Evaluator)
         context = self.context_for(step, self._cells_of(step), self.logger)
         result = evaluator.evaluate(context)
         if not isinstance(result, EvaluationResult):
-            raise GrnxError(f"evaluator {step.spec.name!r} returned {type(result).__name__}, not EvaluationResult.")
+            raise GrnxError(
+                f"evaluator {step.spec.name!r} returned {type(result).__name__}, not EvaluationResult."
+            )
         step_id = step.step_id
         undeclared = [name for name in result.metrics if evaluator.metric_direction(name) is None]
         if undeclared:

@@ -66,7 +66,9 @@ def _metric_safe(text: str) -> str:
 
 def group_label(values: dict[str, Any]) -> str:
     """``{sampler.name: wds, sampler.params.fraction: 0.05}`` -> ``name_wds-fraction_0.05``."""
-    return "-".join(f"{_metric_safe(path.split('.')[-1])}_{_metric_safe(str(value))}" for path, value in values.items())
+    return "-".join(
+        f"{_metric_safe(path.split('.')[-1])}_{_metric_safe(str(value))}" for path, value in values.items()
+    )
 
 
 def _base_data(resolved: ResolvedRecipe) -> tuple[dict[str, Any], LoadedRecipe]:
@@ -88,7 +90,9 @@ def _child(
         try:
             apply_override(data, path.split("."), value)
         except ValueError as error:
-            raise RecipeError([Problem(where, f"cannot set {path}: {error}", source=loaded.origins.of(where))]) from None
+            raise RecipeError(
+                [Problem(where, f"cannot set {path}: {error}", source=loaded.origins.of(where))]
+            ) from None
         text = f"{path}={value!r}"
         origins.override_paths[path] = f"{where}: {text}"
         overrides.append(text)
@@ -116,8 +120,13 @@ def _group(label: str, values: dict[str, Any], resolved: ResolvedRecipe, registr
     base_seed = sampler.seed if sampler.seed is not None else resolved.recipe.seed
     for index in range(sampler.repeats):
         seed = base_seed + index
-        child = _child(loaded, data, {"sampler.seed": seed, "sampler.repeats": 1, "sampler.reference": False},
-                       registry, "sampler.repeats")
+        child = _child(
+            loaded,
+            data,
+            {"sampler.seed": seed, "sampler.repeats": 1, "sampler.reference": False},
+            registry,
+            "sampler.repeats",
+        )
         group.repeats.append(ChildRecipe(f"{prefix}repeat {index} (seed {seed})", "repeat", child, seed))
     if _needs_reference(resolved):
         settings: dict[str, Any] = {"sampler": None}
@@ -148,11 +157,23 @@ def expand(resolved: ResolvedRecipe, registry: Any) -> Plan:
             groups.append(_group(group_label(values), values, point_recipe, registry))
         except RecipeError as error:
             for problem in error.problems:
-                problems.append(Problem(problem.path, f"{problem.message} (sweep point {values})", problem.source, problem.hint))
+                problems.append(
+                    Problem(
+                        problem.path,
+                        f"{problem.message} (sweep point {values})",
+                        problem.source,
+                        problem.hint,
+                    )
+                )
     if sweep.plot is not None:
         if sweep.plot.x not in sweep.grid:
-            problems.append(Problem("sweep.plot.x", f"{sweep.plot.x!r} is not a swept path; swept: {', '.join(paths)}",
-                                    source=loaded.origins.of("sweep.plot.x")))
+            problems.append(
+                Problem(
+                    "sweep.plot.x",
+                    f"{sweep.plot.x!r} is not a swept path; swept: {', '.join(paths)}",
+                    source=loaded.origins.of("sweep.plot.x"),
+                )
+            )
     if problems:
         raise RecipeError(problems)
     return Plan(groups)

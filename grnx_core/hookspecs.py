@@ -93,7 +93,5 @@ def hook_signatures() -> dict[str, Any]:
 
     module = sys.modules[__name__]
     return {
-        name: inspect.signature(getattr(module, name))
-        for name in dir(module)
-        if name.startswith("grnx_")
+        name: inspect.signature(getattr(module, name)) for name in dir(module) if name.startswith("grnx_")
     }

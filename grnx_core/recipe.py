@@ -54,7 +54,9 @@ CellSet = Literal["all", "train", "test", "sample"]
 
 class SamplerSpec(ComponentSpec):
     repeats: int = Field(
-        1, ge=1, le=1000,
+        1,
+        ge=1,
+        le=1000,
         description="draw this many samples, with sampler seeds seed..seed+k-1, each a nested run; "
         "stages that do not consume the sample (the model) run once",
     )
@@ -65,13 +67,16 @@ class SamplerSpec(ComponentSpec):
 
 
 class ModelSpec(ComponentSpec):
-    cells: CellSet = Field("train", description="cells the model trains on: the split's train cells by default")
+    cells: CellSet = Field(
+        "train", description="cells the model trains on: the split's train cells by default"
+    )
 
 
 class NamedSpec(ComponentSpec):
     id: str | None = Field(None, description="name of this step's outputs and metrics; defaults to name")
     cells: CellSet | None = Field(
-        None, description="cells this step reads: the sample when there is a sampler, else all (or the component's default)"
+        None,
+        description="cells this step reads: the sample when there is a sampler, else all (or the component's default)",
     )
 
     @property
@@ -87,7 +92,9 @@ class SweepPlot(_Strict):
 class SweepSpec(_Strict):
     """A grid over recipe paths; every point is a child recipe run as a nested run."""
 
-    grid: dict[str, list[Any]] = Field(description="recipe path -> values, e.g. sampler.params.fraction: [0.01, 0.05]")
+    grid: dict[str, list[Any]] = Field(
+        description="recipe path -> values, e.g. sampler.params.fraction: [0.01, 0.05]"
+    )
     plot: SweepPlot | None = Field(None, description="a figure of one metric against one swept path")
 
     @field_validator("grid")
@@ -115,11 +122,17 @@ class TrainSettings(_Strict):
         "constant", description="learning-rate schedule after warm-up"
     )
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
-    validation_fraction: float = Field(0.1, ge=0, lt=1, description="share of training cells held out for validation")
-    early_stopping_patience: int | None = Field(
-        None, ge=1, description="stop after this many epochs without validation improvement; None trains all epochs"
+    validation_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of training cells held out for validation"
     )
-    class_weights: Literal["none", "balanced"] = Field("none", description="loss weights against class imbalance")
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="stop after this many epochs without validation improvement; None trains all epochs",
+    )
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="loss weights against class imbalance"
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm; None disables")
     freeze_layers: int = Field(0, ge=0, description="encoder layers kept frozen when fine-tuning")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses a GPU when one is present")
@@ -221,7 +234,8 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                "while reading a mapping", node.start_mark,
+                "while reading a mapping",
+                node.start_mark,
                 f"found duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
                 key_node.start_mark,
             )
@@ -270,8 +284,13 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], str, dict[str, str]]:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(
-            [Problem("", f"a recipe must be a YAML mapping of keys to values, found {type(data).__name__}",
-                     source=display)]
+            [
+                Problem(
+                    "",
+                    f"a recipe must be a YAML mapping of keys to values, found {type(data).__name__}",
+                    source=display,
+                )
+            ]
         )
     return data, text, _line_map(node, display)
 
@@ -291,22 +310,42 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[s
     resolved = path.resolve()
     if resolved in chain:
         cycle = " -> ".join(_display(p) for p in (*chain, resolved))
-        raise RecipeError([Problem("extends", f"recipes extend each other in a cycle: {cycle}",
-                                   source=_display(path), hint="Remove one of the extends.")])
+        raise RecipeError(
+            [
+                Problem(
+                    "extends",
+                    f"recipes extend each other in a cycle: {cycle}",
+                    source=_display(path),
+                    hint="Remove one of the extends.",
+                )
+            ]
+        )
     data, _, lines = _read_yaml(path)
     base_name = data.pop("extends", None)
     if base_name is None:
         return data, lines
     if not isinstance(base_name, str):
-        raise RecipeError([Problem("extends", f"must be the path of a base recipe, got {base_name!r}",
-                                   source=lines.get("extends", _display(path)))])
-    base_path = (path.parent / base_name)
+        raise RecipeError(
+            [
+                Problem(
+                    "extends",
+                    f"must be the path of a base recipe, got {base_name!r}",
+                    source=lines.get("extends", _display(path)),
+                )
+            ]
+        )
+    base_path = path.parent / base_name
     if not base_path.exists():
-        raise RecipeError([Problem(
-            "extends", f"base recipe {base_name!r} not found (looked for {_display(base_path)})",
-            source=lines.get("extends", _display(path)),
-            hint="Paths in extends are relative to the recipe that names them.",
-        )])
+        raise RecipeError(
+            [
+                Problem(
+                    "extends",
+                    f"base recipe {base_name!r} not found (looked for {_display(base_path)})",
+                    source=lines.get("extends", _display(path)),
+                    hint="Paths in extends are relative to the recipe that names them.",
+                )
+            ]
+        )
     base_data, base_lines = _load_with_extends(base_path, (*chain, resolved))
     merged_lines = dict(base_lines)
     merged_lines.update(lines)
@@ -371,7 +410,9 @@ def load_recipe_data(path: str | Path, overrides: list[str] | tuple[str, ...] = 
             problems.append(Problem("", f"bad override '{override}': {error}", source="command line"))
     if problems:
         raise RecipeError(problems)
-    return LoadedRecipe(path=path, data=data, given_text=given_text, overrides=list(overrides), origins=origins)
+    return LoadedRecipe(
+        path=path, data=data, given_text=given_text, overrides=list(overrides), origins=origins
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,10 +569,15 @@ def validate_recipe(loaded: LoadedRecipe, registry: Any) -> ResolvedRecipe:
                 validated = component_class.Params(**params)
                 validated = _fill_run_defaults(validated, data, section, name, index, origins)
             except ValidationError as error:
-                problems.extend(_pydantic_problems(
-                    error, path + ".params", origins, component_class.Params,
-                    hint=f"(see `grnx plugins {kind.value} {name}`)",
-                ))
+                problems.extend(
+                    _pydantic_problems(
+                        error,
+                        path + ".params",
+                        origins,
+                        component_class.Params,
+                        hint=f"(see `grnx plugins {kind.value} {name}`)",
+                    )
+                )
                 continue
             except (TypeError, ValueError) as error:
                 problems.append(Problem(path + ".params", str(error), source=origins.of(path + ".params")))
@@ -539,9 +585,18 @@ def validate_recipe(loaded: LoadedRecipe, registry: Any) -> ResolvedRecipe:
             if recipe is not None:
                 spec = getattr(recipe, section)
                 spec = spec[index] if index is not None else spec
-                steps.append(ResolvedStep(
-                    section, path, kind, spec, component_class, validated, entry.plugin, entry.plugin_version,
-                ))
+                steps.append(
+                    ResolvedStep(
+                        section,
+                        path,
+                        kind,
+                        spec,
+                        component_class,
+                        validated,
+                        entry.plugin,
+                        entry.plugin_version,
+                    )
+                )
 
     if recipe is not None:
         problems.extend(_cross_checks(recipe, steps, origins))
@@ -560,7 +615,12 @@ def derive_seed(recipe_seed: int, stream: str) -> int:
 
 
 def _fill_run_defaults(
-    params: ComponentParams, data: dict[str, Any], section: str, name: str, index: int | None, origins: Origins
+    params: ComponentParams,
+    data: dict[str, Any],
+    section: str,
+    name: str,
+    index: int | None,
+    origins: Origins,
 ) -> ComponentParams:
     """Fill a None ``seed`` from the recipe seed and None role fields from the recipe's data roles.
 
@@ -578,7 +638,8 @@ def _fill_run_defaults(
             earlier = sum(1 for item in items[:index] if isinstance(item, dict) and item.get("name") == name)
             stream += f"#{earlier}" if earlier else ""
         updates["seed"] = derive_seed(recipe_seed, stream)
-    roles = data.get("data") if isinstance(data.get("data"), dict) else {}
+    data_section = data.get("data")
+    roles = data_section if isinstance(data_section, dict) else {}
     for field_name, info in fields.items():
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         role = extra.get("grnx_role")
@@ -595,17 +656,29 @@ def _cross_checks(recipe: Recipe, steps: list[ResolvedStep], origins: Origins) -
         for index, spec in enumerate(getattr(recipe, section)):
             if spec.step_id in seen:
                 path = f"{section}.{index}"
-                problems.append(Problem(
-                    path, f"the id {spec.step_id!r} is used twice (also {section}.{seen[spec.step_id]})",
-                    source=origins.of(path), hint="Give one of them a different 'id'.",
-                ))
+                problems.append(
+                    Problem(
+                        path,
+                        f"the id {spec.step_id!r} is used twice (also {section}.{seen[spec.step_id]})",
+                        source=origins.of(path),
+                        hint="Give one of them a different 'id'.",
+                    )
+                )
             seen[spec.step_id] = index
     model = next((s for s in steps if s.section == "model"), None)
-    if model is not None and getattr(model.component_class, "input_kind", "tokens") == "tokens" and recipe.tokenizer is None:
-        problems.append(Problem(
-            "tokenizer", f"model {model.spec.name!r} reads tokenised cells, but the recipe has no tokenizer",
-            source=origins.of("model"), hint="Add a 'tokenizer' section (see `grnx plugins tokenizer`).",
-        ))
+    if (
+        model is not None
+        and getattr(model.component_class, "input_kind", "tokens") == "tokens"
+        and recipe.tokenizer is None
+    ):
+        problems.append(
+            Problem(
+                "tokenizer",
+                f"model {model.spec.name!r} reads tokenised cells, but the recipe has no tokenizer",
+                source=origins.of("model"),
+                hint="Add a 'tokenizer' section (see `grnx plugins tokenizer`).",
+            )
+        )
     problems.extend(_unmet_needs(recipe, steps, origins))
     return problems
 
@@ -622,7 +695,9 @@ def _unmet_needs(recipe: Recipe, steps: list[ResolvedStep], origins: Origins) ->
     if recipe.extractors:
         provided.add("interactions")
     adds = {
-        "tokens": "a 'tokenizer' section", "tokenizer": "a 'tokenizer' section", "model": "a 'model' section",
+        "tokens": "a 'tokenizer' section",
+        "tokenizer": "a 'tokenizer' section",
+        "model": "a 'model' section",
         "interactions": "an extractor ('extractors' list)",
     }
     problems = []
@@ -631,25 +706,39 @@ def _unmet_needs(recipe: Recipe, steps: list[ResolvedStep], origins: Origins) ->
             continue
         for need in step.needs or ():
             if need not in provided:
-                problems.append(Problem(
-                    step.path, f"{step.kind.value} {step.spec.name!r} needs {need}, which no stage of the recipe provides",
-                    source=origins.of(step.path), hint=f"Add {adds.get(need, need)}.",
-                ))
+                problems.append(
+                    Problem(
+                        step.path,
+                        f"{step.kind.value} {step.spec.name!r} needs {need}, which no stage of the recipe provides",
+                        source=origins.of(step.path),
+                        hint=f"Add {adds.get(need, need)}.",
+                    )
+                )
         cells = getattr(step.spec, "cells", None)
         if cells == "sample" and recipe.sampler is None:
-            problems.append(Problem(
-                f"{step.path}.cells", "is 'sample', but the recipe has no sampler",
-                source=origins.of(f"{step.path}.cells"), hint="Add a 'sampler' section or use cells: all.",
-            ))
+            problems.append(
+                Problem(
+                    f"{step.path}.cells",
+                    "is 'sample', but the recipe has no sampler",
+                    source=origins.of(f"{step.path}.cells"),
+                    hint="Add a 'sampler' section or use cells: all.",
+                )
+            )
     if recipe.model is not None and recipe.model.cells == "sample" and recipe.sampler is None:
-        problems.append(Problem(
-            "model.cells", "is 'sample', but the recipe has no sampler",
-            source=origins.of("model.cells"), hint="Add a 'sampler' section or use cells: train.",
-        ))
+        problems.append(
+            Problem(
+                "model.cells",
+                "is 'sample', but the recipe has no sampler",
+                source=origins.of("model.cells"),
+                hint="Add a 'sampler' section or use cells: train.",
+            )
+        )
     return problems
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), registry: Any = None) -> ResolvedRecipe:
+def load_recipe(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), registry: Any = None
+) -> ResolvedRecipe:
     """Load, merge, override and validate a recipe file."""
     from grnx_core.expansion import expand
     from grnx_core.registry import default_registry

@@ -157,7 +157,10 @@ class Registry:
         kind = Kind(kind)
         if (kind, name) in self.conflicts:
             claims = self.conflicts[(kind, name)]
-            who = " and ".join(f"plugin {c.plugin!r} ({c.target if isinstance(c.target, str) else c.target.__module__})" for c in claims)
+            who = " and ".join(
+                f"plugin {c.plugin!r} ({c.target if isinstance(c.target, str) else c.target.__module__})"
+                for c in claims
+            )
             raise PluginError(
                 f"Two plugins claim the {kind.value} name {name!r}: {who}. Uninstall one of them."
             )

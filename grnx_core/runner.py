@@ -116,7 +116,9 @@ class Runner:
     def _tags(self) -> dict[str, str]:
         recipe = self.recipe
         tags = {
-            "grnx.recipe": recipe.name, "grnx.recipe_version": str(recipe.version), "grnx.version": __version__,
+            "grnx.recipe": recipe.name,
+            "grnx.recipe_version": str(recipe.version),
+            "grnx.version": __version__,
             **recipe.tracking.tags,
         }
         source = self.resolved.source
@@ -147,12 +149,17 @@ class Runner:
         run = None
         if self.tracker is not None:
             run = self.tracker.start_run(
-                recipe.tracking.experiment, recipe.tracking.run_name or recipe.name, self._tags(), parent=self.parent_run,
+                recipe.tracking.experiment,
+                recipe.tracking.run_name or recipe.name,
+                self._tags(),
+                parent=self.parent_run,
             )
             # A run left RUNNING by a process killed outright (SIGKILL, power loss) is marked FAILED.
             self.tracker.fail_orphaned_runs(found_by=run.run_id)
         logger: RunLogger = run if run is not None else NullLogger()
-        context = RunContext(seed=recipe.seed, recipe=recipe, logger=logger)
+        context = RunContext(
+            seed=recipe.seed, train_settings=recipe.train, logger=logger, extras={"recipe_name": recipe.name}
+        )
         result = RunResult(run_id=run.run_id if run else None, status="RUNNING")
         try:
             self._hook("grnx_run_started", context=context, run_id=result.run_id)
@@ -173,7 +180,11 @@ class Runner:
         except BaseException as error:
             result.status = "FAILED"
             if run is not None:
-                reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+                reason = (
+                    "interrupted"
+                    if isinstance(error, KeyboardInterrupt)
+                    else f"{type(error).__name__}: {error}"
+                )
                 run.set_tags({"grnx.error": reason, "grnx.error_type": type(error).__name__})
                 run.end("FAILED")
             context.metrics = result.metrics
@@ -194,7 +205,9 @@ class Runner:
         for group in plan.groups:
             outcomes = []
             for child in group.children:
-                identity = json.dumps(child.resolved.to_dict(), sort_keys=True) if child.role == "reference" else ""
+                identity = (
+                    json.dumps(child.resolved.to_dict(), sort_keys=True) if child.role == "reference" else ""
+                )
                 if identity and identity in references:
                     outcomes.append(references[identity])
                     continue
@@ -207,7 +220,9 @@ class Runner:
             group_metrics = self._aggregate(group, repeats, reference)
             prefix = f"sweep/{group.label}/" if labelled else ""
             aggregates.update({f"{prefix}{name}": value for name, value in group_metrics.items()})
-            rows.append({**{f"value:{k}": v for k, v in group.values.items()}, "group": group.label, **group_metrics})
+            rows.append(
+                {**{f"value:{k}": v for k, v in group.values.items()}, "group": group.label, **group_metrics}
+            )
             if repeats:
                 result.interactions = dict(repeats[-1].leaf.interactions)
                 result.leaf = repeats[-1].leaf
@@ -219,7 +234,9 @@ class Runner:
             if sweep is not None and sweep.plot is not None:
                 figure = sweep_figure(plan, rows, sweep.plot.metric, sweep.plot.x)
                 if figure is not None:
-                    logger.log_figure(f"sweep/{_file_safe(sweep.plot.metric)}_vs_{_file_safe(sweep.plot.x)}.png", figure)
+                    logger.log_figure(
+                        f"sweep/{_file_safe(sweep.plot.metric)}_vs_{_file_safe(sweep.plot.x)}.png", figure
+                    )
 
     def _child(self, child: ChildRecipe, run: Any, result: RunResult) -> ChildResult:
         child_run = None
@@ -229,7 +246,10 @@ class Runner:
             if child.sampler_seed is not None:
                 tags["grnx.seed"] = str(child.sampler_seed)
             child_run = self.tracker.start_run(
-                recipe.tracking.experiment, f"{recipe.tracking.run_name or recipe.name}: {child.name}", tags, parent=run,
+                recipe.tracking.experiment,
+                f"{recipe.tracking.run_name or recipe.name}: {child.name}",
+                tags,
+                parent=run,
             )
             child_run.log_params(flatten(child.resolved.to_dict()))
             result.child_run_ids.append(child_run.run_id)
@@ -249,7 +269,9 @@ class Runner:
         result.children.append(outcome)
         return outcome
 
-    def _aggregate(self, group: Group, repeats: list[ChildResult], reference: ChildResult | None) -> dict[str, float]:
+    def _aggregate(
+        self, group: Group, repeats: list[ChildResult], reference: ChildResult | None
+    ) -> dict[str, float]:
         """Mean, std (ddof 1) and n of every repeat metric, and each evaluator's own aggregate."""
         out: dict[str, float] = {}
         all_metrics = [o.leaf.metrics for o in repeats]
@@ -299,9 +321,19 @@ def sweep_figure(plan: Plan, rows: list[dict[str, Any]], metric: str, x: str) ->
     groups = table.groupby(others, sort=False) if others else [((), table)]
     for key, frame in groups:
         frame = frame.sort_values(f"value:{x}")
-        label = ", ".join(f"{c[6:].split('.')[-1]}={v}" for c, v in zip(others, key if isinstance(key, tuple) else (key,)))
-        axes.errorbar(frame[f"value:{x}"].astype(float) if _numeric(frame[f"value:{x}"]) else frame[f"value:{x}"].astype(str),
-                      frame[mean], yerr=frame[std] if std in frame else None, marker="o", capsize=3, label=label or None)
+        label = ", ".join(
+            f"{c[6:].split('.')[-1]}={v}" for c, v in zip(others, key if isinstance(key, tuple) else (key,))
+        )
+        axes.errorbar(
+            frame[f"value:{x}"].astype(float)
+            if _numeric(frame[f"value:{x}"])
+            else frame[f"value:{x}"].astype(str),
+            frame[mean],
+            yerr=frame[std] if std in frame else None,
+            marker="o",
+            capsize=3,
+            label=label or None,
+        )
     axes.set_xlabel(x)
     axes.set_ylabel(f"{metric} (mean ± std over repeats)")
     if others:
@@ -336,8 +368,12 @@ def run_recipe(
 
         tracker = Tracker(tracking_uri)
     runner = Runner(
-        resolved, tracker=tracker, cache=cache, plugin_manager=default_registry().plugin_manager,
-        show_progress=show_progress, parent_run=parent_run,
+        resolved,
+        tracker=tracker,
+        cache=cache,
+        plugin_manager=default_registry().plugin_manager,
+        show_progress=show_progress,
+        parent_run=parent_run,
     )
     return runner.run()
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from grnx_core.atomic import atomic_path
 from grnx_core.errors import GrnxError
+
+if TYPE_CHECKING:
+    from grnx_core.components import Component
 
 STATE_FILE = "grnx_state.json"
 
@@ -36,16 +39,24 @@ def _encode(value: Any, name: str, folder: Path, arrays: list[str]) -> Any:
     if isinstance(value, pd.Index):
         return {"__index__": [_encode(v, name, folder, arrays) for v in value.tolist()]}
     if isinstance(value, pd.Series):
-        return {"__series__": {"index": value.index.astype(str).tolist(),
-                               "values": [_encode(v, name, folder, arrays) for v in value.tolist()]}}
+        return {
+            "__series__": {
+                "index": value.index.astype(str).tolist(),
+                "values": [_encode(v, name, folder, arrays) for v in value.tolist()],
+            }
+        }
     if isinstance(value, Path):
         return {"__path__": str(value)}
     if isinstance(value, (list, tuple)):
         return [_encode(v, name, folder, arrays) for v in value]
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
-            return {"__items__": [[_encode(k, name, folder, arrays), _encode(v, name, folder, arrays)]
-                                  for k, v in value.items()]}
+            return {
+                "__items__": [
+                    [_encode(k, name, folder, arrays), _encode(v, name, folder, arrays)]
+                    for k, v in value.items()
+                ]
+            }
         return {k: _encode(v, f"{name}.{k}", folder, arrays) for k, v in value.items()}
     raise GrnxError(
         f"cannot save fitted attribute {name!r} of type {type(value).__name__} without pickles; "
@@ -96,7 +107,7 @@ def save_state(component: Any, path: Path) -> None:
         (folder / STATE_FILE).write_text(json.dumps(document), encoding="utf-8")
 
 
-def load_state(cls: type, path: Path) -> Any:
+def load_state(cls: type[Component], path: Path) -> Any:
     """Rebuild a component that :func:`save_state` wrote."""
     path = Path(path)
     file = path / STATE_FILE

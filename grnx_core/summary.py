@@ -13,7 +13,11 @@ from typing import Any
 
 #: (column header, metric leaf) for the per-extractor table, in column order.
 PAIR_HEADLINES = (
-    ("AUPRC/rand", "auprc_ratio"), ("EPR", "epr"), ("NES", "nes"), ("p", "pvalue"), ("NES MSE vs all", "nes_mse"),
+    ("AUPRC/rand", "auprc_ratio"),
+    ("EPR", "epr"),
+    ("NES", "nes"),
+    ("p", "pvalue"),
+    ("NES MSE vs all", "nes_mse"),
 )
 #: (label, metric leaf) of the model line.
 MODEL_HEADLINES = (("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"))
@@ -49,8 +53,8 @@ def headline_table(metrics: dict[str, float], extractors: list[str]) -> list[str
         if suffix not in (None, "mean", "std") or len(parts) < 3 or parts[0] != "eval":
             continue
         if len(parts) == 4 and parts[3] in pair_leaves:
-            row = f"{group} {parts[2]}" if group else parts[2]
-            values[(parts[1], row, parts[3])][suffix] = value
+            row_name = f"{group} {parts[2]}" if group else parts[2]
+            values[(parts[1], row_name, parts[3])][suffix] = value
         elif len(parts) == 3 and parts[2] in model_leaves:
             model[(parts[1] + (f" {group}" if group else ""), parts[2])][suffix] = value
     lines: list[str] = []
@@ -59,19 +63,24 @@ def headline_table(metrics: dict[str, float], extractors: list[str]) -> list[str
         evaluators = sorted({e for (e, _, metric) in values if metric == leaf})
         for evaluator in evaluators:
             columns.append((header if len(evaluators) == 1 else f"{header} [{evaluator}]", evaluator, leaf))
-    rows = [x for x in dict.fromkeys([*extractors, *sorted({x for (_, x, _) in values})])
-            if any((e, x, leaf) in values for _, e, leaf in columns)]
+    rows = [
+        x
+        for x in dict.fromkeys([*extractors, *sorted({x for (_, x, _) in values})])
+        if any((e, x, leaf) in values for _, e, leaf in columns)
+    ]
     if columns and rows:
-        table = [["extractor" if not any(" " in r for r in rows) else "group extractor", *(c[0] for c in columns)]]
+        table = [
+            ["extractor" if not any(" " in r for r in rows) else "group extractor", *(c[0] for c in columns)]
+        ]
         for extractor in rows:
             cells = [extractor]
             for _, evaluator, leaf in columns:
                 found = values.get((evaluator, extractor, leaf), {})
-                value = found.get(None, found.get("mean"))
-                if leaf == "pvalue" and value is not None:  # p-values read best with 2 significant digits
-                    cells.append(f"{value:.2g}")
+                shown = found.get(None, found.get("mean"))
+                if leaf == "pvalue" and shown is not None:  # p-values read best with 2 significant digits
+                    cells.append(f"{shown:.2g}")
                 else:
-                    cells.append(_format(value, found.get("std")))
+                    cells.append(_format(shown, found.get("std")))
             table.append(cells)
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
         for row in table:
@@ -80,12 +89,16 @@ def headline_table(metrics: dict[str, float], extractors: list[str]) -> list[str
     for evaluator in sorted({e for (e, _) in model}):
         parts = []
         for label, leaf in MODEL_HEADLINES:
-            found = model.get((evaluator, leaf))
-            if found:
-                parts.append(f"{label} {_format(found.get(None, found.get('mean')), found.get('std'))}")
+            scores = model.get((evaluator, leaf))
+            if scores:
+                parts.append(f"{label} {_format(scores.get(None, scores.get('mean')), scores.get('std'))}")
         by_text.setdefault(", ".join(parts), []).append(evaluator)
     for text, evaluators in by_text.items():  # a model shared by every sweep group is one line
-        name = evaluators[0] if len(evaluators) == 1 else f"{evaluators[0].split(' ')[0]}, {len(evaluators)} groups"
+        name = (
+            evaluators[0]
+            if len(evaluators) == 1
+            else f"{evaluators[0].split(' ')[0]}, {len(evaluators)} groups"
+        )
         lines.append(f"model ({name}): {text}")
     return lines
 

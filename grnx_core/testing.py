@@ -40,13 +40,23 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from grnx_core.components import Component, Kind
+from grnx_core.components import (
+    Component,
+    DataSource,
+    Evaluator,
+    Extractor,
+    Kind,
+    Model,
+    Preprocessor,
+    Sampler,
+    Tokenizer,
+)
 from grnx_core.context import DataRoles, RunContext
 from grnx_core.data_types import CellSample, EvaluationResult, GroundTruth, Interactions, TokenizedCells
 
@@ -106,16 +116,36 @@ ROLES = DataRoles(label_key="label", donor_key="donor", batch_key="batch", cell_
 #: Gene symbols and Ensembl ids of the fixture (human genes found in Geneformer's V1 and V2
 #: token and median dictionaries; two mitochondrial and two ribosomal genes for QC).
 GENES: tuple[tuple[str, str], ...] = (
-    ("MT-CO1", "ENSG00000198804"), ("MT-ND1", "ENSG00000198888"), ("RPL3", "ENSG00000100316"),
-    ("RPS6", "ENSG00000137154"), ("CD3E", "ENSG00000198851"), ("CD3D", "ENSG00000167286"),
-    ("IL7R", "ENSG00000168685"), ("CCR7", "ENSG00000126353"), ("CD4", "ENSG00000010610"),
-    ("CD8A", "ENSG00000153563"), ("S100A8", "ENSG00000143546"), ("S100A9", "ENSG00000163220"),
-    ("LYZ", "ENSG00000090382"), ("CD14", "ENSG00000170458"), ("CD19", "ENSG00000177455"),
-    ("MS4A1", "ENSG00000156738"), ("CD79A", "ENSG00000105369"), ("NKG7", "ENSG00000105374"),
-    ("GNLY", "ENSG00000115523"), ("FCGR3A", "ENSG00000203747"), ("ACTB", "ENSG00000075624"),
-    ("GAPDH", "ENSG00000111640"), ("B2M", "ENSG00000166710"), ("HLA-DRA", "ENSG00000204287"),
-    ("PPBP", "ENSG00000163736"), ("FTL", "ENSG00000087086"), ("FTH1", "ENSG00000167996"),
-    ("TMSB4X", "ENSG00000205542"), ("EEF1A1", "ENSG00000156508"), ("TPT1", "ENSG00000133112"),
+    ("MT-CO1", "ENSG00000198804"),
+    ("MT-ND1", "ENSG00000198888"),
+    ("RPL3", "ENSG00000100316"),
+    ("RPS6", "ENSG00000137154"),
+    ("CD3E", "ENSG00000198851"),
+    ("CD3D", "ENSG00000167286"),
+    ("IL7R", "ENSG00000168685"),
+    ("CCR7", "ENSG00000126353"),
+    ("CD4", "ENSG00000010610"),
+    ("CD8A", "ENSG00000153563"),
+    ("S100A8", "ENSG00000143546"),
+    ("S100A9", "ENSG00000163220"),
+    ("LYZ", "ENSG00000090382"),
+    ("CD14", "ENSG00000170458"),
+    ("CD19", "ENSG00000177455"),
+    ("MS4A1", "ENSG00000156738"),
+    ("CD79A", "ENSG00000105369"),
+    ("NKG7", "ENSG00000105374"),
+    ("GNLY", "ENSG00000115523"),
+    ("FCGR3A", "ENSG00000203747"),
+    ("ACTB", "ENSG00000075624"),
+    ("GAPDH", "ENSG00000111640"),
+    ("B2M", "ENSG00000166710"),
+    ("HLA-DRA", "ENSG00000204287"),
+    ("PPBP", "ENSG00000163736"),
+    ("FTL", "ENSG00000087086"),
+    ("FTH1", "ENSG00000167996"),
+    ("TMSB4X", "ENSG00000205542"),
+    ("EEF1A1", "ENSG00000156508"),
+    ("TPT1", "ENSG00000133112"),
 )
 
 N_CELLS = 60
@@ -177,8 +207,9 @@ def make_adata(*, sparse: bool = True, seed: int = 0) -> anndata.AnnData:
 
     counts, obs = _fixture_counts(seed)
     matrix = counts.astype(np.float32)
-    var = pd.DataFrame({"ensembl_id": [ensembl for _, ensembl in GENES]},
-                       index=pd.Index([symbol for symbol, _ in GENES]))
+    var = pd.DataFrame(
+        {"ensembl_id": [ensembl for _, ensembl in GENES]}, index=pd.Index([symbol for symbol, _ in GENES])
+    )
     X = sp.csr_matrix(matrix) if sparse else matrix
     adata = ad.AnnData(X=X, obs=obs, var=var)
     adata.layers["counts"] = X.copy()
@@ -213,17 +244,19 @@ def make_context(
     learning_rate: float = 0.001,
     **fields: Any,
 ) -> RunContext:
-    """A RunContext over the fixture: roles of :data:`ROLES` and a recipe whose ``train`` settings
-    train for ``epochs`` on the CPU. ``fields`` set other RunContext fields (tokens, model, ...)."""
-    from grnx_core.recipe import DataSpec, Recipe, TrainSettings
+    """A RunContext over the fixture: roles of :data:`ROLES` and ``train`` settings that train for
+    ``epochs`` on the CPU. ``fields`` set other RunContext fields (tokens, model, ...)."""
+    from grnx_core.recipe import TrainSettings
 
-    recipe = Recipe(
-        schema_version=1, name="contract", data=DataSpec(name="contract_fixture", label_key="label"),
-        train=TrainSettings(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                            validation_fraction=0.0, device="cpu"),
+    train = TrainSettings(
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        validation_fraction=0.0,
+        device="cpu",
     )
     roles = DataRoles(**ROLES.__dict__)
-    return RunContext(seed=seed, roles=roles, recipe=recipe, adata=adata, **fields)
+    return RunContext(seed=seed, roles=roles, train_settings=train, adata=adata, **fields)
 
 
 @dataclass(frozen=True)
@@ -272,14 +305,17 @@ def write_fixture_files(folder: str | Path) -> FixtureFiles:
     mtx = folder / "mtx"
     mtx.mkdir(exist_ok=True)
     mmwrite(str(mtx / "matrix.mtx"), sp.coo_matrix(counts.T))
-    features = pd.DataFrame({"id": adata.var["ensembl_id"], "symbol": adata.var_names, "type": "Gene Expression"})
+    features = pd.DataFrame(
+        {"id": adata.var["ensembl_id"], "symbol": adata.var_names, "type": "Gene Expression"}
+    )
     features.to_csv(mtx / "features.tsv", sep="\t", header=False, index=False)
     pd.Series(adata.obs_names).to_csv(mtx / "barcodes.tsv", header=False, index=False)
 
     rosmap = adata.copy()
     del rosmap.layers["counts"]
-    rosmap.obs = pd.DataFrame({"library": rosmap.obs["donor"].astype(str).str.replace("donor", "lib")},
-                              index=rosmap.obs_names)
+    rosmap.obs = pd.DataFrame(
+        {"library": rosmap.obs["donor"].astype(str).str.replace("donor", "lib")}, index=rosmap.obs_names
+    )
     rosmap_counts = folder / "rosmap_counts.h5ad"
     rosmap.write_h5ad(rosmap_counts)
     libraries = sorted(set(rosmap.obs["library"]))
@@ -287,15 +323,17 @@ def write_fixture_files(folder: str | Path) -> FixtureFiles:
     pd.DataFrame({"library": libraries, "projid": [f"P{i}" for i in range(len(libraries))]}).to_csv(
         rosmap_batches, index=False
     )
-    pd.DataFrame({"projid": [f"P{i}" for i in range(len(libraries))],
-                  "cogdx": [4 if i < N_DONORS // 2 else 1 for i in range(len(libraries))]}).to_csv(
-        rosmap_clinical, index=False
-    )
+    pd.DataFrame(
+        {
+            "projid": [f"P{i}" for i in range(len(libraries))],
+            "cogdx": [4 if i < N_DONORS // 2 else 1 for i in range(len(libraries))],
+        }
+    ).to_csv(rosmap_clinical, index=False)
 
     annotation = folder / "annotation.csv"
-    pd.DataFrame({"cell": adata.obs_names[:50], "annotation": adata.obs["cell_type"].astype(str)[:50]}).to_csv(
-        annotation, index=False
-    )
+    pd.DataFrame(
+        {"cell": adata.obs_names[:50], "annotation": adata.obs["cell_type"].astype(str)[:50]}
+    ).to_csv(annotation, index=False)
     gene_table = folder / "gene_table.tsv"
     adata.var.reset_index(names="gene_symbol").iloc[:28].to_csv(gene_table, sep="\t", index=False)
     token_dictionary = folder / "token_dictionary.json"
@@ -303,9 +341,17 @@ def write_fixture_files(folder: str | Path) -> FixtureFiles:
     tokens.update({ensembl: 4 + i for i, (_, ensembl) in enumerate(GENES)})
     token_dictionary.write_text(json.dumps(tokens), encoding="utf-8")
     return FixtureFiles(
-        folder=folder, h5ad=h5ad, h5ad_dense=h5ad_dense, csv=csv, mtx_folder=mtx,
-        rosmap_counts=rosmap_counts, rosmap_batches=rosmap_batches, rosmap_clinical=rosmap_clinical,
-        annotation=annotation, gene_table=gene_table, token_dictionary=token_dictionary,
+        folder=folder,
+        h5ad=h5ad,
+        h5ad_dense=h5ad_dense,
+        csv=csv,
+        mtx_folder=mtx,
+        rosmap_counts=rosmap_counts,
+        rosmap_batches=rosmap_batches,
+        rosmap_clinical=rosmap_clinical,
+        annotation=annotation,
+        gene_table=gene_table,
+        token_dictionary=token_dictionary,
     )
 
 
@@ -385,6 +431,7 @@ class ComponentChecker:
     @property
     def cls(self) -> type[Component]:
         if self._component is None:
+            assert self._entry is not None  # __init__ sets one of the two
             self._component = self._entry.load()
         return self._component
 
@@ -409,7 +456,10 @@ class ComponentChecker:
         for check in KIND_CHECKS[kind]:
             if kind is Kind.DATA and check == "sparse_dense" and self.case.dense_params is None:
                 continue  # a source reads one stored layout unless the case gives a dense twin
-            if check == "streamed" and "path" not in inspect.signature(cls.transform).parameters:
+            if (
+                check == "streamed"
+                and "path" not in inspect.signature(cast(type[Tokenizer], cls).transform).parameters
+            ):
                 continue
             if check == "aggregate" and not callable(getattr(cls, "aggregate", None)):
                 continue
@@ -491,7 +541,7 @@ class ComponentChecker:
         def prepare() -> anndata.AnnData:
             adata = make_adata(sparse=variant == "sparse")
             for spec in self.case.before:
-                adata = self._stage(Kind.PREPROCESSOR, spec)(adata)
+                adata = cast(Preprocessor, self._stage(Kind.PREPROCESSOR, spec))(adata)
             return adata
 
         return self._memo(("input", variant), prepare).copy()
@@ -504,17 +554,17 @@ class ComponentChecker:
         return self._memo(("output", variant, run), lambda: runner(variant))
 
     def _run_data(self, variant: str) -> anndata.AnnData:
-        source = self.build(self.case.dense_params if variant == "dense" else None)
+        source = cast(DataSource, self.build(self.case.dense_params if variant == "dense" else None))
         return source.load()
 
     def _run_preprocessor(self, variant: str) -> anndata.AnnData:
-        return self.build()(self._input(variant))
+        return cast(Preprocessor, self.build())(self._input(variant))
 
     def _run_sampler(self, variant: str) -> CellSample:
-        return self.build().sample(self._input(variant), np.random.default_rng(0))
+        return cast(Sampler, self.build()).sample(self._input(variant), np.random.default_rng(0))
 
     def _run_tokenizer(self, variant: str) -> tuple[Any, TokenizedCells]:
-        tokenizer = self.build()
+        tokenizer = cast(Tokenizer, self.build())
         adata = self._input(variant)
         fitted = tokenizer.fit(_train_cells(adata))
         if fitted is not tokenizer:
@@ -534,7 +584,7 @@ class ComponentChecker:
             spec = DEFAULT_TOKENIZER
 
         def compute() -> tuple[Any, TokenizedCells]:
-            tokenizer = self._stage(Kind.TOKENIZER, spec)
+            tokenizer = cast(Tokenizer, self._stage(Kind.TOKENIZER, spec))
             adata = self._input(variant)
             tokenizer.fit(_train_cells(adata))
             return tokenizer, tokenizer.transform(adata, obs_columns=list(OBS_COLUMNS))
@@ -549,7 +599,7 @@ class ComponentChecker:
         return make_context(self._input(variant), **fields)
 
     def _run_model(self, variant: str) -> tuple[Any, np.ndarray, np.ndarray, Any]:
-        model = self.build()
+        model = cast(Model, self.build())
         context = self._context(variant)
         fitted = model.fit(context)
         if fitted is not model:
@@ -559,29 +609,32 @@ class ComponentChecker:
 
     def _upstream_model(self) -> Any:
         """The case's model, fitted once on the CSR fixture and shared by every run."""
-        if self.case.model is None:
+        spec = self.case.model
+        if spec is None:
             needs = getattr(self.cls, "needs", None) or ()
             if "model" in needs:
                 raise SkipComponent(f"{self.label} needs a model; give one with Case(model=(name, params)).")
             return None
 
         def fit() -> Any:
-            model = self._stage(Kind.MODEL, self.case.model)
+            model = cast(Model, self._stage(Kind.MODEL, spec))
             return model.fit(self._context("sparse"))
 
         return self._memo("model", fit)
 
     def _run_extractor(self, variant: str) -> Interactions:
         context = self._context(variant, model=self._upstream_model())
-        return self.build().extract(context)
+        return cast(Extractor, self.build()).extract(context)
 
     def _run_evaluator(self, variant: str) -> tuple[EvaluationResult, RunContext]:
         adata = self._input(variant)
         context = self._context(
-            variant, model=self._upstream_model(), ground_truth=make_ground_truth(),
+            variant,
+            model=self._upstream_model(),
+            ground_truth=make_ground_truth(),
             interactions={"contract": make_interactions(adata)},
         )
-        return self.build().evaluate(context), context
+        return cast(Evaluator, self.build()).evaluate(context), context
 
     # -- checks ------------------------------------------------------------------------------------
 
@@ -615,7 +668,11 @@ class ComponentChecker:
         else:
             problems = compare_values(first[0].metrics, second[0].metrics, "metrics", exact=exact)
         if problems:
-            what = "two runs with the same seed differ" if check == "same_seed" else "CSR and dense inputs differ"
+            what = (
+                "two runs with the same seed differ"
+                if check == "same_seed"
+                else "CSR and dense inputs differ"
+            )
             raise self.fail(check, f"{what}: " + "; ".join(problems[:8]))
 
     def _writes_declared(self) -> None:
@@ -626,7 +683,7 @@ class ComponentChecker:
         if undeclared:
             raise self.fail(
                 "writes_declared",
-                f"it writes {', '.join(undeclared)}, which its writes {tuple(type(self.build()).writes)!r} "
+                f"it writes {', '.join(undeclared)}, which its writes {tuple(type(cast(Preprocessor, self.build())).writes)!r} "
                 f"(resolved: {', '.join(sorted(declared)) or 'nothing'}) does not declare",
             )
 
@@ -638,13 +695,15 @@ class ComponentChecker:
             self._input("sparse").write_h5ad(path)
         backed = ad.read_h5ad(path, backed="r")
         try:
-            sample = self.build().sample(backed, np.random.default_rng(0))
+            sample = cast(Sampler, self.build()).sample(backed, np.random.default_rng(0))
         finally:
             backed.file.close()
         self._valid_sampler(sample, "backed")
         problems = compare_samples(self.output("sparse", 0), sample, exact=True)
         if problems:
-            raise self.fail("backed", "a backed AnnData gives another sample than in memory: " + "; ".join(problems))
+            raise self.fail(
+                "backed", "a backed AnnData gives another sample than in memory: " + "; ".join(problems)
+            )
 
     def _streamed(self) -> None:
         tokenizer, tokens = self.output("sparse", 0)
@@ -656,8 +715,10 @@ class ComponentChecker:
         problems = compare_tokens(tokens, streamed, exact=True)
         problems += compare_tokens(tokens, TokenizedCells.load(folder), exact=True)
         if problems:
-            raise self.fail("streamed", "tokens streamed to a folder differ from the in-memory ones: "
-                            + "; ".join(problems[:8]))
+            raise self.fail(
+                "streamed",
+                "tokens streamed to a folder differ from the in-memory ones: " + "; ".join(problems[:8]),
+            )
 
     def _save_load(self) -> None:
         getattr(self, f"_save_load_{self.kind.name.lower()}")()
@@ -678,7 +739,9 @@ class ComponentChecker:
         tokens.save(saved)
         problems = compare_tokens(tokens, TokenizedCells.load(saved), exact=True)
         if problems:
-            raise self.fail("save_load", "TokenizedCells.save/load changes the tokens: " + "; ".join(problems))
+            raise self.fail(
+                "save_load", "TokenizedCells.save/load changes the tokens: " + "; ".join(problems)
+            )
         state = self.folder / "tokenizer"
         tokenizer.save(state)
         loaded = type(tokenizer).load(state)
@@ -687,7 +750,9 @@ class ComponentChecker:
         again = loaded.transform(self._input("sparse"), obs_columns=list(OBS_COLUMNS))
         problems = compare_tokens(tokens, again, exact=True)
         if problems:
-            raise self.fail("save_load", "the loaded tokenizer transforms to other tokens: " + "; ".join(problems))
+            raise self.fail(
+                "save_load", "the loaded tokenizer transforms to other tokens: " + "; ".join(problems)
+            )
 
     def _save_load_model(self) -> None:
         model, predictions, embeddings, inputs = self.output("sparse", 0)
@@ -712,10 +777,12 @@ class ComponentChecker:
     def _aggregate(self) -> None:
         first, context = self.output("sparse", 0)
         second, _ = self.output("sparse", 1)
-        component = self.build()
+        component: Any = self.build()  # aggregate is an optional hook that Evaluator does not declare
         aggregated = component.aggregate([first, second], first if component.needs_reference else None)
         if not isinstance(aggregated, Mapping):
-            raise self.fail("aggregate", f"aggregate returned {type(aggregated).__name__}, expected a dict of metrics")
+            raise self.fail(
+                "aggregate", f"aggregate returned {type(aggregated).__name__}, expected a dict of metrics"
+            )
         self._check_metrics(aggregated, "aggregate")
 
     # -- validity by kind ---------------------------------------------------------------------------
@@ -732,14 +799,16 @@ class ComponentChecker:
                 raise self.fail(check, f"{axis} are not unique ({names[names.duplicated()][:3].tolist()})")
         if "counts" in adata.layers and adata.layers["counts"].shape != adata.shape:
             raise self.fail(check, "layers['counts'] does not have the shape of X")
-        source = self.build()
+        source = cast(DataSource, self.build())
         for path in source.input_files():
             if not Path(path).exists():
                 raise self.fail(check, f"input_files() lists {path}, which does not exist")
         truth = source.ground_truth()
         if truth is not None:
             if not isinstance(truth, pd.DataFrame) or not {"source", "target"} <= set(truth.columns):
-                raise self.fail(check, "ground_truth() must return a DataFrame with columns source and target")
+                raise self.fail(
+                    check, "ground_truth() must return a DataFrame with columns source and target"
+                )
             outside = sorted(set(truth["source"]).union(truth["target"]) - set(map(str, adata.var_names)))
             if outside:
                 raise self.fail(check, f"ground_truth() names genes that are not var_names: {outside[:5]}")
@@ -751,15 +820,22 @@ class ComponentChecker:
         declared = (adata.uns.get("grnx_data") or {}).get("counts")
         if declared is None:
             raise self.fail(
-                check, "it does not declare where the raw counts are: uns['grnx_data']['counts'] should be "
-                "'layers/counts', 'X' or 'none' (uns keys: " + (", ".join(map(str, adata.uns)) or "none") + ")",
+                check,
+                "it does not declare where the raw counts are: uns['grnx_data']['counts'] should be "
+                "'layers/counts', 'X' or 'none' (uns keys: "
+                + (", ".join(map(str, adata.uns)) or "none")
+                + ")",
             )
         if declared == "none":
             return
         if declared not in ("layers/counts", "X"):
-            raise self.fail(check, f"uns['grnx_data']['counts'] is {declared!r}; expected 'layers/counts', 'X' or 'none'")
+            raise self.fail(
+                check, f"uns['grnx_data']['counts'] is {declared!r}; expected 'layers/counts', 'X' or 'none'"
+            )
         if declared == "layers/counts" and "counts" not in adata.layers:
-            raise self.fail(check, "uns['grnx_data']['counts'] says layers/counts, but there is no such layer")
+            raise self.fail(
+                check, "uns['grnx_data']['counts'] says layers/counts, but there is no such layer"
+            )
         matrix = adata.layers["counts"] if declared == "layers/counts" else adata.X
         if not _is_counts(matrix):
             raise self.fail(check, f"the declared counts ({declared}) are not non-negative integers")
@@ -804,7 +880,9 @@ class ComponentChecker:
         if not expected.equals(tokens.obs[list(OBS_COLUMNS)].astype(str)):
             raise self.fail(check, "the carried obs values do not match the cells they belong to")
         vocabulary_size = max(len(tokens.vocabulary), int(tokens.metadata.get("vocab_size", 0)))
-        if len(tokens.input_ids) and (tokens.input_ids.min() < 0 or tokens.input_ids.max() >= vocabulary_size):
+        if len(tokens.input_ids) and (
+            tokens.input_ids.min() < 0 or tokens.input_ids.max() >= vocabulary_size
+        ):
             raise self.fail(check, f"token ids outside the vocabulary of {vocabulary_size}")
         if tokens.values is not None and not np.all(np.isfinite(tokens.values)):
             raise self.fail(check, "token values are not finite")
@@ -819,7 +897,9 @@ class ComponentChecker:
             found = sorted(set(map(str, predictions)))[:5]
             raise self.fail(check, f"predictions {found} are not values of the label column {labels}")
         if predictions.ndim == 2 and predictions.shape[1] != len(labels):
-            raise self.fail(check, f"predict gave {predictions.shape[1]} scores per cell for {len(labels)} labels")
+            raise self.fail(
+                check, f"predict gave {predictions.shape[1]} scores per cell for {len(labels)} labels"
+            )
         if predictions.ndim not in (1, 2):
             raise self.fail(check, f"predict gave an array of shape {predictions.shape}")
         if embeddings.ndim != 2 or embeddings.shape[0] != n_cells or embeddings.shape[1] == 0:
@@ -829,7 +909,9 @@ class ComponentChecker:
 
     def _valid_extractor(self, interactions: Any, check: str) -> None:
         if not isinstance(interactions, Interactions):
-            raise self.fail(check, f"extract(context) returned {type(interactions).__name__}, not Interactions")
+            raise self.fail(
+                check, f"extract(context) returned {type(interactions).__name__}, not Interactions"
+            )
         table = interactions.table
         if len(table) == 0:
             raise self.fail(check, "no gene pairs")
@@ -853,23 +935,31 @@ class ComponentChecker:
 
         result, _ = output
         if not isinstance(result, EvaluationResult):
-            raise self.fail(check, f"evaluate(context) returned {type(result).__name__}, not an EvaluationResult")
+            raise self.fail(
+                check, f"evaluate(context) returned {type(result).__name__}, not an EvaluationResult"
+            )
         if not result.metrics:
             raise self.fail(check, "no metrics")
         self._check_metrics(result.metrics, check)
         for name, figure in result.figures.items():
             if not isinstance(figure, matplotlib.figure.Figure):
-                raise self.fail(check, f"figure {name!r} is a {type(figure).__name__}, not a matplotlib Figure")
+                raise self.fail(
+                    check, f"figure {name!r} is a {type(figure).__name__}, not a matplotlib Figure"
+                )
         for name, table in result.tables.items():
             if not isinstance(table, pd.DataFrame):
                 raise self.fail(check, f"table {name!r} is a {type(table).__name__}, not a DataFrame")
 
     def _check_metrics(self, metrics: Mapping[str, Any], check: str) -> None:
-        undirected = [name for name in metrics if self.cls.metric_direction(name) is None]
+        evaluator = cast(type[Evaluator], self.cls)
+        undirected = [name for name in metrics if evaluator.metric_direction(name) is None]
         if undirected:
             raise self.fail(check, f"metrics without a direction in higher_is_better: {undirected[:5]}")
-        not_numbers = [name for name, value in metrics.items()
-                       if not isinstance(value, (int, float, np.number)) or isinstance(value, bool)]
+        not_numbers = [
+            name
+            for name, value in metrics.items()
+            if not isinstance(value, (int, float, np.number)) or isinstance(value, bool)
+        ]
         if not_numbers:
             raise self.fail(check, f"metrics that are not numbers: {not_numbers[:5]}")
 
@@ -932,13 +1022,22 @@ def compare_values(first: Any, second: Any, where: str, *, exact: bool) -> list[
         return problems
     if isinstance(first, pd.Series) and isinstance(second, pd.Series):
         return compare_values(_series_values(first), _series_values(second), where, exact=exact)
-    if sp.issparse(first) or sp.issparse(second) or isinstance(first, np.ndarray) or isinstance(second, np.ndarray):
+    if (
+        sp.issparse(first)
+        or sp.issparse(second)
+        or isinstance(first, np.ndarray)
+        or isinstance(second, np.ndarray)
+    ):
         a, b = _dense(first), _dense(second)
         if a.shape != b.shape:
             return [f"{where}: shape {a.shape} vs {b.shape}"]
         if a.dtype.kind in "biuf" and b.dtype.kind in "biuf":
             a, b = a.astype(np.float64), b.astype(np.float64)
-            equal = np.array_equal(a, b, equal_nan=True) if exact else np.allclose(a, b, _RTOL, _ATOL, equal_nan=True)
+            equal = (
+                np.array_equal(a, b, equal_nan=True)
+                if exact
+                else np.allclose(a, b, _RTOL, _ATOL, equal_nan=True)
+            )
             if not equal:
                 difference = np.nanmax(np.abs(a - b)) if a.size else 0.0
                 return [f"{where}: values differ (max |difference| {difference:.3g})"]
@@ -954,10 +1053,10 @@ def compare_values(first: Any, second: Any, where: str, *, exact: bool) -> list[
             problems += compare_values(a, b, f"{where}[{i}]", exact=exact)
         return problems
     if _is_number(first) and _is_number(second):
-        a, b = float(first), float(second)
-        if math.isnan(a) and math.isnan(b):
+        x, y = float(first), float(second)
+        if math.isnan(x) and math.isnan(y):
             return []
-        if a == b or (not exact and math.isclose(a, b, rel_tol=_RTOL, abs_tol=_ATOL)):
+        if x == y or (not exact and math.isclose(x, y, rel_tol=_RTOL, abs_tol=_ATOL)):
             return []
         return [f"{where}: {first!r} vs {second!r}"]
     if type(first) is not type(second) and not (isinstance(first, str) and isinstance(second, str)):
@@ -1128,7 +1227,9 @@ def written_keys(before: anndata.AnnData, after: anndata.AnnData) -> set[str]:
     genes_ok = not renamed
 
     if cells_ok and genes_ok:
-        old_x = before.X[cells][:, genes] if sp.issparse(before.X) else np.asarray(before.X)[np.ix_(cells, genes)]
+        old_x = (
+            before.X[cells][:, genes] if sp.issparse(before.X) else np.asarray(before.X)[np.ix_(cells, genes)]
+        )
         if _differs(old_x, after.X):
             written.add("X")
     elif after.shape != before.shape or _differs(before.X, after.X):
@@ -1148,10 +1249,15 @@ def written_keys(before: anndata.AnnData, after: anndata.AnnData) -> set[str]:
                 continue
             if slot == "layers":
                 value = old[key]
-                subset = value[cells][:, genes] if sp.issparse(value) else np.asarray(value)[np.ix_(cells, genes)]
+                subset = (
+                    value[cells][:, genes] if sp.issparse(value) else np.asarray(value)[np.ix_(cells, genes)]
+                )
             elif both:
                 value = old[key]
-                subset = value[index][:, index] if sp.issparse(value) else np.asarray(value)[np.ix_(index, index)]
+                assert index is not None  # obsp and varp come with their index
+                subset = (
+                    value[index][:, index] if sp.issparse(value) else np.asarray(value)[np.ix_(index, index)]
+                )
             else:
                 subset = old[key].iloc[index] if isinstance(old[key], pd.DataFrame) else old[key][index]
             if _differs(subset, new[key]):
@@ -1249,7 +1355,9 @@ def check_component(
     return list(chosen)
 
 
-def _check_kind(kind: Kind, component: Any, params: ParamsSpec | None, **options: Any) -> list[str]:
+def _check_kind(
+    kind: Kind, component: type[Component] | ComponentEntry, params: ParamsSpec | None, **options: Any
+) -> list[str]:
     found = component.kind if isinstance(component, type) else getattr(component, "kind", None)
     if found is not kind:
         raise TypeError(f"{component!r} is a {getattr(found, 'value', found)}, not a {kind.value}")

@@ -52,7 +52,7 @@ def default_tracking_uri() -> str:
 def artifact_root_for(tracking_uri: str) -> Path | None:
     """For a SQLite store, artifacts live in ``artifacts/`` beside the database file."""
     if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts"
+        return Path(tracking_uri[len("sqlite:///") :]).parent / "artifacts"
     return None
 
 
@@ -63,8 +63,12 @@ def git_commit(path: Path = REPO_ROOT) -> str | None:
             ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=path, capture_output=True,
-            text=True, timeout=5, check=True,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -103,8 +107,11 @@ def process_state(pid: int) -> tuple[bool, float | None]:
         # the name (field 2) may hold spaces and parentheses, so fields are counted after its ")".
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         state, ticks = fields[0], int(fields[19])
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
         if state in ("Z", "X"):
             return False, None
         return True, boot + ticks / os.sysconf("SC_CLK_TCK")
@@ -155,8 +162,10 @@ def _owner_ended(tags: dict[str, str]) -> str | None:
     except (KeyError, ValueError):
         return None
     if started is not None and abs(started - recorded) > PROCESS_START_TOLERANCE_S:
-        return (f"process {pid} on host {tags[HOST_TAG]} ended without finishing this run (pid {pid} now "
-                "belongs to another process)")
+        return (
+            f"process {pid} on host {tags[HOST_TAG]} ended without finishing this run (pid {pid} now "
+            "belongs to another process)"
+        )
     return None
 
 
@@ -170,7 +179,7 @@ class Tracker:
 
         self.tracking_uri = tracking_uri or default_tracking_uri()
         if self.tracking_uri.startswith("sqlite:///"):
-            Path(self.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         self._mlflow = mlflow
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.artifact_root = artifact_root_for(self.tracking_uri)
@@ -199,7 +208,11 @@ class Tracker:
             return experiment.experiment_id
 
     def start_run(
-        self, experiment: str, run_name: str, tags: dict[str, str] | None = None, parent: TrackedRun | None = None
+        self,
+        experiment: str,
+        run_name: str,
+        tags: dict[str, str] | None = None,
+        parent: TrackedRun | None = None,
     ) -> TrackedRun:
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -227,7 +240,9 @@ class Tracker:
         finder = f"run {found_by}" if found_by else f"process {os.getpid()}"
         at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         # Host names hold no quotes (RFC 1123); the tag is compared again below all the same.
-        query = f"attributes.status = '{RunStatus.to_string(RunStatus.RUNNING)}' and tags.`{HOST_TAG}` = '{host}'"
+        query = (
+            f"attributes.status = '{RunStatus.to_string(RunStatus.RUNNING)}' and tags.`{HOST_TAG}` = '{host}'"
+        )
         experiment_ids = self._experiment_ids()
         # Every page is read before any run is ended: ending one shrinks the result set, and the
         # page token (an offset) would then skip runs.
@@ -247,16 +262,19 @@ class Tracker:
             if reason is None:
                 continue
             run_id = run.info.run_id
-            TrackedRun(self, run_id).set_tags({
-                "grnx.error": f"killed: {reason} (found by {finder} at {at})",
-                "grnx.error_type": "Killed",
-            })
+            TrackedRun(self, run_id).set_tags(
+                {
+                    "grnx.error": f"killed: {reason} (found by {finder} at {at})",
+                    "grnx.error_type": "Killed",
+                }
+            )
             self.client.set_terminated(run_id, status="FAILED")
             failed.append(run_id)
         return failed
 
     def _experiment_ids(self) -> list[str]:
-        ids, token = [], None
+        ids: list[str] = []
+        token: str | None = None
         while True:
             page = self.client.search_experiments(max_results=1000, page_token=token)
             ids.extend(experiment.experiment_id for experiment in page)
@@ -267,7 +285,9 @@ class Tracker:
     def _search_all_runs(self, experiment_ids: list[str], query: str) -> Iterator[Any]:
         token = None
         while True:
-            page = self.client.search_runs(experiment_ids, filter_string=query, max_results=1000, page_token=token)
+            page = self.client.search_runs(
+                experiment_ids, filter_string=query, max_results=1000, page_token=token
+            )
             yield from page
             token = page.token
             if not token:

@@ -92,8 +92,13 @@ def test_component_contract(entry):
         assert cls.writes, "a preprocessor must declare the keys it writes"
     # The method the kind needs is implemented, not inherited from the base.
     method = {
-        Kind.DATA: "load", Kind.PREPROCESSOR: "__call__", Kind.SAMPLER: "sample", Kind.TOKENIZER: "transform",
-        Kind.MODEL: "fit", Kind.EXTRACTOR: "extract", Kind.EVALUATOR: "evaluate",
+        Kind.DATA: "load",
+        Kind.PREPROCESSOR: "__call__",
+        Kind.SAMPLER: "sample",
+        Kind.TOKENIZER: "transform",
+        Kind.MODEL: "fit",
+        Kind.EXTRACTOR: "extract",
+        Kind.EVALUATOR: "evaluate",
     }[entry.kind]
     assert getattr(cls, method) is not getattr(KIND_BASES[entry.kind], method)
 
@@ -124,19 +129,30 @@ TINY_MLP = ("mlp", {"hidden_sizes": [8], "dropout": 0.0})
 
 def _rank_value_params(files) -> dict[str, Any]:
     """rank_value with the suite's token dictionary (the fixture's Ensembl ids) and fitted medians."""
-    return {"token_dictionary": str(files.token_dictionary), "gene_medians": "fit",
-            "gene_id_key": "ensembl_id", "model_input_size": 18}
+    return {
+        "token_dictionary": str(files.token_dictionary),
+        "gene_medians": "fit",
+        "gene_id_key": "ensembl_id",
+        "model_input_size": 18,
+    }
 
 
 def _rosmap_params(files) -> dict[str, Any]:
-    return {"counts": str(files.rosmap_counts), "batch_column": "library", "batch_table": str(files.rosmap_batches),
-            "clinical_table": str(files.rosmap_clinical), "diagnosis_map": {"1": "Not AD", "4": "AD"}}
+    return {
+        "counts": str(files.rosmap_counts),
+        "batch_column": "library",
+        "batch_table": str(files.rosmap_batches),
+        "clinical_table": str(files.rosmap_clinical),
+        "diagnosis_map": {"1": "Not AD", "4": "AD"},
+    }
 
 
 GENEFORMER_DICTIONARIES = Case(
     {"dictionary_dir": str(GENEFORMER_V2), "gene_id_key": "ensembl_id", "model_input_size": 18},
     name="geneformer_v2",
-    skip=None if GENEFORMER_V2.is_dir() else (
+    skip=None
+    if GENEFORMER_V2.is_dir()
+    else (
         f"Geneformer's V2 dictionaries are not at {GENEFORMER_V2} (../shared/data beside the project, or "
         "$GRNX_SHARED_DATA); the suite's own token dictionary case runs instead"
     ),
@@ -178,7 +194,14 @@ CASES: dict[str, Case | list[Case]] = {
     "tokenizer:binned": Case({"max_length": 17, "n_bins": 11}),
     "model:celluformer": Case(TINY_CELLUFORMER[1], tokenizer=SCALED_TOKENS),
     "model:geneformer": Case(
-        {"n_layers": 1, "hidden_size": 8, "n_heads": 2, "intermediate_size": 16, "max_positions": 32, "dropout": 0.0},
+        {
+            "n_layers": 1,
+            "hidden_size": 8,
+            "n_heads": 2,
+            "intermediate_size": 16,
+            "max_positions": 32,
+            "dropout": 0.0,
+        },
         tokenizer=("rank_value", _rank_value_params),
     ),
     "model:scgpt": Case(
@@ -187,7 +210,10 @@ CASES: dict[str, Case | list[Case]] = {
     ),
     "model:mlp": Case(TINY_MLP[1]),
     "extractor:attention": Case({}, tokenizer=SCALED_TOKENS, model=TINY_CELLUFORMER),
-    "extractor:pearson": [Case({}), Case({"group_key": "label", "case": "case", "control": "control"}, name="grouped")],
+    "extractor:pearson": [
+        Case({}),
+        Case({"group_key": "label", "case": "case", "control": "control"}, name="grouped"),
+    ],
     "extractor:spearman": Case({}),
     "evaluator:nes": Case({"permutations": 50}),
     "evaluator:nes_stability": Case({"permutations": 50}),
@@ -331,7 +357,9 @@ class _MemorySampler(_Base, Sampler):
 
     def sample(self, adata, rng):
         first = 1 if adata.isbacked else 0
-        return CellSample(indices=np.arange(first, 10), weights=np.ones(10 - first), n_cells_total=adata.n_obs)
+        return CellSample(
+            indices=np.arange(first, 10), weights=np.ones(10 - first), n_cells_total=adata.n_obs
+        )
 
 
 class _ForgetfulTokenizer(_Base, Tokenizer):
@@ -482,7 +510,9 @@ def test_written_keys_allows_removing_cells_but_not_changing_kept_values():
     before = make_adata()
     after = before[before.obs["label"] == "case"].copy()
     assert written_keys(before, after) == set()
-    after.obs.loc[after.obs_names[0], "batch"] = "batch1" if after.obs["batch"].iloc[0] == "batch0" else "batch0"
+    after.obs.loc[after.obs_names[0], "batch"] = (
+        "batch1" if after.obs["batch"].iloc[0] == "batch0" else "batch0"
+    )
     after.obsm["X_new"] = np.zeros((after.n_obs, 2))
     del after.layers["counts"]
     assert written_keys(before, after) == {"obs/batch", "obsm/X_new", "layers/counts"}

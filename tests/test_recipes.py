@@ -43,4 +43,6 @@ def test_recipe_header_gives_run_and_override_commands(path):
 def test_index_lists_every_recipe():
     index = (ROOT / "recipes" / "README.md").read_text()
     for path in RECIPES:
-        assert str(path.relative_to(ROOT / "recipes")) in index, f"recipes/README.md does not list {path.name}"
+        assert str(path.relative_to(ROOT / "recipes")) in index, (
+            f"recipes/README.md does not list {path.name}"
+        )

@@ -53,7 +53,9 @@ def read_table(path: str | Path, who: str, sep: str | None = None, what: str = "
             table = table.reset_index()
         return table
     except Exception as error:  # pandas raises many types; the user needs the file name
-        raise DataError(f"{who}: could not read {what} {str(path)!r}: {type(error).__name__}: {error}") from error
+        raise DataError(
+            f"{who}: could not read {what} {str(path)!r}: {type(error).__name__}: {error}"
+        ) from error
 
 
 def require_columns(table: pd.DataFrame, columns: Sequence[str], who: str, table_name: str) -> None:
@@ -88,8 +90,10 @@ def is_count_matrix(matrix, max_rows: int | None = None) -> bool:
             if not (np.all(chunk >= 0) and np.all(np.mod(chunk, 1) == 0)):
                 return False
         return True
-    return all(rows_are_integer(matrix, start, min(start + _CHECK_ROWS, n_rows))
-               for start in range(0, n_rows, _CHECK_ROWS))
+    return all(
+        rows_are_integer(matrix, start, min(start + _CHECK_ROWS, n_rows))
+        for start in range(0, n_rows, _CHECK_ROWS)
+    )
 
 
 def describe_non_counts(matrix, where: str) -> str:
@@ -126,8 +130,11 @@ def set_counts(adata: anndata.AnnData, who: str, check: bool = True) -> None:
 
 def record_source(adata: anndata.AnnData, name: str, counts: str | None, **facts) -> None:
     """Provenance under ``uns["grnx_data"]``: which source loaded the data and where the counts are."""
-    adata.uns["grnx_data"] = {"source": name, "counts": counts if counts is not None else "none",
-                              **{k: v for k, v in facts.items() if v is not None}}
+    adata.uns["grnx_data"] = {
+        "source": name,
+        "counts": counts if counts is not None else "none",
+        **{k: v for k, v in facts.items() if v is not None},
+    }
 
 
 def check_required_obs(adata: anndata.AnnData, required: Sequence[str], who: str) -> None:
@@ -262,10 +269,11 @@ def attach_cell_metadata(
     obs columns. Returns the AnnData to hand on."""
     if metadata:
         table = read_table(metadata, who, what="metadata table")
-        obs, keep = join_cell_metadata(adata.obs, table, cell_column, unmatched, who, f"metadata {metadata!r}")
+        obs, keep = join_cell_metadata(
+            adata.obs, table, cell_column, unmatched, who, f"metadata {metadata!r}"
+        )
         adata.obs = obs
         if not keep.all():
             adata = adata[keep].to_memory() if adata.isbacked else adata[keep].copy()
     check_required_obs(adata, required_obs, who)
     return adata
-

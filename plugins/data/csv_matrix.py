@@ -42,11 +42,15 @@ class CsvMatrix(DataSource):
     class Params(CellMetadataParams):
         path: str = Field(description="CSV/TSV file (optionally .gz); the first column holds row names")
         orientation: Literal["genes_x_cells", "cells_x_genes"] = Field(
-            "genes_x_cells", description="genes_x_cells: one row per gene (BEELINE); cells_x_genes: one row per cell"
+            "genes_x_cells",
+            description="genes_x_cells: one row per gene (BEELINE); cells_x_genes: one row per cell",
         )
-        sep: str | None = Field(None, description="column separator; from the file suffix when None (.tsv: tab)")
+        sep: str | None = Field(
+            None, description="column separator; from the file suffix when None (.tsv: tab)"
+        )
         values: Literal["auto", "counts", "normalized"] = Field(
-            "auto", description="counts: raw integers (checked); normalized: kept as given; auto: decide from values"
+            "auto",
+            description="counts: raw integers (checked); normalized: kept as given; auto: decide from values",
         )
 
     def input_files(self) -> list[Path]:
@@ -77,7 +81,8 @@ class CsvMatrix(DataSource):
         if np.isnan(matrix).any():
             raise DataError(f"{who}: the table has {int(np.isnan(matrix).sum())} empty or NaN entries.")
         adata = ad.AnnData(
-            X=matrix, obs=pd.DataFrame(index=pd.Index(cells, name=None)),
+            X=matrix,
+            obs=pd.DataFrame(index=pd.Index(cells, name=None)),
             var=pd.DataFrame(index=pd.Index(genes, name=None)),
         )
         if not adata.var_names.is_unique:
@@ -92,6 +97,11 @@ class CsvMatrix(DataSource):
         adata = attach_cell_metadata(
             adata, self.metadata, self.metadata_cell_column, self.unmatched, self.required_obs, who
         )
-        record_source(adata, self.name, "layers/counts" if is_counts else None, path=str(self.path),
-                      values="counts" if is_counts else "normalized")
+        record_source(
+            adata,
+            self.name,
+            "layers/counts" if is_counts else None,
+            path=str(self.path),
+            values="counts" if is_counts else "normalized",
+        )
         return adata

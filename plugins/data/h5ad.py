@@ -71,7 +71,9 @@ class H5ad(DataSource):
         try:
             adata = anndata.read_h5ad(path, backed="r" if self.backed else None)
         except Exception as error:
-            raise DataError(f"{who}: could not read the file as h5ad: {type(error).__name__}: {error}") from error
+            raise DataError(
+                f"{who}: could not read the file as h5ad: {type(error).__name__}: {error}"
+            ) from error
         if self.backed:
             adata = self._checked_backed(adata, who)
         else:
@@ -112,8 +114,9 @@ class H5ad(DataSource):
                 raise DataError(f"{who}: counts is 'raw' but the file has no .raw. Use 'X' or a layer name.")
             if adata.raw.n_vars != adata.n_vars:
                 # .raw often keeps all genes while X holds a subset: take raw's genes.
-                adata = ad.AnnData(X=adata.raw.X, obs=adata.obs, var=adata.raw.var, uns=adata.uns,
-                                   obsm=dict(adata.obsm))
+                adata = ad.AnnData(
+                    X=adata.raw.X, obs=adata.obs, var=adata.raw.var, uns=adata.uns, obsm=dict(adata.obsm)
+                )
                 counts = adata.X
             else:
                 counts = adata.raw.X

@@ -54,7 +54,9 @@ def _mapping(table: pd.DataFrame, key: str, value: str, who: str, name: str) -> 
     return pd.Series(pairs[value].to_numpy(), index=pairs[key].to_numpy())
 
 
-def _unmatched_error(who: str, n: int, total: int, what: str, examples, known, table: str, fix: str) -> DataError:
+def _unmatched_error(
+    who: str, n: int, total: int, what: str, examples, known, table: str, fix: str
+) -> DataError:
     return DataError(
         f"{who}: {n} of {total} cells have a {what} that {table} does not list (e.g. "
         f"{', '.join(map(str, examples[:3]))}; the table has {', '.join(map(str, known[:5]))}"
@@ -86,14 +88,19 @@ class Rosmap(DataSource):
     reference = "https://doi.org/10.1038/s41586-019-1195-2"
 
     class Params(ComponentParams):
-        counts: str = Field(description="h5ad file, 10x folder, or folder of per-batch h5ad files / 10x folders")
-        counts_layer: str = Field("X", description="in h5ad inputs, where raw counts are: 'X' or a layer name")
+        counts: str = Field(
+            description="h5ad file, 10x folder, or folder of per-batch h5ad files / 10x folders"
+        )
+        counts_layer: str = Field(
+            "X", description="in h5ad inputs, where raw counts are: 'X' or a layer name"
+        )
         batch_column: str = Field("batch", description="batch (library) column: in obs and in batch_table")
         batch_from_barcode: str | None = Field(
             None, description="regex with one group extracting the batch from a cell id (single-file input)"
         )
         cell_id_format: str = Field(
-            "{barcode}_{batch}", description="cell ids in the per-batch layout (must match the annotation table)"
+            "{barcode}_{batch}",
+            description="cell ids in the per-batch layout (must match the annotation table)",
         )
         batch_table: str = Field(description="table mapping batch -> subject (CSV/TSV)")
         subject_column: str = Field("projid", description="subject column in batch_table and clinical_table")
@@ -105,7 +112,9 @@ class Rosmap(DataSource):
         clinical_columns: list[str] = Field(
             default_factory=list, description="more clinical_table columns to carry into obs"
         )
-        annotation_table: str | None = Field(None, description="cell-type annotation table covering some cells")
+        annotation_table: str | None = Field(
+            None, description="cell-type annotation table covering some cells"
+        )
         annotation_cell_column: str | None = Field(
             None, description="cell id column of annotation_table; the first column when None"
         )
@@ -145,7 +154,9 @@ class Rosmap(DataSource):
                 del adata.layers[layer]
             adata.raw = None
             return adata
-        raise DataError(f"{who}: {path} is neither an .h5ad file nor a 10x folder (matrix.mtx + genes + barcodes).")
+        raise DataError(
+            f"{who}: {path} is neither an .h5ad file nor a 10x folder (matrix.mtx + genes + barcodes)."
+        )
 
     def _read_counts(self, who: str) -> tuple[anndata.AnnData, bool]:
         import anndata as ad
@@ -190,7 +201,9 @@ class Rosmap(DataSource):
         if self.batch_from_barcode is not None:
             pattern = re.compile(self.batch_from_barcode)
             if pattern.groups != 1:
-                raise DataError(f"{who}: batch_from_barcode needs exactly one capture group, got {pattern.groups}.")
+                raise DataError(
+                    f"{who}: batch_from_barcode needs exactly one capture group, got {pattern.groups}."
+                )
             found = obs.index.to_series().str.extract(pattern, expand=False)
             if found.isna().any():
                 bad = obs.index[found.isna().to_numpy()]
@@ -209,15 +222,21 @@ class Rosmap(DataSource):
 
         # batch -> subject
         batch_table = read_table(self.batch_table, who, what="batch table")
-        batch_to_subject = _mapping(batch_table, self.batch_column, self.subject_column, who,
-                                    f"batch table {self.batch_table!r}")
+        batch_to_subject = _mapping(
+            batch_table, self.batch_column, self.subject_column, who, f"batch table {self.batch_table!r}"
+        )
         subject = batch.map(batch_to_subject)
         missing = subject.isna().to_numpy()
         if missing.any():
             if self.unmatched == "error":
                 raise _unmatched_error(
-                    who, int(missing.sum()), len(obs), f"batch ({self.batch_column})",
-                    batch[missing].unique(), batch_to_subject.index, f"batch table {self.batch_table!r}",
+                    who,
+                    int(missing.sum()),
+                    len(obs),
+                    f"batch ({self.batch_column})",
+                    batch[missing].unique(),
+                    batch_to_subject.index,
+                    f"batch table {self.batch_table!r}",
                     "Add the batches to the table, fix batch_column, or set unmatched: drop.",
                 )
             keep &= ~missing
@@ -225,8 +244,12 @@ class Rosmap(DataSource):
 
         # subject -> diagnosis (+ clinical columns)
         clinical = read_table(self.clinical_table, who, what="clinical table")
-        require_columns(clinical, [self.subject_column, self.diagnosis_column, *self.clinical_columns], who,
-                        f"clinical table {self.clinical_table!r}")
+        require_columns(
+            clinical,
+            [self.subject_column, self.diagnosis_column, *self.clinical_columns],
+            who,
+            f"clinical table {self.clinical_table!r}",
+        )
         clinical = clinical.copy()
         clinical[self.subject_column] = clinical[self.subject_column].astype(str)
         repeated = clinical[self.subject_column][clinical[self.subject_column].duplicated()]
@@ -241,8 +264,13 @@ class Rosmap(DataSource):
         if no_clinical.any():
             if self.unmatched == "error":
                 raise _unmatched_error(
-                    who, int(no_clinical.sum()), len(obs), f"subject ({self.subject_column})",
-                    subject[no_clinical].unique(), clinical.index, f"clinical table {self.clinical_table!r}",
+                    who,
+                    int(no_clinical.sum()),
+                    len(obs),
+                    f"subject ({self.subject_column})",
+                    subject[no_clinical].unique(),
+                    clinical.index,
+                    f"clinical table {self.clinical_table!r}",
                     "Add the subjects, fix subject_column, or set unmatched: drop.",
                 )
             keep &= ~no_clinical
@@ -260,7 +288,11 @@ class Rosmap(DataSource):
         # partial cell-type annotation
         if self.annotation_table:
             annotated, n_unlisted = carry_annotation(
-                obs, self.annotation_table, self.annotation_cell_column, self.annotation_columns, who,
+                obs,
+                self.annotation_table,
+                self.annotation_cell_column,
+                self.annotation_columns,
+                who,
                 "Fix cell_id_format or annotation_cell_column.",
             )
             report["n_cells_annotated"] = int(annotated[keep].sum())

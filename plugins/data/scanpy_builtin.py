@@ -76,7 +76,9 @@ class ScanpyBuiltin(DataSource):
 
         reduced = sc.datasets.pbmc68k_reduced()
         log_normalised = reduced.raw.X
-        log_normalised = log_normalised.toarray() if sp.issparse(log_normalised) else np.asarray(log_normalised)
+        log_normalised = (
+            log_normalised.toarray() if sp.issparse(log_normalised) else np.asarray(log_normalised)
+        )
         depth = reduced.obs["n_counts"].to_numpy(dtype=np.float64)[:, None]
         rebuilt = np.expm1(log_normalised.astype(np.float64)) * depth / 10_000
         counts = np.rint(rebuilt)

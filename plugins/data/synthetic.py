@@ -68,17 +68,24 @@ class PlantedNetwork:
 
     def edges(self, weights: np.ndarray) -> pd.DataFrame:
         sources, targets = np.nonzero(weights)
-        return pd.DataFrame({
-            "source": self.genes[sources],
-            "target": self.genes[targets],
-            "sign": np.sign(weights[sources, targets]).astype(np.int8),
-            "weight": weights[sources, targets],
-        })
+        return pd.DataFrame(
+            {
+                "source": self.genes[sources],
+                "target": self.genes[targets],
+                "sign": np.sign(weights[sources, targets]).astype(np.int8),
+                "weight": weights[sources, targets],
+            }
+        )
 
 
 def plant_network(
-    n_genes: int, n_regulators: int, mean_in_degree: float, fraction_negative: float,
-    n_rewired: int, n_gained: int, rng: np.random.Generator,
+    n_genes: int,
+    n_regulators: int,
+    mean_in_degree: float,
+    fraction_negative: float,
+    n_rewired: int,
+    n_gained: int,
+    rng: np.random.Generator,
 ) -> PlantedNetwork:
     """Draw the DAG, its weights and the edges the disease rewires."""
     genes = np.array([f"G{i:0{len(str(n_genes - 1))}d}" for i in range(n_genes)], dtype=object)
@@ -100,13 +107,17 @@ def plant_network(
     flipped = planted[rng.choice(len(planted), size=n_rewired, replace=False)]
     disease[flipped[:, 0], flipped[:, 1]] *= -1.0
     # Gained edges: regulator -> a later gene that it does not regulate yet (keeps the DAG).
-    free = np.argwhere((weights == 0) & (np.arange(n_genes)[None, :] > np.arange(n_regulators)[:, None])
-                       & (np.arange(n_genes)[None, :] >= n_masters))
+    free = np.argwhere(
+        (weights == 0)
+        & (np.arange(n_genes)[None, :] > np.arange(n_regulators)[:, None])
+        & (np.arange(n_genes)[None, :] >= n_masters)
+    )
     if n_gained > len(free):
         raise DataError(f"data source 'synthetic': n_gained={n_gained} but only {len(free)} edges are free.")
     gained = free[rng.choice(len(free), size=n_gained, replace=False)]
-    disease[gained[:, 0], gained[:, 1]] = np.where(rng.random(n_gained) < fraction_negative, -1.0, 1.0) * \
-        rng.uniform(0.6, 1.2, n_gained)
+    disease[gained[:, 0], gained[:, 1]] = np.where(
+        rng.random(n_gained) < fraction_negative, -1.0, 1.0
+    ) * rng.uniform(0.6, 1.2, n_gained)
     rows = [(s, t, int(np.sign(weights[s, t])), int(np.sign(disease[s, t])), "flipped") for s, t in flipped]
     rows += [(s, t, 0, int(np.sign(disease[s, t])), "gained") for s, t in gained]
     disease_edges = pd.DataFrame(rows, columns=["source", "target", "control_sign", "disease_sign", "change"])
@@ -138,19 +149,26 @@ class Synthetic(DataSource):
         n_groups: int = Field(3, ge=1, description="cell groups (cell types), obs 'cell_type'")
         group_effect: float = Field(0.5, ge=0.0, description="sd of the cell-group means of master activity")
         n_donors: int = Field(8, ge=2, description="donors, obs 'donor'; each is disease or control")
-        disease_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of donors with the disease")
+        disease_fraction: float = Field(
+            0.5, gt=0.0, lt=1.0, description="fraction of donors with the disease"
+        )
         donor_effect: float = Field(0.1, ge=0.0, description="sd of per-donor shifts of master activity")
-        n_batches: int = Field(2, ge=1, description="sequencing batches, obs 'batch' (donors are nested in them)")
+        n_batches: int = Field(
+            2, ge=1, description="sequencing batches, obs 'batch' (donors are nested in them)"
+        )
         batch_effect: float = Field(0.1, ge=0.0, description="log-normal sd of per-batch gene factors")
         n_rewired: int = Field(5, ge=0, description="planted edges whose sign flips in disease cells")
         n_gained: int = Field(5, ge=0, description="edges present only in disease cells")
         noise: float = Field(0.8, gt=0.0, description="sd of the latent noise per cell and gene")
-        effect_size: float = Field(1.0, gt=0.0, description="log-fold change of expression per unit of activity")
+        effect_size: float = Field(
+            1.0, gt=0.0, description="log-fold change of expression per unit of activity"
+        )
         mean_depth: float = Field(5000.0, gt=0.0, description="mean UMIs per cell")
         depth_sd: float = Field(0.4, ge=0.0, description="log-normal sd of sequencing depth across cells")
         dispersion: float = Field(5.0, gt=0.0, description="negative-binomial size (variance mu + mu^2/size)")
         ground_truth_edges: Literal["planted", "disease"] = Field(
-            "planted", description="what ground_truth() returns: the control network or the disease-specific edges"
+            "planted",
+            description="what ground_truth() returns: the control network or the disease-specific edges",
         )
         seed: int = Field(0, description="seed of the simulation")
 
@@ -164,8 +182,13 @@ class Synthetic(DataSource):
     def network(self) -> PlantedNetwork:
         rng = np.random.default_rng([self.seed, 0])
         return plant_network(
-            self.n_genes, self.n_regulators, self.mean_in_degree, self.fraction_negative,
-            self.n_rewired, self.n_gained, rng,
+            self.n_genes,
+            self.n_regulators,
+            self.mean_in_degree,
+            self.fraction_negative,
+            self.n_rewired,
+            self.n_gained,
+            rng,
         )
 
     def ground_truth(self) -> pd.DataFrame:
@@ -175,8 +198,23 @@ class Synthetic(DataSource):
             return edges[["source", "target", "sign"]].reset_index(drop=True)
         return self.network.edges(self.network.weights_control)[["source", "target", "sign"]]
 
-    def _chunk(self, rng, cells, network, weights_control, weights_disease, is_disease, group, donor,
-               group_means, donor_shift, depth, share, batch_factor, cell_batch) -> sp.csr_matrix:
+    def _chunk(
+        self,
+        rng,
+        cells,
+        network,
+        weights_control,
+        weights_disease,
+        is_disease,
+        group,
+        donor,
+        group_means,
+        donor_shift,
+        depth,
+        share,
+        batch_factor,
+        cell_batch,
+    ) -> sp.csr_matrix:
         """Counts of one chunk of cells, in float32, straight to CSR."""
         n_rows, n_genes, n_reg = cells.stop - cells.start, self.n_genes, self.n_regulators
         masters = network.levels[0]
@@ -251,9 +289,20 @@ class Synthetic(DataSource):
         def simulate(index: int) -> sp.csr_matrix:
             # Each chunk has its own generator, so the result does not depend on the thread count.
             return self._chunk(
-                np.random.default_rng([self.seed, 2, index]), slice(starts[index], min(starts[index] + chunk, n_cells)),
-                network, weights_control, weights_disease, is_disease, group, donor,
-                group_means, donor_shift, depth / scale, share, batch_factor, cell_batch,
+                np.random.default_rng([self.seed, 2, index]),
+                slice(starts[index], min(starts[index] + chunk, n_cells)),
+                network,
+                weights_control,
+                weights_disease,
+                is_disease,
+                group,
+                donor,
+                group_means,
+                donor_shift,
+                depth / scale,
+                share,
+                batch_factor,
+                cell_batch,
             )
 
         # numpy's generators and ufuncs release the GIL, so threads overlap the sampling.
@@ -271,7 +320,9 @@ class Synthetic(DataSource):
             {
                 "cell_type": pd.Categorical.from_codes(group, [f"group{i}" for i in range(self.n_groups)]),
                 "disease": pd.Categorical.from_codes(is_disease.astype(np.int8), ["control", "disease"]),
-                "donor": pd.Categorical.from_codes(donor, [f"donor{i:0{width}d}" for i in range(self.n_donors)]),
+                "donor": pd.Categorical.from_codes(
+                    donor, [f"donor{i:0{width}d}" for i in range(self.n_donors)]
+                ),
                 "batch": pd.Categorical.from_codes(
                     donor_batch[donor], [f"batch{i}" for i in range(self.n_batches)]
                 ),

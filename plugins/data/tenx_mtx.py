@@ -112,11 +112,16 @@ class TenxMtx(DataSource):
 
     class Params(CellMetadataParams):
         path: str = Field(description="folder holding the matrix, features and barcodes files")
-        matrix: str | None = Field(None, description="matrix file name inside path; matrix.mtx(.gz) when None")
-        features: str | None = Field(
-            None, description="genes/features file name inside path; features.tsv or genes.tsv (.gz) when None"
+        matrix: str | None = Field(
+            None, description="matrix file name inside path; matrix.mtx(.gz) when None"
         )
-        barcodes: str | None = Field(None, description="barcodes file name inside path; barcodes.tsv(.gz) when None")
+        features: str | None = Field(
+            None,
+            description="genes/features file name inside path; features.tsv or genes.tsv (.gz) when None",
+        )
+        barcodes: str | None = Field(
+            None, description="barcodes file name inside path; barcodes.tsv(.gz) when None"
+        )
         var_names: Literal["gene_symbols", "gene_ids"] = Field(
             "gene_symbols", description="which features column names the genes (ids: e.g. Ensembl)"
         )
@@ -145,4 +150,3 @@ class TenxMtx(DataSource):
         )
         record_source(adata, self.name, "layers/counts", path=str(self.path))
         return adata
-

@@ -40,22 +40,32 @@ class AttentionExtractor(Extractor):
         variant: Literal["all", "case", "case_minus_control"] = Field(
             "all", description="cells to aggregate: all, case cells only, or case minus control"
         )
-        group_key: str | None = Field(None, description="obs column of the case/control label; data.label_key when None")
+        group_key: str | None = Field(
+            None, description="obs column of the case/control label; data.label_key when None"
+        )
         case: str | None = Field(None, description="value of group_key marking case (disease) cells")
-        control: str | None = Field(None, description="value marking control cells; every non-case cell when None")
+        control: str | None = Field(
+            None, description="value marking control cells; every non-case cell when None"
+        )
         weighting: Literal["sample", "uniform"] = Field(
             "sample", description="cell weights: the sampler's (WDS inverse density) or uniform"
         )
-        layers: list[int] | None = Field(None, description="layers to average (negative from the end); all when None")
+        layers: list[int] | None = Field(
+            None, description="layers to average (negative from the end); all when None"
+        )
         heads: list[int] | None = Field(None, description="heads to average; all when None")
         directed: bool = Field(False, description="keep A[a,b] and A[b,a] apart; undirected symmetrises")
         n_genes: int | None = Field(
-            None, ge=2, description="gene universe: the genes present in most cells; all present genes when None"
+            None,
+            ge=2,
+            description="gene universe: the genes present in most cells; all present genes when None",
         )
         batch_size: int = Field(8, ge=1, description="cells per forward pass")
         max_length: int | None = Field(None, ge=2, description="use each cell's first tokens only")
         top_k: int | None = Field(None, ge=1, description="keep only the best pairs; all pairs when None")
-        max_memory_gb: float = Field(8.0, gt=0, description="refuse gene universes whose matrices exceed this")
+        max_memory_gb: float = Field(
+            8.0, gt=0, description="refuse gene universes whose matrices exceed this"
+        )
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -100,8 +110,9 @@ class AttentionExtractor(Extractor):
         values = column.astype(str).to_numpy()
         labelled = ~pd.isna(column.to_numpy())
         case = np.flatnonzero(values == str(self.case))
-        control = np.flatnonzero(labelled & (values != str(self.case)) if self.control is None
-                                 else values == str(self.control))
+        control = np.flatnonzero(
+            labelled & (values != str(self.case)) if self.control is None else values == str(self.control)
+        )
         found = ", ".join(sorted(set(values[labelled]))[:10])
         for role, cells, value in (("case", case, self.case), ("control", control, self.control)):
             if len(cells) == 0 and (role == "case" or self.variant == "case_minus_control"):
@@ -115,10 +126,12 @@ class AttentionExtractor(Extractor):
         tokens = context.tokens
         special = set(getattr(model, "token_info_", {}).get("special_ids", []))
         per_cell = [
-            np.unique(tokens.input_ids[tokens.offsets[c]:tokens.offsets[c + 1]][: self.max_length or None])
+            np.unique(tokens.input_ids[tokens.offsets[c] : tokens.offsets[c + 1]][: self.max_length or None])
             for c in cells
         ]
-        ids, counts = np.unique(np.concatenate(per_cell), return_counts=True) if per_cell else (np.zeros(0), 0)
+        ids, counts = (
+            np.unique(np.concatenate(per_cell), return_counts=True) if per_cell else (np.zeros(0), 0)
+        )
         keep = ~np.isin(ids, list(special))
         ids, counts = ids[keep], np.asarray(counts)[keep]
         if self.n_genes is not None and self.n_genes < len(ids):
@@ -138,8 +151,12 @@ class AttentionExtractor(Extractor):
         z = np.zeros((n_genes, n_genes))
         m = np.zeros((n_genes, n_genes))
         maps = model.attention(
-            context.tokens, cells=cells, layers=self.layers, heads=self.heads,
-            batch_size=self.batch_size, max_length=self.max_length,
+            context.tokens,
+            cells=cells,
+            layers=self.layers,
+            heads=self.heads,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
         )
         for cell_map in maps:
             ids = cell_map.token_ids.astype(np.int64)
@@ -198,10 +215,17 @@ class AttentionExtractor(Extractor):
             scores.append(self.score(z, m))
         score = scores[0] if len(scores) == 1 else scores[0] - scores[1]
         metadata = {
-            "variant": self.variant, "weighting": self.weighting if context.sample is not None else "uniform",
-            "n_cells": int(sum(len(c) for c in groups)), "n_genes": n_genes,
+            "variant": self.variant,
+            "weighting": self.weighting if context.sample is not None else "uniform",
+            "n_cells": int(sum(len(c) for c in groups)),
+            "n_genes": n_genes,
             "model": getattr(model, "name", type(model).__name__),
         }
         return Interactions.from_matrix(
-            score, genes, directed=self.directed, extractor=self.name, top_k=self.top_k, metadata=metadata,
+            score,
+            genes,
+            directed=self.directed,
+            extractor=self.name,
+            top_k=self.top_k,
+            metadata=metadata,
         )

@@ -115,6 +115,11 @@ class PearsonExtractor(Extractor):
     def extract(self, context: RunContext) -> Interactions:
         scores, genes, info = self.scores(context)
         return Interactions.from_matrix(
-            scores, genes, directed=False, extractor=self.name, rank_by=self.rank_by, top_k=self.top_k,
+            scores,
+            genes,
+            directed=False,
+            extractor=self.name,
+            rank_by=self.rank_by,
+            top_k=self.top_k,
             metadata=info,
         )

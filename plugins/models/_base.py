@@ -33,7 +33,8 @@ def special_token_ids(tokens: TokenizedCells) -> list[int]:
     if "special_ids" in tokens.metadata:
         return sorted(int(i) for i in tokens.metadata["special_ids"])
     special = [
-        i for i, name in enumerate(tokens.vocabulary)
+        i
+        for i, name in enumerate(tokens.vocabulary)
         if isinstance(name, str) and name.startswith("<") and name.endswith(">")
     ]
     pad_id = int(tokens.metadata.get("pad_id", 0))
@@ -114,7 +115,9 @@ class TokenModel(Model):
     @staticmethod
     def _require_tokens(context: RunContext, who: str) -> TokenizedCells:
         if context.tokens is None:
-            raise DataError(f"{who} reads tokenized cells, but the recipe has no tokenizer. Add a 'tokenizer' section.")
+            raise DataError(
+                f"{who} reads tokenized cells, but the recipe has no tokenizer. Add a 'tokenizer' section."
+            )
         if len(context.tokens.lengths) and int(context.tokens.lengths.min()) == 0:
             empty = int(np.sum(context.tokens.lengths == 0))
             raise DataError(
@@ -191,12 +194,22 @@ class TokenModel(Model):
                 return self
             candidates = candidates[labels[candidates] >= 0]
             rng = context.rng(f"model.{self.name}")
-            train_idx, val_idx = training.validation_split(labels, candidates, config.validation_fraction, rng)
-            weights = training.class_weight_vector(labels[train_idx], len(self.classes_), config.class_weights)
+            train_idx, val_idx = training.validation_split(
+                labels, candidates, config.validation_fraction, rng
+            )
+            weights = training.class_weight_vector(
+                labels[train_idx], len(self.classes_), config.class_weights
+            )
             task = tasks.ClassificationTask(self, tokens, labels, weights, device)
             self.history_ += training.train(
-                self.network_, task, train_idx=train_idx, val_idx=val_idx, config=config,
-                context=context, rng=rng, device=device,
+                self.network_,
+                task,
+                train_idx=train_idx,
+                val_idx=val_idx,
+                config=config,
+                context=context,
+                rng=rng,
+                device=device,
             )
         return self
 
@@ -204,7 +217,9 @@ class TokenModel(Model):
 
     def _require_fitted(self) -> None:
         if getattr(self, "network_", None) is None:
-            raise GrnxError(f"{self.name} is not fitted: call fit(context) or {type(self).__name__}.load(path).")
+            raise GrnxError(
+                f"{self.name} is not fitted: call fit(context) or {type(self).__name__}.load(path)."
+            )
 
     def _cells(self, tokens: TokenizedCells, cells: np.ndarray | None) -> np.ndarray:
         return np.arange(tokens.n_cells) if cells is None else np.asarray(cells, dtype=np.int64)
@@ -216,7 +231,9 @@ class TokenModel(Model):
         self._require_fitted()
         self._check_vocabulary(tokens)
         if not self.classes_:
-            raise GrnxError(f"{self.name} was pretrained without labels; it has no classifier to predict with.")
+            raise GrnxError(
+                f"{self.name} was pretrained without labels; it has no classifier to predict with."
+            )
         return tasks.predict_proba(self, tokens, batch_size)
 
     def predict(self, inputs: TokenizedCells, batch_size: int = 64) -> np.ndarray:
@@ -225,7 +242,10 @@ class TokenModel(Model):
         return np.asarray(self.classes_, dtype=object)[probabilities.argmax(axis=1)]
 
     def embed(
-        self, inputs: TokenizedCells, layer: int | None = None, batch_size: int = 64,
+        self,
+        inputs: TokenizedCells,
+        layer: int | None = None,
+        batch_size: int = 64,
         cells: np.ndarray | None = None,
     ) -> np.ndarray:
         """Cell embeddings (n_cells, d), float32; ``layer`` as each model documents."""

@@ -50,7 +50,11 @@ class CelluFormerNet(nn.Module):
         return self.classifier(masked_mean(hidden, mask))
 
     def embed(
-        self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor,
+        self,
+        ids: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        keep: torch.Tensor,
         layer: int | None = None,
     ) -> torch.Tensor:
         """Mean over real genes of the output of encoder block ``layer`` (default: the last).
@@ -63,7 +67,11 @@ class CelluFormerNet(nn.Module):
         return masked_mean(hidden, keep)
 
     def attention(
-        self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-        layers: list[int], heads: list[int] | None,
+        self,
+        ids: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        layers: list[int],
+        heads: list[int] | None,
     ) -> torch.Tensor:
         return self.encoder.attention(self.embed_tokens(ids, values, mask), mask, layers, heads)

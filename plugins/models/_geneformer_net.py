@@ -23,18 +23,31 @@ from grnx_plugins.models._training import BatchResult, Task
 #: Theodoris et al. 2023 (V1, gf-6L-30M-i2048) and Chen et al. 2024 (V2, gf-12L-104M-i4096).
 ARCHITECTURES: dict[str, dict[str, int]] = {
     "v1": {
-        "num_hidden_layers": 6, "hidden_size": 256, "num_attention_heads": 4,
-        "intermediate_size": 512, "max_position_embeddings": 2048, "vocab_size": 25_426,
+        "num_hidden_layers": 6,
+        "hidden_size": 256,
+        "num_attention_heads": 4,
+        "intermediate_size": 512,
+        "max_position_embeddings": 2048,
+        "vocab_size": 25_426,
     },
     "v2-104m": {
-        "num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12,
-        "intermediate_size": 3072, "max_position_embeddings": 4096, "vocab_size": 20_275,
+        "num_hidden_layers": 12,
+        "hidden_size": 768,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "max_position_embeddings": 4096,
+        "vocab_size": 20_275,
     },
 }
 #: Settings shared by the released Geneformer configs.
 COMMON = {
-    "hidden_act": "relu", "layer_norm_eps": 1e-12, "attention_probs_dropout_prob": 0.02,
-    "hidden_dropout_prob": 0.02, "initializer_range": 0.02, "pad_token_id": 0, "type_vocab_size": 2,
+    "hidden_act": "relu",
+    "layer_norm_eps": 1e-12,
+    "attention_probs_dropout_prob": 0.02,
+    "hidden_dropout_prob": 0.02,
+    "initializer_range": 0.02,
+    "pad_token_id": 0,
+    "type_vocab_size": 2,
 }
 
 
@@ -77,7 +90,9 @@ class GeneformerNet(nn.Module):
         self._check_length(ids)
         return self.hf(input_ids=ids, attention_mask=mask.long()).logits
 
-    def _layers(self, ids: torch.Tensor, mask: torch.Tensor, n_run: int) -> Iterator[tuple[int, torch.Tensor]]:
+    def _layers(
+        self, ids: torch.Tensor, mask: torch.Tensor, n_run: int
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (layer index, its output) for the first ``n_run`` layers, one layer at a time."""
         self._check_length(ids)
         hidden = self.bert.embeddings(input_ids=ids)
@@ -93,7 +108,11 @@ class GeneformerNet(nn.Module):
 
     @staticmethod
     def _layer_with_map(
-        layer: Any, hidden: torch.Tensor, mask: torch.Tensor, total: torch.Tensor, heads: list[int] | None,
+        layer: Any,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        total: torch.Tensor,
+        heads: list[int] | None,
     ) -> torch.Tensor:
         """One ``BertLayer``: BERT's self-attention (q, k, v projections, 1/sqrt(d_h), softmax,
         output dense + residual LayerNorm, feed-forward), adding its head-summed probabilities into
@@ -128,7 +147,11 @@ class GeneformerNet(nn.Module):
         return hidden
 
     def embed(
-        self, ids: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, keep: torch.Tensor,
+        self,
+        ids: torch.Tensor,
+        values: torch.Tensor | None,
+        mask: torch.Tensor,
+        keep: torch.Tensor,
         layer: int | None = None,
     ) -> torch.Tensor:
         """Mean over gene tokens (special tokens and padding excluded) of ``hidden_states[layer]``."""
@@ -136,8 +159,12 @@ class GeneformerNet(nn.Module):
         return masked_mean(hidden, keep)
 
     def attention(
-        self, ids: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor,
-        layers: list[int], heads: list[int] | None,
+        self,
+        ids: torch.Tensor,
+        values: torch.Tensor | None,
+        mask: torch.Tensor,
+        layers: list[int],
+        heads: list[int] | None,
     ) -> torch.Tensor:
         self._check_length(ids)
         wanted = set(layers)
@@ -163,7 +190,13 @@ class MaskedLMTask(Task):
     """
 
     def __init__(
-        self, model: Any, tokens: Any, mask_id: int, probability: float, device: torch.device, seed: int,
+        self,
+        model: Any,
+        tokens: Any,
+        mask_id: int,
+        probability: float,
+        device: torch.device,
+        seed: int,
     ) -> None:
         self.model, self.tokens, self.device = model, tokens, device
         self.mask_id, self.probability, self.seed = mask_id, probability, seed
@@ -179,8 +212,8 @@ class MaskedLMTask(Task):
         from grnx_plugins.models._token_tasks import make_batch
 
         batch = make_batch(self.model, self.tokens, indices, self.device)
-        generator = self.generator if training else torch.Generator().manual_seed(
-            self.seed + 1 + int(indices[0])
+        generator = (
+            self.generator if training else torch.Generator().manual_seed(self.seed + 1 + int(indices[0]))
         )
         shape = batch.ids.shape
         draws = torch.rand(shape, generator=generator).to(self.device)
@@ -199,6 +232,8 @@ class MaskedLMTask(Task):
         predicted = logits[chosen]
         loss = F.cross_entropy(predicted, targets)
         return BatchResult(
-            loss=loss, n_items=len(indices),
-            predictions=predicted.argmax(-1).cpu().numpy(), targets=targets.cpu().numpy(),
+            loss=loss,
+            n_items=len(indices),
+            predictions=predicted.argmax(-1).cpu().numpy(),
+            targets=targets.cpu().numpy(),
         )

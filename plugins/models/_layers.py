@@ -47,7 +47,10 @@ class EncoderLayer(nn.Module):
         self.n_heads = n_heads
 
     def attend(
-        self, x: torch.Tensor, key_mask: torch.Tensor, attention_sum: torch.Tensor | None = None,
+        self,
+        x: torch.Tensor,
+        key_mask: torch.Tensor,
+        attention_sum: torch.Tensor | None = None,
         heads: list[int] | None = None,
     ) -> torch.Tensor:
         """Multi-head self-attention of ``x`` (B, L, d); ``key_mask`` is True on real tokens.
@@ -66,7 +69,9 @@ class EncoderLayer(nn.Module):
         if attention_sum is not None:
             out = attention_with_map(q, k, v, key_mask, attention_sum, heads, dropout, self.training)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=dropout)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=dropout
+            )
         out = out.transpose(1, 2).reshape(batch, length, d_model)
         return self.self_attn.out_proj(out)
 
@@ -74,7 +79,10 @@ class EncoderLayer(nn.Module):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
     def forward(
-        self, x: torch.Tensor, key_mask: torch.Tensor, attention_sum: torch.Tensor | None = None,
+        self,
+        x: torch.Tensor,
+        key_mask: torch.Tensor,
+        attention_sum: torch.Tensor | None = None,
         heads: list[int] | None = None,
     ) -> torch.Tensor:
         if self.norm_first:
@@ -126,8 +134,14 @@ BLOCK_BYTES = 2**21
 
 
 def attention_with_map(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
-    attention_sum: torch.Tensor, heads: list[int] | None, dropout: float = 0.0, training: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor,
+    attention_sum: torch.Tensor,
+    heads: list[int] | None,
+    dropout: float = 0.0,
+    training: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention that also adds its probabilities, summed over heads, to a map.
@@ -194,9 +208,11 @@ def check_layers_heads(
     """Normalise layer / head selections (negative indices count from the end)."""
     from grnx_core.errors import GrnxError
 
-    chosen_layers = list(range(n_layers)) if layers is None else [
-        layer + n_layers if layer < 0 else layer for layer in layers
-    ]
+    chosen_layers = (
+        list(range(n_layers))
+        if layers is None
+        else [layer + n_layers if layer < 0 else layer for layer in layers]
+    )
     if not chosen_layers or any(not 0 <= layer < n_layers for layer in chosen_layers):
         raise GrnxError(f"attention layers must be in [-{n_layers}, {n_layers}); got {layers}.")
     chosen_heads = None

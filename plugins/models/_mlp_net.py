@@ -45,12 +45,17 @@ class MLPTask(Task):
     """Cross-entropy on dense rows of the expression matrix, plus NID's L1 penalty on the weights."""
 
     def __init__(
-        self, matrix: np.ndarray | sp.spmatrix, labels: np.ndarray, class_weights: np.ndarray | None,
-        l1: float, scale: tuple[np.ndarray, np.ndarray] | None, device: torch.device,
+        self,
+        matrix: np.ndarray | sp.spmatrix,
+        labels: np.ndarray,
+        class_weights: np.ndarray | None,
+        l1: float,
+        scale: tuple[np.ndarray, np.ndarray] | None,
+        device: torch.device,
     ) -> None:
         self.matrix, self.labels, self.l1, self.scale, self.device = matrix, labels, l1, scale, device
-        self.weight = None if class_weights is None else torch.tensor(
-            class_weights, dtype=torch.float32, device=device
+        self.weight = (
+            None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32, device=device)
         )
 
     def inputs(self, rows: np.ndarray) -> torch.Tensor:
@@ -66,6 +71,8 @@ class MLPTask(Task):
         if self.l1 > 0:
             loss = loss + self.l1 * sum(layer.weight.abs().sum() for layer in [*module.hidden, module.output])
         return BatchResult(
-            loss=loss, n_items=len(indices),
-            predictions=logits.argmax(-1).detach().cpu().numpy(), targets=self.labels[indices],
+            loss=loss,
+            n_items=len(indices),
+            predictions=logits.argmax(-1).detach().cpu().numpy(),
+            targets=self.labels[indices],
         )

@@ -21,9 +21,18 @@ from grnx_plugins.models._layers import EncoderLayer, EncoderStack, masked_mean
 
 #: scGPT whole-human pretraining settings (args.json of the released checkpoint).
 WHOLE_HUMAN = {
-    "embsize": 512, "nlayers": 12, "nheads": 8, "d_hid": 512, "dropout": 0.2, "n_layers_cls": 3,
-    "input_emb_style": "continuous", "n_bins": 51, "pad_token": "<pad>", "pad_value": -2,
-    "mask_value": -1, "max_seq_len": 1200,
+    "embsize": 512,
+    "nlayers": 12,
+    "nheads": 8,
+    "d_hid": 512,
+    "dropout": 0.2,
+    "n_layers_cls": 3,
+    "input_emb_style": "continuous",
+    "n_bins": 51,
+    "pad_token": "<pad>",
+    "pad_value": -2,
+    "mask_value": -1,
+    "max_seq_len": 1200,
 }
 #: Prefixes of the parameters every scGPT backbone has; the rest are task heads.
 BACKBONE_PREFIXES = ("encoder.", "value_encoder.", "transformer_encoder.")
@@ -106,10 +115,17 @@ class ScGPTNet(nn.Module):
         elif self.input_emb_style == "scaling":
             self.value_encoder = nn.Identity()
         else:
-            raise ValueError(f"input_emb_style {self.input_emb_style!r} is not one of continuous, category, scaling")
+            raise ValueError(
+                f"input_emb_style {self.input_emb_style!r} is not one of continuous, category, scaling"
+            )
         layers = [
-            EncoderLayer(d_model, int(args["nheads"]), int(args["d_hid"]), dropout,
-                         norm_first=bool(args.get("pre_norm", False)))
+            EncoderLayer(
+                d_model,
+                int(args["nheads"]),
+                int(args["d_hid"]),
+                dropout,
+                norm_first=bool(args.get("pre_norm", False)),
+            )
             for _ in range(int(args["nlayers"]))
         ]
         self.transformer_encoder = EncoderStack(layers)
@@ -130,7 +146,9 @@ class ScGPTNet(nn.Module):
             return genes * values.unsqueeze(-1)
         return genes + self.value_encoder(values)
 
-    def encode(self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
+    def encode(
+        self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, n_layers: int | None = None
+    ) -> torch.Tensor:
         return self.transformer_encoder(self.embed_tokens(ids, values, mask), mask, n_layers)
 
     def cell_embedding(self, hidden: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -144,7 +162,11 @@ class ScGPTNet(nn.Module):
         return self.cls_decoder(self.cell_embedding(hidden, mask, mask))
 
     def embed(
-        self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor,
+        self,
+        ids: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        keep: torch.Tensor,
         layer: int | None = None,
     ) -> torch.Tensor:
         """The cell embedding (``<cls>`` state or average) from the output of block ``layer``."""
@@ -152,8 +174,12 @@ class ScGPTNet(nn.Module):
         return self.cell_embedding(self.encode(ids, values, mask, n_run), keep, mask)
 
     def attention(
-        self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-        layers: list[int], heads: list[int] | None,
+        self,
+        ids: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        layers: list[int],
+        heads: list[int] | None,
     ) -> torch.Tensor:
         return self.transformer_encoder.attention(self.embed_tokens(ids, values, mask), mask, layers, heads)
 

@@ -33,7 +33,10 @@ def device_of(module: torch.nn.Module) -> torch.device:
 
 
 def make_batch(
-    model: TokenModel, tokens: TokenizedCells, indices: np.ndarray, device: torch.device,
+    model: TokenModel,
+    tokens: TokenizedCells,
+    indices: np.ndarray,
+    device: torch.device,
     max_length: int | None = None,
 ) -> Batch:
     info = model.token_info_
@@ -59,13 +62,17 @@ class ClassificationTask(Task):
     """Cross-entropy on the cell labels (optionally class-weighted)."""
 
     def __init__(
-        self, model: TokenModel, tokens: TokenizedCells, labels: np.ndarray,
-        class_weights: np.ndarray | None, device: torch.device,
+        self,
+        model: TokenModel,
+        tokens: TokenizedCells,
+        labels: np.ndarray,
+        class_weights: np.ndarray | None,
+        device: torch.device,
     ) -> None:
         self.model, self.tokens, self.labels, self.device = model, tokens, labels, device
         self.lengths = tokens.lengths
-        self.weight = None if class_weights is None else torch.tensor(
-            class_weights, dtype=torch.float32, device=device
+        self.weight = (
+            None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32, device=device)
         )
 
     def batch(self, module: torch.nn.Module, indices: np.ndarray, training: bool) -> BatchResult:
@@ -74,8 +81,10 @@ class ClassificationTask(Task):
         targets = torch.from_numpy(self.labels[indices]).to(self.device)
         loss = F.cross_entropy(logits, targets, weight=self.weight)
         return BatchResult(
-            loss=loss, n_items=len(indices),
-            predictions=logits.argmax(dim=-1).cpu().numpy(), targets=self.labels[indices],
+            loss=loss,
+            n_items=len(indices),
+            predictions=logits.argmax(dim=-1).cpu().numpy(),
+            targets=self.labels[indices],
         )
 
 
@@ -102,7 +111,9 @@ def embed(
     with torch.no_grad():
         for indices in bucketed_batches(cells, tokens.lengths, batch_size, None):
             batch = make_batch(model, tokens, indices, device)
-            vectors = network.embed(batch.ids, batch.values, batch.mask, batch.keep, layer).float().cpu().numpy()
+            vectors = (
+                network.embed(batch.ids, batch.values, batch.mask, batch.keep, layer).float().cpu().numpy()
+            )
             if out is None:
                 out = np.zeros((len(cells), vectors.shape[1]), dtype=np.float32)
             out[[rows[c] for c in indices]] = vectors
@@ -110,8 +121,14 @@ def embed(
 
 
 def attention(
-    model: TokenModel, tokens: TokenizedCells, cells: np.ndarray, layers: list[int] | None,
-    heads: list[int] | None, batch_size: int, max_length: int | None, include_special: bool,
+    model: TokenModel,
+    tokens: TokenizedCells,
+    cells: np.ndarray,
+    layers: list[int] | None,
+    heads: list[int] | None,
+    batch_size: int,
+    max_length: int | None,
+    include_special: bool,
 ) -> Iterator[CellAttention]:
     network = model.network_
     network.eval()

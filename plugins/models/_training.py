@@ -62,9 +62,7 @@ class TrainConfig:
             if value not in allowed:
                 raise GrnxError(f"train.{name} must be one of {', '.join(allowed)}; got {value!r}.")
         if not 0.0 <= self.validation_fraction < 1.0:
-            raise GrnxError(
-                f"train.validation_fraction must be in [0, 1); got {self.validation_fraction}."
-            )
+            raise GrnxError(f"train.validation_fraction must be in [0, 1); got {self.validation_fraction}.")
         if self.epochs < 0 or self.batch_size < 1:
             raise GrnxError(
                 f"train.epochs must be >= 0 and train.batch_size >= 1; got {self.epochs} and "
@@ -128,9 +126,11 @@ def validation_split(
     candidates = np.asarray(candidates, dtype=np.int64)
     if fraction <= 0 or len(candidates) < 2:
         return candidates, np.zeros(0, dtype=np.int64)
-    groups = [candidates] if labels is None else [
-        candidates[labels[candidates] == value] for value in np.unique(labels[candidates])
-    ]
+    groups = (
+        [candidates]
+        if labels is None
+        else [candidates[labels[candidates] == value] for value in np.unique(labels[candidates])]
+    )
     validation = []
     for group in groups:
         shuffled = rng.permutation(group)
@@ -313,8 +313,9 @@ def train(
     steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lr_multiplier(config.scheduler, config.warmup_steps, steps_per_epoch * config.epochs,
-                      config.learning_rate),
+        lr_multiplier(
+            config.scheduler, config.warmup_steps, steps_per_epoch * config.epochs, config.learning_rate
+        ),
     )
     logger = context.logger if context is not None else None
     history: list[dict[str, float]] = []

@@ -59,9 +59,15 @@ class CelluFormer(TokenModel):
                 f"celluformer: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})."
             )
         return CelluFormerNet(
-            vocab_size=info["vocab_size"], n_classes=n_classes, d_model=self.d_model,
-            n_layers=self.n_layers, n_heads=self.n_heads, d_ff=self.d_ff, dropout=self.dropout,
-            pad_id=info["pad_id"], norm_first=self.norm_first,
+            vocab_size=info["vocab_size"],
+            n_classes=n_classes,
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            d_ff=self.d_ff,
+            dropout=self.dropout,
+            pad_id=info["pad_id"],
+            norm_first=self.norm_first,
         )
 
     def _save_network(self, folder: Path) -> dict[str, Any]:

@@ -44,7 +44,9 @@ class Geneformer(TokenModel):
     """
 
     name = "geneformer"
-    description = "Geneformer BERT (V1 / V2-104M) fine-tuned for cell classification; loads local checkpoints."
+    description = (
+        "Geneformer BERT (V1 / V2-104M) fine-tuned for cell classification; loads local checkpoints."
+    )
     reference = "https://doi.org/10.1038/s41586-023-06139-9"
     label_optional = True
 
@@ -56,29 +58,44 @@ class Geneformer(TokenModel):
         architecture: Literal["v1", "v2-104m"] = Field(
             "v1", description="configuration for random initialisation when no checkpoint is given"
         )
-        n_layers: int | None = Field(None, ge=1, description="override the number of layers (random init only)")
+        n_layers: int | None = Field(
+            None, ge=1, description="override the number of layers (random init only)"
+        )
         hidden_size: int | None = Field(None, ge=1, description="override the hidden size (random init only)")
         n_heads: int | None = Field(None, ge=1, description="override the attention heads (random init only)")
-        intermediate_size: int | None = Field(None, ge=1, description="override the feed-forward size (random init only)")
-        max_positions: int | None = Field(None, ge=1, description="override the input size (random init only)")
+        intermediate_size: int | None = Field(
+            None, ge=1, description="override the feed-forward size (random init only)"
+        )
+        max_positions: int | None = Field(
+            None, ge=1, description="override the input size (random init only)"
+        )
         dropout: float | None = Field(
             None, ge=0.0, lt=1.0, description="hidden and attention dropout; None keeps the config's (0.02)"
         )
         freeze_layers: int = Field(
-            0, ge=0, description="freeze the first N encoder layers during fine-tuning; 0 = train.freeze_layers"
+            0,
+            ge=0,
+            description="freeze the first N encoder layers during fine-tuning; 0 = train.freeze_layers",
         )
-        pretrain_epochs: int = Field(0, ge=0, description="epochs of masked-LM pretraining before fine-tuning")
-        mask_probability: float = Field(0.15, gt=0.0, lt=1.0, description="share of gene tokens masked in pretraining")
+        pretrain_epochs: int = Field(
+            0, ge=0, description="epochs of masked-LM pretraining before fine-tuning"
+        )
+        mask_probability: float = Field(
+            0.15, gt=0.0, lt=1.0, description="share of gene tokens masked in pretraining"
+        )
         embedding_layer: int = Field(
-            -2, description="hidden state used for cell embeddings: 0 embeddings, -1 last layer, -2 penultimate"
+            -2,
+            description="hidden state used for cell embeddings: 0 embeddings, -1 last layer, -2 penultimate",
         )
 
     # -- building ----------------------------------------------------------------------------
 
     def _overrides(self) -> dict[str, Any]:
         overrides = {
-            "num_hidden_layers": self.n_layers, "hidden_size": self.hidden_size,
-            "num_attention_heads": self.n_heads, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.n_layers,
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.n_heads,
+            "intermediate_size": self.intermediate_size,
             "max_position_embeddings": self.max_positions,
         }
         if self.dropout is not None:
@@ -179,11 +196,23 @@ class Geneformer(TokenModel):
         rng = context.rng("model.geneformer.pretrain")
         train_idx, val_idx = training.validation_split(None, candidates, config.validation_fraction, rng)
         task = MaskedLMTask(self, tokens, self._mask_id(tokens), self.mask_probability, device, context.seed)
-        pretrain_config = training.TrainConfig(**{**config.__dict__, "epochs": self.pretrain_epochs,
-                                                   "early_stopping_patience": config.early_stopping_patience})
+        pretrain_config = training.TrainConfig(
+            **{
+                **config.__dict__,
+                "epochs": self.pretrain_epochs,
+                "early_stopping_patience": config.early_stopping_patience,
+            }
+        )
         self.history_ += training.train(
-            mlm, task, train_idx=train_idx, val_idx=val_idx, config=pretrain_config, context=context,
-            rng=rng, device=device, prefix="pretrain",
+            mlm,
+            task,
+            train_idx=train_idx,
+            val_idx=val_idx,
+            config=pretrain_config,
+            context=context,
+            rng=rng,
+            device=device,
+            prefix="pretrain",
         )
         if mlm is not network.hf:
             network.bert.load_state_dict(mlm.bert.state_dict(), strict=False)

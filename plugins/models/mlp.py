@@ -57,7 +57,9 @@ class MLP(Model):
             raise DataError(
                 f"mlp: layer {self.layer!r} is not in the data (layers: {', '.join(adata.layers.keys()) or 'none'})."
             )
-        genes = getattr(self, "genes_", None) or (self.genes if self.genes is not None else list(adata.var_names))
+        genes = getattr(self, "genes_", None) or (
+            self.genes if self.genes is not None else list(adata.var_names)
+        )
         index = pd.Index(adata.var_names).get_indexer(genes)
         if (index < 0).any():
             missing = [g for g, i in zip(genes, index) if i < 0]
@@ -88,9 +90,13 @@ class MLP(Model):
         present = ~pd.isna(column.to_numpy())
         classes = sorted({json_value(v) for v in column.to_numpy(dtype=object)[present]}, key=str)
         if len(classes) < 2:
-            raise DataError(f"mlp: label column {key!r} has {len(classes)} distinct value(s); need at least 2.")
+            raise DataError(
+                f"mlp: label column {key!r} has {len(classes)} distinct value(s); need at least 2."
+            )
         lookup = {value: i for i, value in enumerate(classes)}
-        labels = np.array([lookup[json_value(v)] if ok else -1 for v, ok in zip(column.to_numpy(dtype=object), present)])
+        labels = np.array(
+            [lookup[json_value(v)] if ok else -1 for v, ok in zip(column.to_numpy(dtype=object), present)]
+        )
         candidates = np.flatnonzero(labels >= 0)
         split_key = context.roles.split_key
         if split_key in adata.obs.columns:
@@ -110,8 +116,14 @@ class MLP(Model):
             self.network_ = MLPNet(len(genes), list(self.hidden_sizes), len(classes), self.dropout).to(device)
             task = MLPTask(matrix, labels, weights, self.l1, scale, device)
             self.history_ = training.train(
-                self.network_, task, train_idx=train_idx, val_idx=val_idx, config=config,
-                context=context, rng=rng, device=device,
+                self.network_,
+                task,
+                train_idx=train_idx,
+                val_idx=val_idx,
+                config=config,
+                context=context,
+                rng=rng,
+                device=device,
             )
         return self
 
@@ -166,8 +178,12 @@ class MLP(Model):
             state = {k: v.detach().cpu().contiguous() for k, v in self.network_.state_dict().items()}
             save_file(state, str(folder / WEIGHTS_FILE))
             meta = {
-                "component": self.name, "version": self.version(), "params": self.get_params(),
-                "genes": self.genes_, "classes": self.classes_, "label_key": self.label_key_,
+                "component": self.name,
+                "version": self.version(),
+                "params": self.get_params(),
+                "genes": self.genes_,
+                "classes": self.classes_,
+                "label_key": self.label_key_,
                 "scale": None if self.scale_ is None else [s.tolist() for s in self.scale_],
                 "history": self.history_,
             }
@@ -188,8 +204,12 @@ class MLP(Model):
         model = cls(**meta["params"])
         model.genes_, model.classes_, model.label_key_ = meta["genes"], meta["classes"], meta["label_key"]
         model.history_ = meta["history"]
-        model.scale_ = None if meta["scale"] is None else tuple(np.asarray(s, np.float32) for s in meta["scale"])
-        model.network_ = MLPNet(len(model.genes_), list(model.hidden_sizes), len(model.classes_), model.dropout)
+        model.scale_ = (
+            None if meta["scale"] is None else tuple(np.asarray(s, np.float32) for s in meta["scale"])
+        )
+        model.network_ = MLPNet(
+            len(model.genes_), list(model.hidden_sizes), len(model.classes_), model.dropout
+        )
         model.network_.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
         model.network_.eval()
         return model

@@ -44,7 +44,8 @@ class ScGPT(TokenModel):
 
     class Params(ComponentParams):
         checkpoint: str | None = Field(
-            None, description="scGPT model folder with args.json, best_model.pt, vocab.json; None = from scratch"
+            None,
+            description="scGPT model folder with args.json, best_model.pt, vocab.json; None = from scratch",
         )
         d_model: int | None = Field(None, ge=1, description="embedding size (from scratch; default 512)")
         n_layers: int | None = Field(None, ge=1, description="transformer layers (from scratch; default 12)")
@@ -57,9 +58,13 @@ class ScGPT(TokenModel):
         n_bins: int = Field(51, ge=2, description="value bins (category style, from scratch)")
         pre_norm: bool = Field(False, description="pre-norm blocks (from scratch)")
         n_layers_cls: int = Field(3, ge=1, description="layers of the classification head")
-        cell_emb_style: Literal["cls", "avg-pool"] = Field("cls", description="cell embedding: <cls> state or mean")
+        cell_emb_style: Literal["cls", "avg-pool"] = Field(
+            "cls", description="cell embedding: <cls> state or mean"
+        )
         freeze_layers: int = Field(
-            0, ge=0, description="freeze the first N transformer layers during fine-tuning; 0 = train.freeze_layers"
+            0,
+            ge=0,
+            description="freeze the first N transformer layers during fine-tuning; 0 = train.freeze_layers",
         )
 
     # -- checkpoint folders ------------------------------------------------------------------
@@ -100,8 +105,11 @@ class ScGPT(TokenModel):
             args.update(stored)
         else:
             chosen = {
-                "embsize": self.d_model, "nlayers": self.n_layers, "nheads": self.n_heads,
-                "d_hid": self.d_ff, "input_emb_style": self.input_emb_style,
+                "embsize": self.d_model,
+                "nlayers": self.n_layers,
+                "nheads": self.n_heads,
+                "d_hid": self.d_ff,
+                "input_emb_style": self.input_emb_style,
             }
             args.update({key: value for key, value in chosen.items() if value is not None})
             args.update({"n_bins": self.n_bins, "pre_norm": self.pre_norm})
@@ -116,12 +124,14 @@ class ScGPT(TokenModel):
     def _check_vocab(self, vocab: dict[str, int], tokens: TokenizedCells | None) -> None:
         if tokens is None or not tokens.vocabulary:
             return
-        wrong = [
-            (i, name) for i, name in enumerate(tokens.vocabulary) if name in vocab and vocab[name] != i
-        ]
+        wrong = [(i, name) for i, name in enumerate(tokens.vocabulary) if name in vocab and vocab[name] != i]
         unknown = [name for name in tokens.vocabulary if name not in vocab]
         if wrong or len(unknown) == len(tokens.vocabulary):
-            example = f" (e.g. {wrong[0][1]!r} is token {wrong[0][0]} in the tokens but {vocab[wrong[0][1]]} in vocab.json)" if wrong else ""
+            example = (
+                f" (e.g. {wrong[0][1]!r} is token {wrong[0][0]} in the tokens but {vocab[wrong[0][1]]} in vocab.json)"
+                if wrong
+                else ""
+            )
             raise DataError(
                 f"scgpt: the tokens were not made with the checkpoint's vocab.json{example}. Give the "
                 f"binned tokenizer the checkpoint's vocab.json so token ids match the embeddings."
@@ -140,7 +150,9 @@ class ScGPT(TokenModel):
         self._check_vocab(vocab, tokens)
         state = self.read_state(folder / WEIGHTS_FILE)
         if "encoder.embedding.weight" not in state:
-            raise DataError(f"scgpt: {folder / WEIGHTS_FILE} has no encoder.embedding.weight; it is not a scGPT model.")
+            raise DataError(
+                f"scgpt: {folder / WEIGHTS_FILE} has no encoder.embedding.weight; it is not a scGPT model."
+            )
         n_tokens = int(state["encoder.embedding.weight"].shape[0])
         if info["vocab_size"] > n_tokens:
             raise DataError(
@@ -163,17 +175,26 @@ class ScGPT(TokenModel):
                 f"scgpt: weight {key} has shape {tuple(state[key].shape)} in the checkpoint but "
                 f"{tuple(expected[key].shape)} in the model built from args.json."
             )
-        heads = {key: value for key, value in state.items()
-                 if key in expected and not key.startswith(BACKBONE_PREFIXES) and value.shape == expected[key].shape}
+        heads = {
+            key: value
+            for key, value in state.items()
+            if key in expected
+            and not key.startswith(BACKBONE_PREFIXES)
+            and value.shape == expected[key].shape
+        }
         network.load_state_dict({**{key: state[key] for key in backbone}, **heads}, strict=False)
         self.load_report_ = {
             "loaded": len(backbone) + len(heads),
-            "ignored": sorted(key for key in state if key not in expected or key not in heads and key not in backbone),
+            "ignored": sorted(
+                key for key in state if key not in expected or key not in heads and key not in backbone
+            ),
         }
         self.checkpoint_vocab_ = vocab
         return network
 
-    def _before_fit(self, context: Any, tokens: TokenizedCells, candidates: Any, config: Any, device: Any) -> None:
+    def _before_fit(
+        self, context: Any, tokens: TokenizedCells, candidates: Any, config: Any, device: Any
+    ) -> None:
         layers = self.network_.transformer_encoder.layers
         frozen = self.freeze_layers or config.freeze_layers
         if frozen > len(layers):

@@ -83,7 +83,9 @@ def require_in_memory(adata: anndata.AnnData, who: str) -> None:
 
 def require_neighbour_graph(adata: anndata.AnnData, who: str) -> None:
     if "connectivities" not in adata.obsp:
-        raise DataError(f"preprocessor {who!r} needs the neighbour graph; add the 'neighbors' step before it.")
+        raise DataError(
+            f"preprocessor {who!r} needs the neighbour graph; add the 'neighbors' step before it."
+        )
 
 
 def keep_counts(adata: anndata.AnnData) -> None:
@@ -165,8 +167,12 @@ def knn_transformer(n_obs: int, n_neighbors: int, metric: str, seed: int):
     if (metric == "euclidean" and n_obs < 8192) or n_obs < 4096:
         return None  # scanpy uses exact brute-force neighbours here
     return _pynndescent_matrix_transformer()(
-        n_neighbors=n_neighbors, metric=metric, random_state=seed, n_jobs=settings.n_jobs,
-        n_trees=min(64, 5 + round(n_obs**0.5 / 20.0)), n_iters=max(5, round(np.log2(n_obs))),
+        n_neighbors=n_neighbors,
+        metric=metric,
+        random_state=seed,
+        n_jobs=settings.n_jobs,
+        n_trees=min(64, 5 + round(n_obs**0.5 / 20.0)),
+        n_iters=max(5, round(np.log2(n_obs))),
     )
 
 
@@ -175,9 +181,7 @@ def knn_transformer(n_obs: int, n_neighbors: int, metric: str, seed: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def umap_coordinates(
-    adata: anndata.AnnData, max_cells: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def umap_coordinates(adata: anndata.AnnData, max_cells: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """UMAP coordinates for (at most ``max_cells``) cells and the row indices they belong to.
 
     Uses ``obsm["X_umap"]`` when present. Otherwise embeds a random subset of cells on a copy
@@ -204,8 +208,13 @@ def umap_coordinates(
         n_comps = max(1, min(50, small.n_obs - 1, small.n_vars - 1))
         sc.pp.pca(small, n_comps=n_comps, random_state=seed)
     n_neighbors = max(2, min(15, small.n_obs - 1))
-    sc.pp.neighbors(small, n_neighbors=n_neighbors, use_rep="X_pca", random_state=seed,
-                    transformer=knn_transformer(small.n_obs, n_neighbors, "euclidean", seed))
+    sc.pp.neighbors(
+        small,
+        n_neighbors=n_neighbors,
+        use_rep="X_pca",
+        random_state=seed,
+        transformer=knn_transformer(small.n_obs, n_neighbors, "euclidean", seed),
+    )
     sc.tl.umap(small, random_state=seed)
     return small.obsm["X_umap"], rows
 
@@ -231,19 +240,40 @@ def embedding_figure(
             ax.scatter(coordinates[:, 0], coordinates[:, 1], s=size, c="grey", linewidths=0)
             continue
         if isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object or values.dtype == bool:
-            order = values.cat.categories if isinstance(values.dtype, pd.CategoricalDtype) else sorted(pd.unique(values.astype(str)))
+            order = (
+                values.cat.categories
+                if isinstance(values.dtype, pd.CategoricalDtype)
+                else sorted(pd.unique(values.astype(str)))
+            )
             categories = pd.Categorical(values.astype(str), categories=[str(c) for c in order])
             palette = _palette(len(categories.categories))
             for code, category in enumerate(categories.categories):
                 mask = categories.codes == code
-                ax.scatter(coordinates[mask, 0], coordinates[mask, 1], s=size, color=palette[code],
-                           linewidths=0, label=str(category))
+                ax.scatter(
+                    coordinates[mask, 0],
+                    coordinates[mask, 1],
+                    s=size,
+                    color=palette[code],
+                    linewidths=0,
+                    label=str(category),
+                )
             if len(categories.categories) <= 30:
-                ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small",
-                          markerscale=max(1.0, 6 / size**0.5), frameon=False)
+                ax.legend(
+                    loc="center left",
+                    bbox_to_anchor=(1.0, 0.5),
+                    fontsize="small",
+                    markerscale=max(1.0, 6 / size**0.5),
+                    frameon=False,
+                )
         else:
-            points = ax.scatter(coordinates[:, 0], coordinates[:, 1], s=size,
-                                c=np.asarray(values, dtype=float), cmap="viridis", linewidths=0)
+            points = ax.scatter(
+                coordinates[:, 0],
+                coordinates[:, 1],
+                s=size,
+                c=np.asarray(values, dtype=float),
+                cmap="viridis",
+                linewidths=0,
+            )
             figure.colorbar(points, ax=ax, shrink=0.8)
     figure.suptitle(title)
     return figure

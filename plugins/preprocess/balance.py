@@ -41,8 +41,12 @@ class Balance(Preprocessor):
         cell_type_key: str | None = Field(
             None, description="balance within each value of this obs column; all cells as one when None"
         )
-        n_per_class: int | None = Field(None, ge=1, description="cells kept per label; the smallest label's size when None")
-        apply_to: str | None = Field(None, description="only undersample cells with this obs[split_key] value (e.g. train)")
+        n_per_class: int | None = Field(
+            None, ge=1, description="cells kept per label; the smallest label's size when None"
+        )
+        apply_to: str | None = Field(
+            None, description="only undersample cells with this obs[split_key] value (e.g. train)"
+        )
         split_key: str = Field("split", description="obs column holding the split (for apply_to)")
         seed: int | None = seed_field("random seed of the undersampling")
 
@@ -50,7 +54,8 @@ class Balance(Preprocessor):
         labels = require_role(adata, self, "label_key").astype(str).to_numpy()
         strata = (
             require_obs(adata, self.cell_type_key, self.name, "cell_type_key").astype(str).to_numpy()
-            if self.cell_type_key is not None else np.full(adata.n_obs, "all")
+            if self.cell_type_key is not None
+            else np.full(adata.n_obs, "all")
         )
         target = np.ones(adata.n_obs, dtype=bool)
         if self.apply_to is not None:
@@ -75,7 +80,8 @@ class Balance(Preprocessor):
                 keep[chosen] = True
         after = pd.crosstab(strata[keep & target], labels[keep & target])
         summary = {
-            "n_cells_in": int(adata.n_obs), "n_cells_out": int(keep.sum()),
+            "n_cells_in": int(adata.n_obs),
+            "n_cells_out": int(keep.sum()),
             "before": {f"{s}|{c}": int(before.loc[s, c]) for s in before.index for c in before.columns},
             "after": {f"{s}|{c}": int(after.loc[s, c]) for s in after.index for c in after.columns},
         }

@@ -27,9 +27,19 @@ class HighlyVariableGenes(Preprocessor):
     description = "Flag or keep the highly variable genes (scanpy pp.highly_variable_genes)."
     reference = "https://doi.org/10.1016/j.cell.2019.05.031"
     writes = (
-        "var/highly_variable", "var/means", "var/dispersions", "var/dispersions_norm", "var/variances",
-        "var/variances_norm", "var/highly_variable_rank", "var/highly_variable_nbatches",
-        "var/highly_variable_intersection", "uns/hvg", "X", "layers/counts", "raw",
+        "var/highly_variable",
+        "var/means",
+        "var/dispersions",
+        "var/dispersions_norm",
+        "var/variances",
+        "var/variances_norm",
+        "var/highly_variable_rank",
+        "var/highly_variable_nbatches",
+        "var/highly_variable_intersection",
+        "uns/hvg",
+        "X",
+        "layers/counts",
+        "raw",
     )
 
     class Params(ComponentParams):
@@ -39,13 +49,16 @@ class HighlyVariableGenes(Preprocessor):
         flavor: Literal["seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper"] = Field(
             "seurat", description="method; seurat_v3* use raw counts from layers['counts']"
         )
-        min_mean: float = Field(0.0125, description="lower mean cut-off (seurat, cell_ranger without n_top_genes)")
+        min_mean: float = Field(
+            0.0125, description="lower mean cut-off (seurat, cell_ranger without n_top_genes)"
+        )
         max_mean: float = Field(3.0, description="upper mean cut-off")
         min_disp: float = Field(0.5, description="lower normalised dispersion cut-off")
         batch_key: str | None = Field(None, description="obs column; genes are ranked within each batch")
         subset: bool = Field(False, description="keep only the highly variable genes (else just flag them)")
         raw_counts_of_all_genes: bool = Field(
-            True, description="with subset: keep the counts of every gene in adata.raw (for Geneformer-style tokenizers)"
+            True,
+            description="with subset: keep the counts of every gene in adata.raw (for Geneformer-style tokenizers)",
         )
         span: float = Field(0.3, gt=0, le=1, description="loess span for seurat_v3")
 
@@ -68,12 +81,22 @@ class HighlyVariableGenes(Preprocessor):
                 ) from error
             layer = "counts" if "counts" in adata.layers else None
         n_top = None if self.n_top_genes is None else min(self.n_top_genes, adata.n_vars)
-        keep_raw = self.subset and self.raw_counts_of_all_genes and adata.raw is None and "counts" in adata.layers
+        keep_raw = (
+            self.subset and self.raw_counts_of_all_genes and adata.raw is None and "counts" in adata.layers
+        )
         full_counts = adata.layers["counts"] if keep_raw else None
         full_var = adata.var[[]].copy() if keep_raw else None
         sc.pp.highly_variable_genes(
-            adata, n_top_genes=n_top, flavor=self.flavor, min_mean=self.min_mean, max_mean=self.max_mean,
-            min_disp=self.min_disp, batch_key=self.batch_key, subset=self.subset, layer=layer, span=self.span,
+            adata,
+            n_top_genes=n_top,
+            flavor=self.flavor,
+            min_mean=self.min_mean,
+            max_mean=self.max_mean,
+            min_disp=self.min_disp,
+            batch_key=self.batch_key,
+            subset=self.subset,
+            layer=layer,
+            span=self.span,
         )
         if full_counts is not None:
             import anndata as ad

@@ -33,7 +33,9 @@ class KeepAnnotated(Preprocessor):
 
     class Params(ComponentParams):
         table: str | None = Field(None, description="annotation table (CSV/TSV), one row per annotated cell")
-        cell_column: str | None = Field(None, description="cell id column of the table; the first column when None")
+        cell_column: str | None = Field(
+            None, description="cell id column of the table; the first column when None"
+        )
         columns: list[str] | None = Field(None, description="table columns to carry into obs; all when None")
         key: str | None = Field(None, description="column that must be non-missing for a cell to stay")
 
@@ -53,7 +55,9 @@ class KeepAnnotated(Preprocessor):
             values = require_obs(adata, self.key, self.name, "key")
             keep &= values.notna().to_numpy()
         if not keep.any():
-            raise DataError(f"{who}: no annotated cell is left (key {self.key!r} is missing for every listed cell).")
+            raise DataError(
+                f"{who}: no annotated cell is left (key {self.key!r} is missing for every listed cell)."
+            )
         summary["n_cells_out"] = int(keep.sum())
         adata = obs_subset(adata, keep)
         adata.uns["keep_annotated"] = summary

@@ -53,12 +53,22 @@ class Leiden(Preprocessor):
         require_neighbour_graph(adata, self.name)
         extra = {"directed": False} if self.flavor == "igraph" else {}
         sc.tl.leiden(
-            adata, resolution=self.resolution, key_added=self.key_added, flavor=self.flavor,
-            n_iterations=self.n_iterations, random_state=seed_or_zero(self.seed), **extra,
+            adata,
+            resolution=self.resolution,
+            key_added=self.key_added,
+            flavor=self.flavor,
+            n_iterations=self.n_iterations,
+            random_state=seed_or_zero(self.seed),
+            **extra,
         )
         return adata
 
     def figures(self, adata: anndata.AnnData) -> dict[str, matplotlib.figure.Figure]:
-        return umap_figures(adata, [self.key_added, *self.color_by], "leiden_umap",
-                            f"Leiden clusters ({adata.obs[self.key_added].nunique()})",
-                            self.figure_max_cells, seed_or_zero(self.seed))
+        return umap_figures(
+            adata,
+            [self.key_added, *self.color_by],
+            "leiden_umap",
+            f"Leiden clusters ({adata.obs[self.key_added].nunique()})",
+            self.figure_max_cells,
+            seed_or_zero(self.seed),
+        )

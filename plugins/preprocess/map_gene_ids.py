@@ -23,7 +23,9 @@ _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d+", re.IGNORECASE)
 
 #: The only globals a Geneformer dictionary pickle may reference (numpy scalars and their dtypes).
 _ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "dtype"),
 }
 
 
@@ -46,11 +48,15 @@ def load_mapping_table(path: str, symbol_column: str, ensembl_column: str, who: 
             except pickle.UnpicklingError as error:
                 raise DataError(f"{who}: {path} is not a plain gene dictionary: {error}") from error
         if not isinstance(mapping, dict):
-            raise DataError(f"{who}: {path} holds a {type(mapping).__name__}, expected a dict symbol -> Ensembl ID.")
+            raise DataError(
+                f"{who}: {path} holds a {type(mapping).__name__}, expected a dict symbol -> Ensembl ID."
+            )
         keys = [str(k) for k in mapping]
         values = [str(v) for v in mapping.values()]
         # Geneformer's gene_name_id_dict maps symbol -> ID; accept the inverse orientation too.
-        if sum(bool(_ENSEMBL.match(k)) for k in keys[:1000]) > sum(bool(_ENSEMBL.match(v)) for v in values[:1000]):
+        if sum(bool(_ENSEMBL.match(k)) for k in keys[:1000]) > sum(
+            bool(_ENSEMBL.match(v)) for v in values[:1000]
+        ):
             keys, values = values, keys
         return pd.DataFrame({"symbol": keys, "ensembl": values})
     table = read_table(resolved, who, what="gene id table")
@@ -96,12 +102,20 @@ class MapGeneIds(Preprocessor):
     writes = ("var_names", "var/original_id", "X", "layers/*", "uns/map_gene_ids")
 
     class Params(ComponentParams):
-        table: str = Field(description="CSV/TSV with symbol and Ensembl columns, or a Geneformer .pkl dictionary")
-        to: Literal["ensembl", "symbol"] = Field("ensembl", description="the id type var_names should have after")
+        table: str = Field(
+            description="CSV/TSV with symbol and Ensembl columns, or a Geneformer .pkl dictionary"
+        )
+        to: Literal["ensembl", "symbol"] = Field(
+            "ensembl", description="the id type var_names should have after"
+        )
         symbol_column: str = Field("gene_symbol", description="symbol column of the table")
         ensembl_column: str = Field("ensembl_id", description="Ensembl column of the table")
-        from_column: str | None = Field(None, description="var column with the ids to map; var_names when None")
-        unmapped: Literal["drop", "keep"] = Field("drop", description="genes without a match: drop, or keep their name")
+        from_column: str | None = Field(
+            None, description="var column with the ids to map; var_names when None"
+        )
+        unmapped: Literal["drop", "keep"] = Field(
+            "drop", description="genes without a match: drop, or keep their name"
+        )
         duplicates: Literal["sum", "first"] = Field(
             "sum", description="several genes mapping to one id: sum them, or keep the first"
         )
@@ -156,16 +170,25 @@ class MapGeneIds(Preprocessor):
             adata.var["original_id"] = old_kept[first]
             adata.var_names = pd.Index(names[first], name=None)
         adata.uns["map_gene_ids"] = {
-            "to": self.to, "table": str(Path(self.table).name), "n_genes_in": int(n_in),
-            "n_mapped": int(mapped.sum()), "n_unmapped": int((~mapped).sum()),
-            "n_dropped": int((~keep).sum()), "n_merged": int(n_merged), "n_genes_out": int(adata.n_vars),
+            "to": self.to,
+            "table": str(Path(self.table).name),
+            "n_genes_in": int(n_in),
+            "n_mapped": int(mapped.sum()),
+            "n_unmapped": int((~mapped).sum()),
+            "n_dropped": int((~keep).sum()),
+            "n_merged": int(n_merged),
+            "n_genes_out": int(adata.n_vars),
             "coverage": coverage,
-            **({"fraction_of_counts_kept": kept_total / total if total else 1.0} if total is not None else {}),
+            **(
+                {"fraction_of_counts_kept": kept_total / total if total else 1.0} if total is not None else {}
+            ),
         }
         return adata
 
     @staticmethod
-    def _summed(adata: anndata.AnnData, codes: np.ndarray, names: np.ndarray, old: np.ndarray) -> anndata.AnnData:
+    def _summed(
+        adata: anndata.AnnData, codes: np.ndarray, names: np.ndarray, old: np.ndarray
+    ) -> anndata.AnnData:
         import anndata as ad
 
         first = pd.Series(codes).drop_duplicates().index.to_numpy()
@@ -173,8 +196,12 @@ class MapGeneIds(Preprocessor):
         var["original_id"] = pd.Series(old).groupby(codes, sort=True).agg("|".join).to_numpy()
         var.index = pd.Index(names, name=None)
         result = ad.AnnData(
-            X=aggregate_columns(adata.X, codes, len(names)), obs=adata.obs, var=var, uns=adata.uns,
-            obsm=dict(adata.obsm), obsp=dict(adata.obsp),
+            X=aggregate_columns(adata.X, codes, len(names)),
+            obs=adata.obs,
+            var=var,
+            uns=adata.uns,
+            obsm=dict(adata.obsm),
+            obsp=dict(adata.obsp),
             layers={k: aggregate_columns(v, codes, len(names)) for k, v in adata.layers.items()},
         )
         return result

@@ -55,8 +55,12 @@ class Neighbors(Preprocessor):
             )
         seed = seed_or_zero(self.seed)
         sc.pp.neighbors(
-            adata, n_neighbors=self.n_neighbors, n_pcs=self.n_pcs, use_rep=self.use_rep,
-            metric=self.metric, random_state=seed,
+            adata,
+            n_neighbors=self.n_neighbors,
+            n_pcs=self.n_pcs,
+            use_rep=self.use_rep,
+            metric=self.metric,
+            random_state=seed,
             transformer=knn_transformer(adata.n_obs, self.n_neighbors, self.metric, seed),
         )
         return adata

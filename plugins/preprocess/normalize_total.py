@@ -33,7 +33,9 @@ class NormalizeTotal(Preprocessor):
             False, description="leave out genes above max_fraction of a cell's total when computing it"
         )
         max_fraction: float = Field(0.05, gt=0, le=1, description="threshold for exclude_highly_expressed")
-        key_added: str | None = Field(None, description="obs column for the size factors; not written when None")
+        key_added: str | None = Field(
+            None, description="obs column for the size factors; not written when None"
+        )
 
     def __call__(self, adata: anndata.AnnData) -> anndata.AnnData:
         import scanpy as sc
@@ -41,7 +43,10 @@ class NormalizeTotal(Preprocessor):
         require_in_memory(adata, self.name)
         keep_counts(adata)
         sc.pp.normalize_total(
-            adata, target_sum=self.target_sum, exclude_highly_expressed=self.exclude_highly_expressed,
-            max_fraction=self.max_fraction, key_added=self.key_added,
+            adata,
+            target_sum=self.target_sum,
+            exclude_highly_expressed=self.exclude_highly_expressed,
+            max_fraction=self.max_fraction,
+            key_added=self.key_added,
         )
         return adata

@@ -58,7 +58,10 @@ class Pca(Preprocessor):
                 f"preprocessor 'pca': {adata.n_obs} cells x {n_genes} genes are too few for a PCA."
             )
         sc.pp.pca(
-            adata, n_comps=n_comps, mask_var="highly_variable" if use_hvg else None,
-            svd_solver=self.svd_solver, random_state=seed_or_zero(self.seed),
+            adata,
+            n_comps=n_comps,
+            mask_var="highly_variable" if use_hvg else None,
+            svd_solver=self.svd_solver,
+            random_state=seed_or_zero(self.seed),
         )
         return adata

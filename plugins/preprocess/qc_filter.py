@@ -36,25 +36,47 @@ class QcFilter(Preprocessor):
     """
 
     name = "qc_filter"
-    description = "Filter cells by genes, counts, mito / ribo share and genes by detection (scanpy QC metrics)."
+    description = (
+        "Filter cells by genes, counts, mito / ribo share and genes by detection (scanpy QC metrics)."
+    )
     reference = "https://doi.org/10.15252/msb.20188746"
     writes = (
-        "obs/n_genes_by_counts", "obs/total_counts", "obs/n_counts", "obs/pct_counts_mt", "obs/pct_counts_ribo",
-        "var/mt", "var/ribo", "var/n_cells_by_counts", "uns/qc_filter",
+        "obs/n_genes_by_counts",
+        "obs/total_counts",
+        "obs/n_counts",
+        "obs/pct_counts_mt",
+        "obs/pct_counts_ribo",
+        "var/mt",
+        "var/ribo",
+        "var/n_cells_by_counts",
+        "uns/qc_filter",
     )
 
     class Params(ComponentParams):
-        min_genes: int | None = Field(None, ge=0, description="keep cells with at least this many detected genes")
-        max_genes: int | None = Field(None, ge=1, description="keep cells with at most this many detected genes")
+        min_genes: int | None = Field(
+            None, ge=0, description="keep cells with at least this many detected genes"
+        )
+        max_genes: int | None = Field(
+            None, ge=1, description="keep cells with at most this many detected genes"
+        )
         min_counts: int | None = Field(None, ge=0, description="keep cells with at least this many counts")
         max_counts: int | None = Field(None, ge=1, description="keep cells with at most this many counts")
-        min_cells: int | None = Field(None, ge=0, description="keep genes detected in at least this many cells")
-        max_pct_mt: float | None = Field(None, ge=0, le=100, description="keep cells with at most this % mitochondrial counts")
-        max_pct_ribo: float | None = Field(None, ge=0, le=100, description="keep cells with at most this % ribosomal counts")
+        min_cells: int | None = Field(
+            None, ge=0, description="keep genes detected in at least this many cells"
+        )
+        max_pct_mt: float | None = Field(
+            None, ge=0, le=100, description="keep cells with at most this % mitochondrial counts"
+        )
+        max_pct_ribo: float | None = Field(
+            None, ge=0, le=100, description="keep cells with at most this % ribosomal counts"
+        )
         mt_prefix: str = Field("MT-", description="gene-name prefix of mitochondrial genes (mouse: mt-)")
-        ribo_prefixes: list[str] = Field(["RPS", "RPL"], description="gene-name prefixes of ribosomal protein genes")
+        ribo_prefixes: list[str] = Field(
+            ["RPS", "RPL"], description="gene-name prefixes of ribosomal protein genes"
+        )
         gene_symbol_column: str | None = Field(
-            None, description="var column with gene symbols (when var_names are Ensembl IDs); var_names when None"
+            None,
+            description="var column with gene symbols (when var_names are Ensembl IDs); var_names when None",
         )
 
     def __call__(self, adata: anndata.AnnData) -> anndata.AnnData:
@@ -73,13 +95,20 @@ class QcFilter(Preprocessor):
             symbols = adata.var_names.to_series().astype(str)
         adata.var["mt"] = symbols.str.startswith(self.mt_prefix).to_numpy()
         adata.var["ribo"] = symbols.str.startswith(tuple(self.ribo_prefixes)).to_numpy()
-        given = {k: adata.obs[k].copy() for k in ("pct_counts_mt", "pct_counts_ribo") if k in adata.obs.columns}
+        given = {
+            k: adata.obs[k].copy() for k in ("pct_counts_mt", "pct_counts_ribo") if k in adata.obs.columns
+        }
         cell_metrics, _ = sc.pp.calculate_qc_metrics(
-            sc.AnnData(X=counts, var=adata.var[["mt", "ribo"]]), qc_vars=["mt", "ribo"],
-            percent_top=None, log1p=False, inplace=False,
+            sc.AnnData(X=counts, var=adata.var[["mt", "ribo"]]),
+            qc_vars=["mt", "ribo"],
+            percent_top=None,
+            log1p=False,
+            inplace=False,
         )
         for column in ("n_genes_by_counts", "total_counts", "pct_counts_mt", "pct_counts_ribo"):
-            adata.obs[column] = given[column].to_numpy() if column in given else cell_metrics[column].to_numpy()
+            adata.obs[column] = (
+                given[column].to_numpy() if column in given else cell_metrics[column].to_numpy()
+            )
         # Geneformer's name for the total over all genes; stays right after genes are removed.
         adata.obs["n_counts"] = adata.obs["total_counts"].to_numpy()
         if self.max_pct_mt is not None and "pct_counts_mt" not in given and not adata.var["mt"].any():
@@ -96,8 +125,14 @@ class QcFilter(Preprocessor):
             "max_genes": (self.max_genes, obs["n_genes_by_counts"] <= (self.max_genes or np.inf)),
             "min_counts": (self.min_counts, obs["total_counts"] >= (self.min_counts or 0)),
             "max_counts": (self.max_counts, obs["total_counts"] <= (self.max_counts or np.inf)),
-            "max_pct_mt": (self.max_pct_mt, obs["pct_counts_mt"] <= (self.max_pct_mt if self.max_pct_mt is not None else np.inf)),
-            "max_pct_ribo": (self.max_pct_ribo, obs["pct_counts_ribo"] <= (self.max_pct_ribo if self.max_pct_ribo is not None else np.inf)),
+            "max_pct_mt": (
+                self.max_pct_mt,
+                obs["pct_counts_mt"] <= (self.max_pct_mt if self.max_pct_mt is not None else np.inf),
+            ),
+            "max_pct_ribo": (
+                self.max_pct_ribo,
+                obs["pct_counts_ribo"] <= (self.max_pct_ribo if self.max_pct_ribo is not None else np.inf),
+            ),
         }
         keep_cells = np.ones(adata.n_obs, dtype=bool)
         removed: dict[str, int] = {}
@@ -126,12 +161,15 @@ class QcFilter(Preprocessor):
                 f"preprocessor 'qc_filter': no gene is detected in min_cells={self.min_cells} of the "
                 f"{n_cells_kept} cells left; the most detected gene is in {detected.max()} cells. Lower min_cells."
             )
-        summary = {"n_cells_in": int(adata.n_obs), "n_genes_in": int(adata.n_vars),
-                   "n_cells_out": n_cells_kept, "n_genes_out": int(keep_genes.sum()), **removed}
+        summary = {
+            "n_cells_in": int(adata.n_obs),
+            "n_genes_in": int(adata.n_vars),
+            "n_cells_out": n_cells_kept,
+            "n_genes_out": int(keep_genes.sum()),
+            **removed,
+        }
         adata = obs_subset(adata, keep_cells)
         if not keep_genes.all():
             adata = adata[:, keep_genes].copy()
         adata.uns["qc_filter"] = summary
         return adata
-
-

@@ -26,7 +26,9 @@ class Scale(Preprocessor):
 
     class Params(ComponentParams):
         zero_center: bool = Field(True, description="subtract each gene's mean (makes sparse X dense)")
-        max_value: float | None = Field(10.0, gt=0, description="clip scaled values above this; no clip when None")
+        max_value: float | None = Field(
+            10.0, gt=0, description="clip scaled values above this; no clip when None"
+        )
 
     def __call__(self, adata: anndata.AnnData) -> anndata.AnnData:
         import scanpy as sc

@@ -60,7 +60,9 @@ class Scrublet(Preprocessor):
             None, ge=0, le=1, description="doublet-score threshold; set automatically per batch when None"
         )
         seed: int | None = seed_field("random state of the doublet simulation")
-        color_by: list[str] = Field(default_factory=list, description="more obs columns to colour the figure by")
+        color_by: list[str] = Field(
+            default_factory=list, description="more obs columns to colour the figure by"
+        )
         figure_max_cells: int = Field(20_000, ge=10, description="cells drawn in the figure (random subset)")
 
     def __call__(self, adata: anndata.AnnData) -> anndata.AnnData:
@@ -88,7 +90,9 @@ class Scrublet(Preprocessor):
                     f"filter them out first."
                 )
         elif adata.n_obs <= self.n_prin_comps:
-            raise DataError(f"preprocessor 'scrublet': {adata.n_obs} cells are too few for {self.n_prin_comps} PCs.")
+            raise DataError(
+                f"preprocessor 'scrublet': {adata.n_obs} cells are too few for {self.n_prin_comps} PCs."
+            )
         # A light AnnData over the same counts: scanpy's scrublet copies what it transforms.
         light = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=adata.var_names.copy()))
         largest = int(obs["batch"].value_counts().max()) if self.batch_key is not None else adata.n_obs
@@ -97,9 +101,13 @@ class Scrublet(Preprocessor):
         exact = True if scanpy_knn_is_broken() and largest * (1 + self.sim_doublet_ratio) >= 8192 else None
         try:
             sc.pp.scrublet(
-                light, batch_key="batch" if self.batch_key is not None else None,
-                sim_doublet_ratio=self.sim_doublet_ratio, expected_doublet_rate=self.expected_doublet_rate,
-                n_prin_comps=self.n_prin_comps, threshold=self.threshold, random_state=seed_or_zero(self.seed),
+                light,
+                batch_key="batch" if self.batch_key is not None else None,
+                sim_doublet_ratio=self.sim_doublet_ratio,
+                expected_doublet_rate=self.expected_doublet_rate,
+                n_prin_comps=self.n_prin_comps,
+                threshold=self.threshold,
+                random_state=seed_or_zero(self.seed),
                 verbose=False,
                 use_approx_neighbors=False if exact else None,
             )
@@ -116,8 +124,10 @@ class Scrublet(Preprocessor):
         adata.uns["scrublet"] = light.uns.get("scrublet", {})
         n_doublets = int(adata.obs["predicted_doublet"].sum())
         adata.uns["scrublet_summary"] = {
-            "n_cells": int(adata.n_obs), "n_predicted_doublets": n_doublets,
-            "n_removed": n_doublets if self.action == "remove" else 0, "action": self.action,
+            "n_cells": int(adata.n_obs),
+            "n_predicted_doublets": n_doublets,
+            "n_removed": n_doublets if self.action == "remove" else 0,
+            "action": self.action,
         }
         if self.action == "remove":
             adata = obs_subset(adata, ~adata.obs["predicted_doublet"].to_numpy())
@@ -126,9 +136,15 @@ class Scrublet(Preprocessor):
     def figures(self, adata: anndata.AnnData) -> dict[str, matplotlib.figure.Figure]:
         keys = [self.batch_key, "doublet_score", "predicted_doublet", *self.color_by]
         summary = adata.uns.get("scrublet_summary", {})
-        title = (f"Scrublet: {summary.get('n_predicted_doublets', '?')} predicted doublets of "
-                 f"{summary.get('n_cells', '?')} cells ({self.action})")
-        return umap_figures(adata, [k for k in keys if k], "scrublet_umap", title,
-                            self.figure_max_cells, seed_or_zero(self.seed))
-
-
+        title = (
+            f"Scrublet: {summary.get('n_predicted_doublets', '?')} predicted doublets of "
+            f"{summary.get('n_cells', '?')} cells ({self.action})"
+        )
+        return umap_figures(
+            adata,
+            [k for k in keys if k],
+            "scrublet_umap",
+            title,
+            self.figure_max_cells,
+            seed_or_zero(self.seed),
+        )

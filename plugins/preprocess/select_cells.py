@@ -49,7 +49,9 @@ class SelectCells(Preprocessor):
 
     def __call__(self, adata: anndata.AnnData) -> anndata.AnnData:
         if not self.where and not self.exclude:
-            raise DataError("preprocessor 'select_cells': set 'where' or 'exclude' (obs column -> list of values).")
+            raise DataError(
+                "preprocessor 'select_cells': set 'where' or 'exclude' (obs column -> list of values)."
+            )
         keep = np.ones(adata.n_obs, dtype=bool)
         for conditions, wanted in ((self.where, True), (self.exclude, False)):
             parameter = "where" if wanted else "exclude"

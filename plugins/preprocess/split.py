@@ -17,9 +17,7 @@ if TYPE_CHECKING:
     import anndata
 
 
-def donor_level_split(
-    donor_labels: pd.Series, test_fraction: float, rng: np.random.Generator
-) -> set[str]:
+def donor_level_split(donor_labels: pd.Series, test_fraction: float, rng: np.random.Generator) -> set[str]:
     """Test donors: in each label class, ``round(test_fraction * n)`` donors (1..n-1 when n >= 2)."""
     test: set[str] = set()
     for label in sorted(donor_labels.unique(), key=str):
@@ -30,9 +28,7 @@ def donor_level_split(
     return test
 
 
-def cell_level_split(
-    table: pd.DataFrame, test_fraction: float, rng: np.random.Generator
-) -> set[str]:
+def cell_level_split(table: pd.DataFrame, test_fraction: float, rng: np.random.Generator) -> set[str]:
     """Test donors chosen greedily so each label's test share of cells approaches ``test_fraction``.
 
     ``table`` is donors x labels with cell counts. Donors are visited largest first (random order
@@ -82,7 +78,9 @@ class Split(Preprocessor):
         label_key: str | None = Field(
             None, description="obs column to stratify by; unstratified when None (data.label_key is not used)"
         )
-        test_fraction: float = Field(0.2, gt=0, lt=1, description="share of donors (or cells per label) in test")
+        test_fraction: float = Field(
+            0.2, gt=0, lt=1, description="share of donors (or cells per label) in test"
+        )
         seed: int | None = seed_field("random seed of the donor assignment")
 
     def __call__(self, adata: anndata.AnnData) -> anndata.AnnData:
@@ -122,9 +120,12 @@ class Split(Preprocessor):
         is_test = donors.isin(test).to_numpy()
         adata.obs["split"] = pd.Categorical(np.where(is_test, "test", "train"), categories=["train", "test"])
         summary: dict = {
-            "donor_key": self.donor_key, "stratified_by": stratified,
-            "train_donors": sorted(set(unique) - test), "test_donors": sorted(test),
-            "n_train_cells": int((~is_test).sum()), "n_test_cells": int(is_test.sum()),
+            "donor_key": self.donor_key,
+            "stratified_by": stratified,
+            "train_donors": sorted(set(unique) - test),
+            "test_donors": sorted(test),
+            "n_train_cells": int((~is_test).sum()),
+            "n_test_cells": int(is_test.sum()),
         }
         if self.label_key is not None:
             per_side = pd.crosstab(labels.to_numpy(), adata.obs["split"].to_numpy())

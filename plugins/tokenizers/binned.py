@@ -56,7 +56,9 @@ def _binned_kernel(plan: _BinnedPlan, block: sp.csr_matrix, per_row: dict[str, n
         counters={"n_cells_truncated": int((n_expressed > plan.max_length - 1).sum())},
     )
     result.flag_bad_value(
-        flags, bad_row, bad_value,
+        flags,
+        bad_row,
+        bad_value,
         f"Tokenizer 'binned' needs non-negative expression in {plan.source} (scGPT bins non-zero "
         "values); cell {cell!r} has {kind} ({value}). Tokenise before a 'scale' step, or point "
         "the 'layer' parameter at counts or normalised values.",

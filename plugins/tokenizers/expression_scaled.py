@@ -46,7 +46,9 @@ def _expression_scaled_kernel(
         counters={"n_cells_truncated": int((n_expressed > plan.max_length).sum())},
     )
     result.flag_bad_value(
-        flags, bad_row, bad_value,
+        flags,
+        bad_row,
+        bad_value,
         f"Tokenizer 'expression_scaled' needs non-negative expression in {plan.source} (CelluFormer "
         "scales gene embeddings by it); cell {cell!r} has {kind} ({value}). Tokenise before a "
         "'scale' step, or point the 'layer' parameter at normalised, non-negative values.",

@@ -58,7 +58,10 @@ class TopPairScore(Evaluator):
         if self.fail:
             raise RuntimeError("injected failure")
         return EvaluationResult(
-            metrics={f"{name}/top_score": float(i.table["score"].iloc[0]) for name, i in context.interactions.items()}
+            metrics={
+                f"{name}/top_score": float(i.table["score"].iloc[0])
+                for name, i in context.interactions.items()
+            }
         )
 
 
@@ -89,7 +92,8 @@ class TopScoreStability(TopPairScore):
     def aggregate(self, repeat_results, reference):
         errors = [
             (result.metrics[key] - reference.metrics[key]) ** 2
-            for result in repeat_results for key in result.metrics
+            for result in repeat_results
+            for key in result.metrics
         ]
         return {"mse_vs_reference": float(np.mean(errors))}
 
@@ -124,15 +128,21 @@ class CentroidModel(Model):
 
     def save(self, path):
         path.mkdir(parents=True)
-        (path / "centroid.json").write_text(json.dumps(
-            {"classes": self.classes_, "centroids": self.centroids_.tolist(), "cells": self.cells_}
-        ))
+        (path / "centroid.json").write_text(
+            json.dumps(
+                {"classes": self.classes_, "centroids": self.centroids_.tolist(), "cells": self.cells_}
+            )
+        )
 
     @classmethod
     def load(cls, path):
         stored = json.loads((path / "centroid.json").read_text())
         model = cls()
-        model.classes_, model.centroids_, model.cells_ = stored["classes"], np.array(stored["centroids"]), stored["cells"]
+        model.classes_, model.centroids_, model.cells_ = (
+            stored["classes"],
+            np.array(stored["centroids"]),
+            stored["cells"],
+        )
         return model
 
 

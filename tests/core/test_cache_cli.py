@@ -157,17 +157,26 @@ def test_clear_leaves_folders_that_are_not_entries(tmp_path):
     cache = Cache(tmp_path)
     unrelated = tmp_path / "notes" / "drafts" / "mine"
     unrelated.mkdir(parents=True)
-    (unrelated / "done.json").write_text("{}")  # not an entry: its folder is not named by its first two letters
+    (unrelated / "done.json").write_text(
+        "{}"
+    )  # not an entry: its folder is not named by its first two letters
     unfinished = cache.path("model", "ab99")
     unfinished.mkdir(parents=True)
     assert cache.clear() == (0, 0)
     assert unrelated.exists() and unfinished.exists()
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("7d", timedelta(days=7)), ("12h", timedelta(hours=12)), ("30m", timedelta(minutes=30)),
-    ("45s", timedelta(seconds=45)), ("2w", timedelta(weeks=2)), ("1.5h", timedelta(minutes=90)),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("7d", timedelta(days=7)),
+        ("12h", timedelta(hours=12)),
+        ("30m", timedelta(minutes=30)),
+        ("45s", timedelta(seconds=45)),
+        ("2w", timedelta(weeks=2)),
+        ("1.5h", timedelta(minutes=90)),
+    ],
+)
 def test_parse_duration(text, expected):
     assert parse_duration(text) == expected
 
@@ -239,11 +248,14 @@ def test_cli_clear_at_a_terminal_asks(cache, capsys, monkeypatch):
     assert {e.key for e in cache.entries()} == {"cc33"}
 
 
-@pytest.mark.parametrize(("arguments", "message"), [
-    (["--older-than", "7x"], "--older-than: expected a duration such as 7d, 12h or 30m"),
-    (["--older-than", "week"], "got 'week'"),
-    (["--stage", "modle"], "Did you mean 'model'? Stages there: model, tokenize."),
-])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--older-than", "7x"], "--older-than: expected a duration such as 7d, 12h or 30m"),
+        (["--older-than", "week"], "got 'week'"),
+        (["--stage", "modle"], "Did you mean 'model'? Stages there: model, tokenize."),
+    ],
+)
 def test_cli_clear_rejects_bad_arguments(cache, capsys, arguments, message):
     assert main(["cache", "clear", "--cache-dir", str(cache.root), "--yes", *arguments]) == 2
     err = capsys.readouterr().err

@@ -21,7 +21,15 @@ extractors: [{name: pearson}]
 def test_plugins_lists_every_kind(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
-    for heading in ("data sources", "preprocessors", "samplers", "tokenizers", "models", "extractors", "evaluators"):
+    for heading in (
+        "data sources",
+        "preprocessors",
+        "samplers",
+        "tokenizers",
+        "models",
+        "extractors",
+        "evaluators",
+    ):
         assert heading in out
     assert "pearson: Gene pairs ranked by Pearson co-expression" in out
 
@@ -70,11 +78,14 @@ def test_run_untracked_prints_the_top_pairs_when_verbose(tmp_path, capsys):
 
 def test_run_summary_has_a_row_per_extractor_and_the_headline_metrics(tmp_path, capsys):
     path = tmp_path / "r.yaml"
-    path.write_text(textwrap.dedent(RECIPE) + textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent(RECIPE)
+        + textwrap.dedent("""
         evaluators:
           - {name: auprc, params: {ground_truth: {source: data}}}
           - {name: nes, params: {ground_truth: {source: data}, permutations: 100}}
-    """))
+    """)
+    )
     assert main(["run", str(path), "--no-track"]) == 0
     lines = capsys.readouterr().out.splitlines()
     header = next(line for line in lines if line.strip().startswith("extractor"))
@@ -103,5 +114,7 @@ def test_ui_binds_to_localhost_by_default():
 
 
 def test_console_script_is_installed():
-    completed = subprocess.run([sys.executable, "-m", "grnx_core.cli", "--version"], capture_output=True, text=True)
+    completed = subprocess.run(
+        [sys.executable, "-m", "grnx_core.cli", "--version"], capture_output=True, text=True
+    )
     assert completed.returncode == 0 and completed.stdout.startswith("grnx ")

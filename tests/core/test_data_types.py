@@ -11,19 +11,25 @@ from grnx_core import CellSample, DataError, GroundTruth, Interactions, Tokenize
 from grnx_core.atomic import atomic_path
 
 GENES = ["a", "b", "c", "d"]
-SCORES = np.array([
-    [0.0, 0.9, -0.5, 0.1],
-    [0.2, 0.0, 0.3, np.nan],
-    [-0.7, 0.4, 0.0, 0.6],
-    [0.1, 0.8, -0.2, 0.0],
-])
+SCORES = np.array(
+    [
+        [0.0, 0.9, -0.5, 0.1],
+        [0.2, 0.0, 0.3, np.nan],
+        [-0.7, 0.4, 0.0, 0.6],
+        [0.1, 0.8, -0.2, 0.0],
+    ]
+)
 
 
 def test_undirected_from_matrix_uses_the_upper_triangle():
     interactions = Interactions.from_matrix(SCORES, GENES, directed=False, extractor="x", rank_by="abs")
     table = interactions.table
     assert list(zip(table["source"], table["target"])) == [
-        ("a", "b"), ("c", "d"), ("a", "c"), ("b", "c"), ("a", "d"),
+        ("a", "b"),
+        ("c", "d"),
+        ("a", "c"),
+        ("b", "c"),
+        ("a", "d"),
     ]  # (b, d) is NaN and dropped
     assert list(table["sign"]) == [1, 1, -1, 1, 1]
     assert list(interactions.pair_ids()) == ["a|b", "c|d", "a|c", "b|c", "a|d"]
@@ -50,22 +56,37 @@ def test_interactions_round_trip_and_exports(tmp_path):
     interactions.save(tmp_path / "i.parquet")
     loaded = Interactions.load(tmp_path / "i.parquet")
     assert loaded.table.equals(interactions.table)
-    assert (loaded.directed, loaded.extractor, loaded.genes, loaded.metadata) == (False, "x", GENES, {"n_cells": 7})
+    assert (loaded.directed, loaded.extractor, loaded.genes, loaded.metadata) == (
+        False,
+        "x",
+        GENES,
+        {"n_cells": 7},
+    )
     interactions.to_beeline(tmp_path / "rankedEdges.csv")
     beeline = pd.read_csv(tmp_path / "rankedEdges.csv", sep="\t")
-    assert list(beeline.columns) == ["Gene1", "Gene2", "EdgeWeight"] and beeline.iloc[0].tolist() == ["a", "b", 0.9]
+    assert list(beeline.columns) == ["Gene1", "Gene2", "EdgeWeight"] and beeline.iloc[0].tolist() == [
+        "a",
+        "b",
+        0.9,
+    ]
     adata = anndata.AnnData(np.zeros((2, 4)), var=pd.DataFrame(index=GENES))
     interactions.to_varp(adata, top_k=2)
     matrix = adata.varp["grnx_x"].toarray()
-    assert matrix[0, 1] == matrix[1, 0] == 0.9 and matrix[2, 3] == matrix[3, 2] == 0.6 and matrix.sum() == pytest.approx(3.0)
+    assert (
+        matrix[0, 1] == matrix[1, 0] == 0.9
+        and matrix[2, 3] == matrix[3, 2] == 0.6
+        and matrix.sum() == pytest.approx(3.0)
+    )
 
 
 def test_tokenized_cells_subset_pad_and_round_trip(tmp_path):
     tokens = TokenizedCells(
-        input_ids=np.array([5, 6, 7, 8, 9, 10]), offsets=np.array([0, 3, 4, 6]),
+        input_ids=np.array([5, 6, 7, 8, 9, 10]),
+        offsets=np.array([0, 3, 4, 6]),
         values=np.array([1, 2, 3, 4, 5, 6], dtype=float),
         obs=pd.DataFrame({"label": ["AD", "ct", "AD"]}, index=["c0", "c1", "c2"]),
-        vocabulary=["<pad>"] + [f"g{i}" for i in range(10)], metadata={"pad_id": 0},
+        vocabulary=["<pad>"] + [f"g{i}" for i in range(10)],
+        metadata={"pad_id": 0},
     )
     subset = tokens.subset(np.array([2, 0]))
     assert subset.input_ids.tolist() == [9, 10, 5, 6, 7] and subset.obs.index.tolist() == ["c2", "c0"]

@@ -22,8 +22,10 @@ from grnx_core.tracking import Tracker
 
 from .plugin_fixtures import CALLS, fixture_registry
 
-SYNTHETIC = "{name: synthetic, params: {n_cells: 240, n_genes: 20, n_regulators: 5, n_donors: 6, seed: 3}, " \
-            "label_key: disease, donor_key: donor}"
+SYNTHETIC = (
+    "{name: synthetic, params: {n_cells: 240, n_genes: 20, n_regulators: 5, n_donors: 6, seed: 3}, "
+    "label_key: disease, donor_key: donor}"
+)
 
 PROTOCOL = f"""
 schema_version: 1
@@ -86,7 +88,9 @@ def test_model_trains_once_on_all_training_cells_while_each_repeat_samples(tmp_p
     assert CALLS["centroid_fit"] == 1
     for first, again in zip(repeats, [c for c in rerun.children if c.child.role == "repeat"]):
         assert all(_stages(again).values()) or set(k for k, v in _stages(again).items() if not v) == {
-            "evaluate:top_pair_score", "evaluate:classification"}
+            "evaluate:top_pair_score",
+            "evaluate:classification",
+        }
         assert np.array_equal(first.sample.sample.indices, again.sample.sample.indices)
         assert first.sample.obs.equals(again.sample.obs), "a cached repeat restores its own sample columns"
         assert first.leaf.metrics == again.leaf.metrics
@@ -94,13 +98,16 @@ def test_model_trains_once_on_all_training_cells_while_each_repeat_samples(tmp_p
 
 def test_unmet_needs_and_cell_sets_are_reported_before_any_compute(tmp_path):
     registry = fixture_registry()
-    path = _write(tmp_path, f"""
+    path = _write(
+        tmp_path,
+        f"""
         schema_version: 1
         name: needs
         data: {SYNTHETIC}
         extractors: [{{name: attention}}, {{name: pearson, cells: sample}}]
         evaluators: [{{name: classification}}]
-    """)
+    """,
+    )
     with pytest.raises(RecipeError) as error:
         load_recipe(path, registry=registry)
     message = str(error.value)
@@ -172,13 +179,16 @@ def test_editing_a_component_source_invalidates_that_step_and_later_ones_only(tm
     (tmp_path / "grnx_edit_pre.py").write_text(_PREPROCESSOR_SOURCE)
     (tmp_path / "grnx_edit_ext.py").write_text(_EXTRACTOR_SOURCE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
         schema_version: 1
         name: edits
         data: {name: scanpy_builtin, params: {dataset: krumsiek11}}
         preprocess: [{name: shift}, {name: scale_genes}]
         extractors: [{name: covariance}]
-    """)
+    """,
+    )
     cache = Cache(tmp_path / "cache")
 
     def cached():
@@ -189,17 +199,27 @@ def test_editing_a_component_source_invalidates_that_step_and_later_ones_only(tm
     assert all(cached().values())
     # A change to the extractor's module: only the extraction reruns.
     (tmp_path / "grnx_edit_ext.py").write_text(_EXTRACTOR_SOURCE.replace("SCALE = 1.0", "SCALE = 2.0"))
-    assert cached() == {"data": True, "preprocess:0:shift": True, "preprocess:1:scale_genes": True,
-                        "extract:covariance": False}
+    assert cached() == {
+        "data": True,
+        "preprocess:0:shift": True,
+        "preprocess:1:scale_genes": True,
+        "extract:covariance": False,
+    }
     # A change to the first preprocessor: it and everything after it rerun, the data stage does not.
     (tmp_path / "grnx_edit_pre.py").write_text(_PREPROCESSOR_SOURCE.replace("OFFSET = 1.0", "OFFSET = 3.0"))
-    assert cached() == {"data": True, "preprocess:0:shift": False, "preprocess:1:scale_genes": False,
-                        "extract:covariance": False}
+    assert cached() == {
+        "data": True,
+        "preprocess:0:shift": False,
+        "preprocess:1:scale_genes": False,
+        "extract:covariance": False,
+    }
 
 
 def test_recipe_seed_reaches_the_split_and_the_umap(tmp_path):
     registry = fixture_registry()
-    path = _write(tmp_path, f"""
+    path = _write(
+        tmp_path,
+        f"""
         schema_version: 1
         name: seeds
         data: {SYNTHETIC.replace("n_donors: 6", "n_donors: 12")}
@@ -210,7 +230,8 @@ def test_recipe_seed_reaches_the_split_and_the_umap(tmp_path):
           - {{name: neighbors, params: {{n_neighbors: 10}}}}
           - {{name: umap, params: {{color_by: []}}}}
           - {{name: split, params: {{test_fraction: 0.3}}}}
-    """)
+    """,
+    )
 
     def prepared(seed):
         resolved = load_recipe(path, [f"seed={seed}"], registry=registry)
@@ -225,7 +246,9 @@ def test_recipe_seed_reaches_the_split_and_the_umap(tmp_path):
 
 def test_a_sweep_runs_every_point_as_a_child_with_group_aggregates_and_a_figure(tmp_path):
     registry = fixture_registry()
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
         schema_version: 1
         name: sweep
         data: {name: scanpy_builtin, params: {dataset: krumsiek11}}
@@ -239,7 +262,8 @@ def test_a_sweep_runs_every_point_as_a_child_with_group_aggregates_and_a_figure(
             extractors.0.params.rank_by: [abs, value]
             seed: [0, 1]
           plot: {metric: eval/top_pair_score/pearson/top_score, x: sampler.params.step}
-    """)
+    """,
+    )
     tracker = Tracker(os.environ["MLFLOW_TRACKING_URI"])
     result = _run(path, registry, Cache(tmp_path / "cache"), tracker=tracker)
     assert len(result.children) == 8 == len(result.child_run_ids)
@@ -273,15 +297,18 @@ def test_a_fully_cached_rerun_reads_no_matrix(tmp_path, monkeypatch):
     adata.obs_names_make_unique()
     adata.write_h5ad(tmp_path / "data.h5ad")
     registry = fixture_registry()
-    path = _write(tmp_path, f"""
+    path = _write(
+        tmp_path,
+        f"""
         schema_version: 1
         name: backed
-        data: {{name: h5ad, params: {{path: {tmp_path / 'data.h5ad'}, backed: false}}}}
+        data: {{name: h5ad, params: {{path: {tmp_path / "data.h5ad"}, backed: false}}}}
         preprocess: [{{name: normalize_total, params: {{target_sum: 100}}}}]
         sampler: {{name: stride, params: {{step: 3}}}}
         extractors: [{{name: pearson}}]
         evaluators: [{{name: top_pair_score}}]
-    """)
+    """,
+    )
     cache = Cache(tmp_path / "cache")
     cold = _run(path, registry, cache)
 
@@ -296,7 +323,9 @@ def test_a_fully_cached_rerun_reads_no_matrix(tmp_path, monkeypatch):
 
 def test_a_cached_stage_logs_what_a_computed_one_logged(tmp_path):
     registry = fixture_registry()
-    path = _write(tmp_path, PROTOCOL.replace("repeats: 3", "repeats: 1") + "tracking: {experiment: replay-tests}\n")
+    path = _write(
+        tmp_path, PROTOCOL.replace("repeats: 3", "repeats: 1") + "tracking: {experiment: replay-tests}\n"
+    )
     tracker = Tracker(os.environ["MLFLOW_TRACKING_URI"])
     cache = Cache(tmp_path / "cache")
     client = MlflowClient(tracker.tracking_uri)

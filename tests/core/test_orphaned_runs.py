@@ -30,8 +30,9 @@ KILLED_CHILD = textwrap.dedent(f"""
 def _killed_run() -> tuple[str, int]:
     """A run created through Tracker by a process that then SIGKILLs itself: (run id, its pid)."""
     # The child inherits MLFLOW_TRACKING_URI, so it writes to this session's isolated store.
-    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     out, err = child.communicate(timeout=120)
     assert child.returncode == -signal.SIGKILL, err
     return out.strip(), child.pid
@@ -55,9 +56,14 @@ def test_runs_of_killed_processes_are_failed_and_others_left_alone():
     elsewhere = _run_with_tags(tracker, {HOST_TAG: "another-host", PID_TAG: str(dead_pid)})
     # This process's pid, but tagged as started an hour before it: the pid was reused.
     _, started = process_state(os.getpid())
-    reused = _run_with_tags(tracker, {
-        HOST_TAG: host, PID_TAG: str(os.getpid()), PROCESS_START_TAG: repr(started - 3600),
-    })
+    reused = _run_with_tags(
+        tracker,
+        {
+            HOST_TAG: host,
+            PID_TAG: str(os.getpid()),
+            PROCESS_START_TAG: repr(started - 3600),
+        },
+    )
     untagged = _run_with_tags(tracker, {})
 
     failed = tracker.fail_orphaned_runs(found_by="finder123")

@@ -27,12 +27,16 @@ def _write(tmp_path, name, text):
 
 def test_extends_merges_mappings_and_replaces_lists(tmp_path):
     _write(tmp_path, "base.yaml", BASE)
-    child = _write(tmp_path, "child.yaml", """
+    child = _write(
+        tmp_path,
+        "child.yaml",
+        """
         extends: base.yaml
         name: child
         train: {epochs: 2}
         extractors: [{name: spearman}]
-    """)
+    """,
+    )
     recipe = load_recipe(child).recipe
     assert recipe.name == "child" and recipe.seed == 1
     assert recipe.train.epochs == 2 and recipe.train.batch_size == 8
@@ -41,8 +45,16 @@ def test_extends_merges_mappings_and_replaces_lists(tmp_path):
 
 def test_overrides_parse_values_as_yaml(tmp_path):
     path = _write(tmp_path, "base.yaml", BASE)
-    resolved = load_recipe(path, ["seed=7", "train.learning_rate=0.00001", "extractors.0.params.top_k=10",
-                                  "train.scheduler=cosine", "tracking.tags.owner=me"])
+    resolved = load_recipe(
+        path,
+        [
+            "seed=7",
+            "train.learning_rate=0.00001",
+            "extractors.0.params.top_k=10",
+            "train.scheduler=cosine",
+            "tracking.tags.owner=me",
+        ],
+    )
     recipe = resolved.recipe
     assert recipe.seed == 7 and recipe.train.learning_rate == pytest.approx(1e-5)
     assert recipe.train.scheduler == "cosine" and recipe.tracking.tags == {"owner": "me"}
@@ -60,8 +72,13 @@ def test_resolved_recipe_fills_defaults_and_every_key_is_an_override_path(tmp_pa
     resolved = load_recipe(path)
     as_dict = resolved.to_dict()
     assert as_dict["extractors"][0]["params"] == {
-        "group_key": None, "case": None, "control": None, "layer": None, "n_top_genes": None,
-        "rank_by": "value", "top_k": None,
+        "group_key": None,
+        "case": None,
+        "control": None,
+        "layer": None,
+        "n_top_genes": None,
+        "rank_by": "value",
+        "top_k": None,
     }
     flat = flatten(as_dict)
     assert flat["extractors.0.params.rank_by"] == "value"
@@ -91,20 +108,27 @@ def test_problems_name_the_line_and_the_override(tmp_path):
     )
     with pytest.raises(RecipeError) as error:
         load_recipe(_write(tmp_path, "bad.yaml", BASE.replace("seed: 1", "seed: x")))
-    assert str(error.value).startswith(f"{path.parent.name}" if False else "") and ":4: seed:" in str(error.value)
+    assert str(error.value).startswith(f"{path.parent.name}" if False else "") and ":4: seed:" in str(
+        error.value
+    )
 
 
-@pytest.mark.parametrize("text,message", [
-    ("seed", "expected KEY.PATH=VALUE"),
-    ("=1", "is not a dotted path"),
-    ("a..b=1", "is not a dotted path"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("seed", "expected KEY.PATH=VALUE"),
+        ("=1", "is not a dotted path"),
+        ("a..b=1", "is not a dotted path"),
+    ],
+)
 def test_parse_override_rejects_malformed(text, message):
     with pytest.raises(ValueError, match=message):
         parse_override(text)
 
 
 def test_yaml_python_tags_are_refused(tmp_path):
-    path = _write(tmp_path, "evil.yaml", BASE.replace("name: base", "name: !!python/object/apply:os.getcwd []"))
+    path = _write(
+        tmp_path, "evil.yaml", BASE.replace("name: base", "name: !!python/object/apply:os.getcwd []")
+    )
     with pytest.raises(RecipeError, match="could not determine a constructor"):
         load_recipe(path)

@@ -25,7 +25,10 @@ class AntiCorrelation(Extractor):
 
         adata, _ = context.sampled_adata()
         return Interactions.from_matrix(
-            -correlation_matrix(adata.X), list(adata.var_names), directed=False, extractor=self.name,
+            -correlation_matrix(adata.X),
+            list(adata.var_names),
+            directed=False,
+            extractor=self.name,
             top_k=self.top_k,
         )
 
@@ -98,7 +101,9 @@ def test_a_hook_that_raises_is_reported_not_dropped_silently():
         raise RuntimeError("boom")
 
     registry.add_plugin(_plugin(grnx_register_extractors=grnx_register_extractors), "broken")
-    assert registry.problems() == ["plugin 'broken' failed to load: grnx_register_extractors raised RuntimeError: boom"]
+    assert registry.problems() == [
+        "plugin 'broken' failed to load: grnx_register_extractors raised RuntimeError: boom"
+    ]
 
 
 def test_registering_a_non_component_is_refused_on_load():

@@ -34,7 +34,9 @@ def test_repeats_are_nested_runs_with_aggregates(tmp_path):
     path.write_text(textwrap.dedent(RECIPE))
     tracker = Tracker(os.environ["MLFLOW_TRACKING_URI"])
     result = Runner(
-        load_recipe(path, registry=registry), tracker=tracker, cache=Cache(tmp_path / "cache"),
+        load_recipe(path, registry=registry),
+        tracker=tracker,
+        cache=Cache(tmp_path / "cache"),
         plugin_manager=registry.plugin_manager,
     ).run()
     client = MlflowClient(tracker.tracking_uri)

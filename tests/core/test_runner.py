@@ -38,7 +38,9 @@ def test_rerun_after_failure_resumes_from_cached_steps(tmp_path, registry):
     cache = Cache(tmp_path / "cache")
     CALLS["scale_genes"] = 0
     with pytest.raises(RuntimeError, match="injected failure"):
-        Runner(_resolve(tmp_path, registry, fail=True), cache=cache, plugin_manager=registry.plugin_manager).run()
+        Runner(
+            _resolve(tmp_path, registry, fail=True), cache=cache, plugin_manager=registry.plugin_manager
+        ).run()
     assert CALLS["scale_genes"] == 1
 
     stages = []
@@ -52,11 +54,16 @@ def test_rerun_after_failure_resumes_from_cached_steps(tmp_path, registry):
 
     Recorder.grnx_stage_finished = staticmethod(hookimpl(Recorder.grnx_stage_finished))
     registry.plugin_manager.register(Recorder, name="recorder")
-    result = Runner(_resolve(tmp_path, registry, fail=False), cache=cache, plugin_manager=registry.plugin_manager).run()
+    result = Runner(
+        _resolve(tmp_path, registry, fail=False), cache=cache, plugin_manager=registry.plugin_manager
+    ).run()
     assert result.status == "FINISHED"
     assert CALLS["scale_genes"] == 1, "the preprocessing step must come from the cache"
     assert stages == [
-        ("data", True), ("preprocess:0:scale_genes", True), ("extract:pearson", True), ("extract:spearman", True),
+        ("data", True),
+        ("preprocess:0:scale_genes", True),
+        ("extract:pearson", True),
+        ("extract:spearman", True),
         ("evaluate:top_pair_score", False),
     ]
     # The cached result is the one a cold run computes.

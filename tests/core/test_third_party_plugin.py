@@ -65,12 +65,14 @@ def test_listed_by_grnx_plugins(installed_plugin, capsys):
 
 def test_usable_from_a_recipe(installed_plugin, tmp_path, capsys):
     recipe = tmp_path / "third_party.yaml"
-    recipe.write_text(textwrap.dedent("""
+    recipe.write_text(
+        textwrap.dedent("""
         schema_version: 1
         name: third_party
         data: {name: scanpy_builtin, params: {dataset: krumsiek11}}
         extractors: [{name: anti_correlation}, {name: pearson, params: {rank_by: value}}]
-    """))
+    """)
+    )
     from grnx_core.recipe import load_recipe
     from grnx_core.runner import run_recipe
 

@@ -36,7 +36,9 @@ def _run(tmp_path, registry, fail=False, overrides=()):
     path.write_text(textwrap.dedent(RECIPE % ("true" if fail else "false")))
     resolved = load_recipe(path, list(overrides), registry=registry)
     tracker = Tracker(os.environ["MLFLOW_TRACKING_URI"])
-    runner = Runner(resolved, tracker=tracker, cache=Cache(tmp_path / "cache"), plugin_manager=registry.plugin_manager)
+    runner = Runner(
+        resolved, tracker=tracker, cache=Cache(tmp_path / "cache"), plugin_manager=registry.plugin_manager
+    )
     return resolved, tracker, runner
 
 
@@ -64,9 +66,13 @@ def test_finished_run_layout(tmp_path, registry):
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"recipe", "interactions"} <= artifacts
     assert {a.path for a in client.list_artifacts(result.run_id, "recipe")} == {
-        "recipe/given.yaml", "recipe/resolved.yaml", "recipe/overrides.txt",
+        "recipe/given.yaml",
+        "recipe/resolved.yaml",
+        "recipe/overrides.txt",
     }
-    assert [a.path for a in client.list_artifacts(result.run_id, "interactions")] == ["interactions/pearson.parquet"]
+    assert [a.path for a in client.list_artifacts(result.run_id, "interactions")] == [
+        "interactions/pearson.parquet"
+    ]
     local = client.download_artifacts(result.run_id, "recipe/given.yaml", str(tmp_path))
     assert "# tracking test" in open(local).read()
     experiment = client.get_experiment(run.info.experiment_id)
@@ -79,7 +85,9 @@ def test_failed_run_is_marked_failed_with_the_error(tmp_path, registry):
         runner.run()
     client = MlflowClient(tracker.tracking_uri)
     runs = client.search_runs(
-        [tracker.experiment_id("tracking-tests")], "attributes.status = 'FAILED'", max_results=1,
+        [tracker.experiment_id("tracking-tests")],
+        "attributes.status = 'FAILED'",
+        max_results=1,
         order_by=["attributes.start_time DESC"],
     )
     assert runs and runs[0].data.tags["grnx.error"] == "RuntimeError: injected failure"
@@ -96,8 +104,9 @@ def test_interrupted_run_is_marked_failed(tmp_path, registry, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         runner.run()
     client = MlflowClient(tracker.tracking_uri)
-    run = client.search_runs([tracker.experiment_id("tracking-tests")], order_by=["attributes.start_time DESC"],
-                             max_results=1)[0]
+    run = client.search_runs(
+        [tracker.experiment_id("tracking-tests")], order_by=["attributes.start_time DESC"], max_results=1
+    )[0]
     assert run.info.status == "FAILED" and run.data.tags["grnx.error"] == "interrupted"
 
 

@@ -13,8 +13,9 @@ from grnx_plugins.data.csv_matrix import CsvMatrix
 @pytest.fixture
 def tables(tmp_path):
     rng = np.random.default_rng(0)
-    counts = pd.DataFrame(rng.poisson(3, (5, 7)), index=[f"g{i}" for i in range(5)],
-                          columns=[f"c{i}" for i in range(7)])
+    counts = pd.DataFrame(
+        rng.poisson(3, (5, 7)), index=[f"g{i}" for i in range(5)], columns=[f"c{i}" for i in range(7)]
+    )
     genes_x_cells = tmp_path / "expr.csv"
     counts.to_csv(genes_x_cells)
     cells_x_genes = tmp_path / "expr_t.tsv"
@@ -51,8 +52,9 @@ def test_text_columns_are_refused(tmp_path):
 
 def test_beeline_gsd(shared_data):
     folder = shared_data / "scrna" / "beeline_gsd_example"
-    adata = CsvMatrix(path=str(folder / "ex1" / "ExpressionData.csv"),
-                      metadata=str(folder / "ex1" / "PseudoTime.csv")).load()
+    adata = CsvMatrix(
+        path=str(folder / "ex1" / "ExpressionData.csv"), metadata=str(folder / "ex1" / "PseudoTime.csv")
+    ).load()
     assert adata.shape == (2000, 19) and "counts" not in adata.layers
     raw = pd.read_csv(folder / "ex1" / "ExpressionData.csv", index_col=0)
     np.testing.assert_allclose(adata.X, raw.T.to_numpy(), rtol=1e-6)
@@ -65,8 +67,11 @@ def test_beeline_gsd(shared_data):
 
 def test_grubman2019(shared_data):
     folder = shared_data / "scrna" / "grubman2019_ad_entorhinal_small"
-    adata = CsvMatrix(path=str(folder / "GSE138852_small.csv"), metadata=str(folder / "GSE138852_covariates.csv.gz"),
-                      required_obs=["oupSample.batchCond", "oupSample.cellType"]).load()
+    adata = CsvMatrix(
+        path=str(folder / "GSE138852_small.csv"),
+        metadata=str(folder / "GSE138852_covariates.csv.gz"),
+        required_obs=["oupSample.batchCond", "oupSample.cellType"],
+    ).load()
     assert adata.shape == (48, 1000)
     assert set(adata.obs["oupSample.batchCond"]) == {"AD", "ct"}
     raw = pd.read_csv(folder / "GSE138852_small.csv", index_col=0)

@@ -19,8 +19,10 @@ def h5ad_file(tmp_path):
     normalised = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
     adata = ad.AnnData(
         X=sp.csr_matrix(normalised),
-        obs=pd.DataFrame({"ADNC": ["High"] * 15 + ["Not AD"] * 15, "donor_id": [f"d{i % 5}" for i in range(30)]},
-                         index=[f"c{i}" for i in range(30)]),
+        obs=pd.DataFrame(
+            {"ADNC": ["High"] * 15 + ["Not AD"] * 15, "donor_id": [f"d{i % 5}" for i in range(30)]},
+            index=[f"c{i}" for i in range(30)],
+        ),
         var=pd.DataFrame(index=[f"g{i}" for i in range(12)]),
         layers={"UMIs": sp.csr_matrix(counts)},
     )
@@ -31,8 +33,9 @@ def h5ad_file(tmp_path):
 
 def test_counts_from_a_layer(h5ad_file):
     path, counts = h5ad_file
-    adata = H5ad(path=str(path), counts="UMIs", required_obs=["label", "donor_id"],
-                 rename_obs={"ADNC": "label"}).load()
+    adata = H5ad(
+        path=str(path), counts="UMIs", required_obs=["label", "donor_id"], rename_obs={"ADNC": "label"}
+    ).load()
     np.testing.assert_array_equal(adata.layers["counts"].toarray(), counts)
     np.testing.assert_array_equal(adata.X.toarray(), counts)
     assert not np.shares_memory(adata.X.data, adata.layers["counts"].data)

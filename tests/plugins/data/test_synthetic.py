@@ -45,9 +45,23 @@ def test_counts_layout(simulated):
 
 def test_negative_binomial_overdispersion():
     # One gene, no regulation effect: variance/mean of counts at fixed depth approaches 1 + mu/size.
-    source = Synthetic(n_cells=20000, n_genes=3, n_regulators=1, n_groups=1, group_effect=0.0, donor_effect=0.0,
-                       batch_effect=0.0, n_rewired=0, n_gained=0, noise=0.01, depth_sd=0.0, dispersion=2.0,
-                       mean_depth=300.0, effect_size=0.01, n_batches=1)
+    source = Synthetic(
+        n_cells=20000,
+        n_genes=3,
+        n_regulators=1,
+        n_groups=1,
+        group_effect=0.0,
+        donor_effect=0.0,
+        batch_effect=0.0,
+        n_rewired=0,
+        n_gained=0,
+        noise=0.01,
+        depth_sd=0.0,
+        dispersion=2.0,
+        mean_depth=300.0,
+        effect_size=0.01,
+        n_batches=1,
+    )
     counts = source.load().layers["counts"].toarray()
     mean, variance = counts.mean(axis=0), counts.var(axis=0)
     np.testing.assert_allclose(variance / mean, 1 + mean / 2.0, rtol=0.1)
@@ -65,8 +79,15 @@ def test_ground_truth_is_the_planted_dag(simulated):
     assert (disease["change"] == "flipped").sum() == 6 and (disease["change"] == "gained").sum() == 4
     flipped = disease[disease["change"] == "flipped"]
     assert (flipped["control_sign"] == -flipped["disease_sign"]).all()
-    truth = Synthetic(n_cells=3000, n_genes=60, n_regulators=12, n_rewired=6, n_gained=4, seed=7,
-                      ground_truth_edges="disease").ground_truth()
+    truth = Synthetic(
+        n_cells=3000,
+        n_genes=60,
+        n_regulators=12,
+        n_rewired=6,
+        n_gained=4,
+        seed=7,
+        ground_truth_edges="disease",
+    ).ground_truth()
     assert len(truth) == 10 and set(truth.columns) == {"source", "target", "sign"}
 
 

@@ -20,8 +20,9 @@ def write_v3(folder, counts, genes, barcodes):
     folder.mkdir()
     with gzip.open(folder / "matrix.mtx.gz", "wb") as handle:
         scipy.io.mmwrite(handle, sp.coo_matrix(counts.T.astype(np.int64)))
-    features = pd.DataFrame({"id": [f"ENSG{i:011d}" for i in range(len(genes))], "name": genes,
-                             "type": "Gene Expression"})
+    features = pd.DataFrame(
+        {"id": [f"ENSG{i:011d}" for i in range(len(genes))], "name": genes, "type": "Gene Expression"}
+    )
     features.to_csv(folder / "features.tsv.gz", sep="\t", header=False, index=False)
     pd.Series(barcodes).to_csv(folder / "barcodes.tsv.gz", header=False, index=False)
 
@@ -51,7 +52,9 @@ def test_matches_scanpy_reader(folder):
 def test_metadata_joined_on_barcode(folder, tmp_path):
     path, _, barcodes = folder
     table = tmp_path / "meta.tsv"
-    pd.DataFrame({"barcode": barcodes[::-1][:18], "condition": ["CTRL", "STIM"] * 9}).to_csv(table, sep="\t", index=False)
+    pd.DataFrame({"barcode": barcodes[::-1][:18], "condition": ["CTRL", "STIM"] * 9}).to_csv(
+        table, sep="\t", index=False
+    )
     with pytest.raises(DataError, match=r"2 of 20 cells have no row.*AAAC0000-1"):
         TenxMtx(path=str(path), metadata=str(table)).load()
     adata = TenxMtx(path=str(path), metadata=str(table), unmatched="drop", required_obs=["condition"]).load()
@@ -79,7 +82,9 @@ def test_bad_inputs(tmp_path, folder):
 
 def test_kang2018(shared_data):
     folder = shared_data / "scrna" / "kang2018_pbmc_ifnb"
-    adata = TenxMtx(path=str(folder), metadata=str(folder / "cell_metadata.tsv"), required_obs=["condition"]).load()
+    adata = TenxMtx(
+        path=str(folder), metadata=str(folder / "cell_metadata.tsv"), required_obs=["condition"]
+    ).load()
     assert adata.shape == (2000, 9015)
     assert adata.obs["condition"].value_counts().to_dict() == {"CTRL": 1000, "STIM": 1000}
     reference = scipy.io.mmread(str(folder / "matrix.mtx.gz"))

@@ -36,8 +36,14 @@ def _tokens(n_cells=16, n_genes=9, seed=0):
         offsets.append(offsets[-1] + len(genes))
         labels.append("AD" if cell % 2 == 0 else "ctrl")
     obs = pd.DataFrame({"label": labels}, index=[f"c{i}" for i in range(n_cells)])
-    return TokenizedCells(np.array(ids), np.array(offsets), obs, values=np.array(values),
-                          vocabulary=vocabulary, metadata={"pad_id": 0})
+    return TokenizedCells(
+        np.array(ids),
+        np.array(offsets),
+        obs,
+        values=np.array(values),
+        vocabulary=vocabulary,
+        metadata={"pad_id": 0},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +51,17 @@ def run():
     from grnx_plugins.models.celluformer import CelluFormer
 
     tokens = _tokens()
-    train = SimpleNamespace(epochs=3, batch_size=4, learning_rate=0.003, validation_fraction=0.0, device="cpu")
+    train = SimpleNamespace(
+        epochs=3, batch_size=4, learning_rate=0.003, validation_fraction=0.0, device="cpu"
+    )
     weights = np.random.default_rng(1).uniform(0.1, 3.0, tokens.n_cells)
-    context = RunContext(seed=0, roles=DataRoles(label_key="label"), tokens=tokens,
-                         recipe=SimpleNamespace(train=train),
-                         sample=CellSample(np.arange(100, 100 + tokens.n_cells), weights, n_cells_total=500))
+    context = RunContext(
+        seed=0,
+        roles=DataRoles(label_key="label"),
+        tokens=tokens,
+        train_settings=train,
+        sample=CellSample(np.arange(100, 100 + tokens.n_cells), weights, n_cells_total=500),
+    )
     context.model = CelluFormer(d_model=16, n_layers=2, n_heads=2, d_ff=32, dropout=0.0).fit(context)
     return context
 
@@ -73,7 +85,9 @@ def _brute_force(context, cells, weights, directed, layers=None):
 
 def _as_dict(interactions, directed):
     key = (lambda s, t: (s, t)) if directed else (lambda s, t: frozenset((s, t)))
-    return {key(s, t): v for s, t, v in interactions.table[["source", "target", "score"]].itertuples(index=False)}
+    return {
+        key(s, t): v for s, t, v in interactions.table[["source", "target", "score"]].itertuples(index=False)
+    }
 
 
 @pytest.mark.parametrize("directed", [False, True])
@@ -101,7 +115,9 @@ def test_case_only_and_case_minus_control_match_brute_force(run):
     assert got.keys() == expected.keys()
     for pair, value in expected.items():
         assert got[pair] == pytest.approx(value, rel=1e-9)
-    difference = _as_dict(AttentionExtractor(variant="case_minus_control", case="AD", batch_size=1).extract(run), False)
+    difference = _as_dict(
+        AttentionExtractor(variant="case_minus_control", case="AD", batch_size=1).extract(run), False
+    )
     in_case = _brute_force(run, case, weights, directed=False)
     in_control = _brute_force(run, control, weights, directed=False)
     shared = in_case.keys() & in_control.keys()

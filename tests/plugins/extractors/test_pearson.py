@@ -19,7 +19,9 @@ def _adata(sparse: bool, seed: int = 0) -> anndata.AnnData:
     counts = rng.poisson(rng.gamma(1.0, 1.0, size=(1, 12)), size=(300, 12)).astype(np.float64)
     counts[:, 3] = counts[:, 2] * 2 + rng.poisson(0.5, 300)  # a planted strong pair
     counts[:, 11] = 0  # a gene that is never expressed
-    obs = pd.DataFrame({"group": np.where(np.arange(300) < 150, "AD", "control")}, index=[f"c{i}" for i in range(300)])
+    obs = pd.DataFrame(
+        {"group": np.where(np.arange(300) < 150, "AD", "control")}, index=[f"c{i}" for i in range(300)]
+    )
     X = sp.csr_matrix(counts) if sparse else counts
     return anndata.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(12)]))
 

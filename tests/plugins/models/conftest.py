@@ -58,28 +58,50 @@ def build_tokens(
         genes = rng.choice(gene_ids[1:], m, replace=False)
         if case:
             genes[0] = marker
-        sequence = [vocabulary.index(t) for t in prefix or []] + list(genes) + [vocabulary.index(t) for t in suffix or []]
+        sequence = (
+            [vocabulary.index(t) for t in prefix or []]
+            + list(genes)
+            + [vocabulary.index(t) for t in suffix or []]
+        )
         ids.extend(sequence)
         if values == "expression":
-            vals.extend([0.0] * len(prefix or []) + list(rng.uniform(0.5, 2.0, m)) + [0.0] * len(suffix or []))
+            vals.extend(
+                [0.0] * len(prefix or []) + list(rng.uniform(0.5, 2.0, m)) + [0.0] * len(suffix or [])
+            )
         elif values == "bins":
-            vals.extend([0.0] * len(prefix or []) + list(rng.integers(1, 6, m).astype(float)) + [0.0] * len(suffix or []))
+            vals.extend(
+                [0.0] * len(prefix or [])
+                + list(rng.integers(1, 6, m).astype(float))
+                + [0.0] * len(suffix or [])
+            )
         offsets.append(offsets[-1] + len(sequence))
         labels.append("case" if case else "control")
     obs = pd.DataFrame({"label": labels}, index=[f"cell{i}" for i in range(n_cells)])
     return TokenizedCells(
-        input_ids=np.array(ids), offsets=np.array(offsets), obs=obs,
+        input_ids=np.array(ids),
+        offsets=np.array(offsets),
+        obs=obs,
         values=None if values is None else np.array(vals, dtype=np.float32),
-        vocabulary=vocabulary, metadata={"pad_id": 0, "vocab_size": len(vocabulary)},
+        vocabulary=vocabulary,
+        metadata={"pad_id": 0, "vocab_size": len(vocabulary)},
     )
 
 
 def build_context(tokens: TokenizedCells, seed: int = 0, **train) -> RunContext:
-    settings = {"epochs": 30, "batch_size": 8, "learning_rate": 0.003, "validation_fraction": 0.0,
-                "device": "cpu", **train}
+    settings = {
+        "epochs": 30,
+        "batch_size": 8,
+        "learning_rate": 0.003,
+        "validation_fraction": 0.0,
+        "device": "cpu",
+        **train,
+    }
     return RunContext(
-        seed=seed, roles=DataRoles(label_key="label"), tokens=tokens,
-        recipe=SimpleNamespace(train=SimpleNamespace(**settings)), logger=RecordingLogger(),
+        seed=seed,
+        roles=DataRoles(label_key="label"),
+        tokens=tokens,
+        train_settings=SimpleNamespace(**settings),
+        logger=RecordingLogger(),
     )
 
 

@@ -58,7 +58,10 @@ def _reference_maps(model: CelluFormer, tokens: TokenizedCells, layers: list[int
     with torch.no_grad():
         for cell in range(tokens.n_cells):
             ids, values = tokens.cell(cell)
-            x = network.embedding(torch.tensor(ids[None], dtype=torch.long)) * torch.tensor(values)[None, :, None]
+            x = (
+                network.embedding(torch.tensor(ids[None], dtype=torch.long))
+                * torch.tensor(values)[None, :, None]
+            )
             total = torch.zeros(len(ids), len(ids))
             for index, layer in enumerate(reference):
                 _, weights = layer.self_attn(x, x, x, need_weights=True, average_attn_weights=False)
@@ -114,13 +117,19 @@ def test_permuting_genes_permutes_the_map_and_keeps_the_prediction(make_tokens, 
         ids.append(cell_ids[order])
         values.append(cell_values[order])
     permuted = TokenizedCells(
-        np.concatenate(ids), tokens.offsets, tokens.obs, values=np.concatenate(values),
-        vocabulary=tokens.vocabulary, metadata=tokens.metadata,
+        np.concatenate(ids),
+        tokens.offsets,
+        tokens.obs,
+        values=np.concatenate(values),
+        vocabulary=tokens.vocabulary,
+        metadata=tokens.metadata,
     )
     original = {m.cell: m.attention for m in model.attention(tokens)}
     for cell_map in model.attention(permuted):
         order = permutations[cell_map.cell]
-        np.testing.assert_allclose(cell_map.attention, original[cell_map.cell][np.ix_(order, order)], atol=1e-5)
+        np.testing.assert_allclose(
+            cell_map.attention, original[cell_map.cell][np.ix_(order, order)], atol=1e-5
+        )
     np.testing.assert_allclose(model.predict_proba(permuted), model.predict_proba(tokens), atol=1e-5)
 
 
@@ -133,7 +142,9 @@ def test_embedding_layers(make_tokens, make_context):
     with torch.no_grad():
         for cell in range(tokens.n_cells):
             ids, values = tokens.cell(cell)
-            vectors = network.embedding.weight[torch.tensor(ids, dtype=torch.long)] * torch.tensor(values)[:, None]
+            vectors = (
+                network.embedding.weight[torch.tensor(ids, dtype=torch.long)] * torch.tensor(values)[:, None]
+            )
             expected.append(vectors.mean(0).numpy())
     np.testing.assert_allclose(model.embed(tokens, layer=0), np.array(expected), atol=1e-6)
     # the default embedding is the classifier's input
@@ -144,7 +155,9 @@ def test_embedding_layers(make_tokens, make_context):
 
 def test_early_stopping_restores_best_and_stops(make_tokens, make_context):
     tokens = make_tokens(n_cells=30)
-    context = make_context(tokens, epochs=10, learning_rate=0.0, validation_fraction=0.3, early_stopping_patience=2)
+    context = make_context(
+        tokens, epochs=10, learning_rate=0.0, validation_fraction=0.3, early_stopping_patience=2
+    )
     model = CelluFormer(**TINY).fit(context)
     # with a zero learning rate the validation loss never improves after epoch 1: stop after 3
     assert len(model.history_) == 3
@@ -159,8 +172,14 @@ def test_trains_only_on_the_train_split(make_tokens, make_context):
     flipped.loc[flipped.index[24:], "label"] = np.where(
         flipped["label"].iloc[24:] == "case", "control", "case"
     )
-    tokens = TokenizedCells(tokens.input_ids, tokens.offsets, flipped, values=tokens.values,
-                            vocabulary=tokens.vocabulary, metadata=tokens.metadata)
+    tokens = TokenizedCells(
+        tokens.input_ids,
+        tokens.offsets,
+        flipped,
+        values=tokens.values,
+        vocabulary=tokens.vocabulary,
+        metadata=tokens.metadata,
+    )
     model = CelluFormer(**TINY).fit(make_context(tokens))
     predicted = model.predict(tokens)
     labels = flipped["label"].to_numpy()

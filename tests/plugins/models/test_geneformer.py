@@ -10,8 +10,14 @@ import torch
 from grnx_core import DataError, TokenizedCells
 from grnx_plugins.models.geneformer import Geneformer
 
-TINY = {"n_layers": 2, "hidden_size": 16, "n_heads": 2, "intermediate_size": 32, "max_positions": 32,
-        "dropout": 0.0}
+TINY = {
+    "n_layers": 2,
+    "hidden_size": 16,
+    "n_heads": 2,
+    "intermediate_size": 32,
+    "max_positions": 32,
+    "dropout": 0.0,
+}
 
 
 def _rank_tokens(make_tokens, special: bool = False, **kwargs):
@@ -36,17 +42,28 @@ def _save_pretrained_checkpoint(folder, vocab_size):
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(3)
-    config = BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, hidden_act="relu", pad_token_id=0,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                        attn_implementation="eager")
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        hidden_act="relu",
+        pad_token_id=0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
     reference = BertForMaskedLM(config).eval()
     reference.save_pretrained(folder)
     return reference
 
 
 @pytest.mark.parametrize("special", [False, True])
-def test_save_pretrained_checkpoint_loads_with_identical_outputs(make_tokens, make_context, tmp_path, special):
+def test_save_pretrained_checkpoint_loads_with_identical_outputs(
+    make_tokens, make_context, tmp_path, special
+):
     tokens = _rank_tokens(make_tokens, special=special)
     reference = _save_pretrained_checkpoint(tmp_path / "gf", len(tokens.vocabulary))
     model = Geneformer(checkpoint=str(tmp_path / "gf")).fit(make_context(tokens, epochs=0))
@@ -55,7 +72,9 @@ def test_save_pretrained_checkpoint_loads_with_identical_outputs(make_tokens, ma
     with torch.no_grad():
         for cell in range(tokens.n_cells):
             ids, _ = tokens.cell(cell)
-            states = reference.bert(torch.tensor(ids[None], dtype=torch.long), output_hidden_states=True).hidden_states
+            states = reference.bert(
+                torch.tensor(ids[None], dtype=torch.long), output_hidden_states=True
+            ).hidden_states
             genes = torch.from_numpy(np.isin(ids, gene_ids))
             for layer in (-2, -1, 0):
                 expected = states[layer][0][genes].mean(0).numpy()
@@ -97,8 +116,9 @@ def test_freeze_layers_leaves_frozen_weights_unchanged(make_tokens, make_context
     assert not torch.equal(before[1].attention.self.query.weight, after[1].attention.self.query.weight)
     # the recipe's train.freeze_layers applies when the model does not set its own
     from_train = Geneformer(**TINY).fit(make_context(tokens, epochs=3, freeze_layers=1))
-    for (name, a), (_, b) in zip(before[0].state_dict().items(),
-                                 from_train.network_.bert.encoder.layer[0].state_dict().items()):
+    for (name, a), (_, b) in zip(
+        before[0].state_dict().items(), from_train.network_.bert.encoder.layer[0].state_dict().items()
+    ):
         assert torch.equal(a, b), name
     with pytest.raises(Exception, match="freeze_layers"):
         Geneformer(**TINY, freeze_layers=5).fit(make_context(tokens, epochs=1))
@@ -112,8 +132,10 @@ def test_masked_lm_pretraining_masks_fifteen_percent_and_learns(make_tokens, mak
     vocabulary = ["<pad>", "<mask>"] + [f"G{i}" for i in range(1, 15)]
     starts = rng.integers(2, 9, size=40)
     tokens = TokenizedCells(
-        input_ids=np.concatenate([np.arange(s, s + 8) for s in starts]), offsets=np.arange(41) * 8,
-        obs=pd.DataFrame(index=[f"c{i}" for i in range(40)]), vocabulary=vocabulary,
+        input_ids=np.concatenate([np.arange(s, s + 8) for s in starts]),
+        offsets=np.arange(41) * 8,
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(40)]),
+        vocabulary=vocabulary,
         metadata={"pad_id": 0},
     )
     # without labels the model is only pretrained

@@ -27,10 +27,21 @@ def _adata(n_cells=60, n_genes=12, seed=0, sparse=True):
 
 
 def _context(adata, sample=None, **train):
-    settings = {"epochs": 60, "batch_size": 16, "learning_rate": 0.01, "validation_fraction": 0.0,
-                "device": "cpu", **train}
-    return RunContext(seed=0, roles=DataRoles(label_key="label"), adata=adata, sample=sample,
-                      recipe=SimpleNamespace(train=SimpleNamespace(**settings)))
+    settings = {
+        "epochs": 60,
+        "batch_size": 16,
+        "learning_rate": 0.01,
+        "validation_fraction": 0.0,
+        "device": "cpu",
+        **train,
+    }
+    return RunContext(
+        seed=0,
+        roles=DataRoles(label_key="label"),
+        adata=adata,
+        sample=sample,
+        train_settings=SimpleNamespace(**settings),
+    )
 
 
 def test_overfits_and_round_trips(tmp_path):

@@ -23,11 +23,20 @@ def test_celluformer_recipe_runs_end_to_end(tmp_path):
     from grnx_core.runner import run_recipe
 
     overrides = [
-        "data.params.n_cells=240", "data.params.n_genes=30", "data.params.n_regulators=6",
-        "data.params.n_rewired=3", "data.params.n_gained=3",
-        "sampler.params.fraction=0.5", "sampler.params.n_hashes=20", "tokenizer.params.max_length=24",
-        "model.params.d_model=16", "model.params.n_heads=2", "model.params.d_ff=32", "model.params.n_layers=1",
-        "train.epochs=2", "evaluators.2.params.permutations=20",
+        "data.params.n_cells=240",
+        "data.params.n_genes=30",
+        "data.params.n_regulators=6",
+        "data.params.n_rewired=3",
+        "data.params.n_gained=3",
+        "sampler.params.fraction=0.5",
+        "sampler.params.n_hashes=20",
+        "tokenizer.params.max_length=24",
+        "model.params.d_model=16",
+        "model.params.n_heads=2",
+        "model.params.d_ff=32",
+        "model.params.n_layers=1",
+        "train.epochs=2",
+        "evaluators.2.params.permutations=20",
     ]
     resolved = load_recipe(RECIPES / "wds/celluformer_train.yaml", overrides)
     result = run_recipe(resolved, track=False, cache=Cache(tmp_path / "cache"))
@@ -48,9 +57,14 @@ def test_geneformer_recipe_runs_end_to_end(tmp_path, shared_data):
     from grnx_core.runner import run_recipe
 
     overrides = [
-        "tokenizer.params.model_input_size=32", "model.params.max_positions=32", "model.params.n_layers=1",
-        "model.params.hidden_size=16", "model.params.n_heads=2", "model.params.intermediate_size=32",
-        "train.epochs=1", "train.warmup_steps=0",
+        "tokenizer.params.model_input_size=32",
+        "model.params.max_positions=32",
+        "model.params.n_layers=1",
+        "model.params.hidden_size=16",
+        "model.params.n_heads=2",
+        "model.params.intermediate_size=32",
+        "train.epochs=1",
+        "train.warmup_steps=0",
     ]
     resolved = load_recipe(RECIPES / "thesis/geneformer_celltype.yaml", overrides)
     result = run_recipe(resolved, track=False, cache=Cache(tmp_path / "cache"))

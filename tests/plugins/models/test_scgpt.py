@@ -35,16 +35,21 @@ class Reference(nn.Module):
 
     def state(self, flash: bool) -> dict[str, torch.Tensor]:
         state = {
-            "encoder.embedding.weight": self.embedding.weight, "encoder.enc_norm.weight": self.enc_norm.weight,
+            "encoder.embedding.weight": self.embedding.weight,
+            "encoder.enc_norm.weight": self.enc_norm.weight,
             "encoder.enc_norm.bias": self.enc_norm.bias,
-            **{f"value_encoder.{k}": v for k, v in {
-                **{f"linear1.{n}": p for n, p in self.linear1.named_parameters()},
-                **{f"linear2.{n}": p for n, p in self.linear2.named_parameters()},
-                **{f"norm.{n}": p for n, p in self.norm.named_parameters()},
-            }.items()},
+            **{
+                f"value_encoder.{k}": v
+                for k, v in {
+                    **{f"linear1.{n}": p for n, p in self.linear1.named_parameters()},
+                    **{f"linear2.{n}": p for n, p in self.linear2.named_parameters()},
+                    **{f"norm.{n}": p for n, p in self.norm.named_parameters()},
+                }.items()
+            },
             **{f"transformer_encoder.{k}": v for k, v in self.encoder.state_dict().items()},
             # heads the released checkpoints carry and a classifier does not use
-            "decoder.fc.0.weight": torch.randn(D, D), "flag_encoder.weight": torch.randn(2, D),
+            "decoder.fc.0.weight": torch.randn(D, D),
+            "flag_encoder.weight": torch.randn(2, D),
             "mvc_decoder.gene2query.weight": torch.randn(D, D),
         }
         state = {k: v.detach().clone() for k, v in state.items()}
@@ -63,9 +68,21 @@ def _write_checkpoint(folder, tokens, flash=False, vocab=None):
     reference = Reference(len(tokens.vocabulary), pad_id=0).eval()
     folder.mkdir()
     torch.save(reference.state(flash), folder / "best_model.pt")
-    args = {"embsize": D, "nlayers": LAYERS, "nheads": HEADS, "d_hid": HIDDEN, "dropout": 0.0,
-            "n_layers_cls": 3, "input_emb_style": "continuous", "n_bins": 51, "pad_token": "<pad>",
-            "pad_value": -2, "mask_value": -1, "fast_transformer": flash, "max_seq_len": 1200}
+    args = {
+        "embsize": D,
+        "nlayers": LAYERS,
+        "nheads": HEADS,
+        "d_hid": HIDDEN,
+        "dropout": 0.0,
+        "n_layers_cls": 3,
+        "input_emb_style": "continuous",
+        "n_bins": 51,
+        "pad_token": "<pad>",
+        "pad_value": -2,
+        "mask_value": -1,
+        "fast_transformer": flash,
+        "max_seq_len": 1200,
+    }
     (folder / "args.json").write_text(json.dumps(args))
     vocab = vocab or {name: i for i, name in enumerate(tokens.vocabulary)}
     (folder / "vocab.json").write_text(json.dumps(vocab))
@@ -114,7 +131,9 @@ def test_scgpt_format_checkpoint_loads_with_reference_outputs(make_tokens, make_
 def test_fine_tuning_a_checkpoint_and_freezing(make_tokens, make_context, tmp_path):
     tokens = _binned_tokens(make_tokens)
     _write_checkpoint(tmp_path / "scgpt", tokens)
-    frozen_before = ScGPT(checkpoint=str(tmp_path / "scgpt"), freeze_layers=1).fit(make_context(tokens, epochs=0))
+    frozen_before = ScGPT(checkpoint=str(tmp_path / "scgpt"), freeze_layers=1).fit(
+        make_context(tokens, epochs=0)
+    )
     model = ScGPT(checkpoint=str(tmp_path / "scgpt"), freeze_layers=1).fit(make_context(tokens))
     assert np.mean(model.predict(tokens) == tokens.obs["label"].to_numpy()) == 1.0
     before = frozen_before.network_.transformer_encoder.layers

@@ -41,7 +41,7 @@ def test_bucketed_batches_cover_every_item_once_and_cut_padding():
     np.testing.assert_array_equal(np.sort(np.concatenate(batches)), np.arange(1000))
     padded = sum(len(b) * lengths[b].max() for b in batches)
     shuffled = np.random.default_rng(1).permutation(1000)
-    unbucketed = sum(16 * lengths[shuffled[i:i + 16]].max() for i in range(0, 1000, 16))
+    unbucketed = sum(16 * lengths[shuffled[i : i + 16]].max() for i in range(0, 1000, 16))
     assert padded < 0.6 * unbucketed
     # same generator state, same batches (deterministic for a seed)
     again = training.bucketed_batches(np.arange(1000), lengths, 16, np.random.default_rng(1))
@@ -57,9 +57,15 @@ def test_validation_split_is_stratified_and_keeps_every_class_in_training():
 
 
 def test_train_config_reads_the_recipe_and_rejects_bad_values():
-    context = RunContext(recipe=SimpleNamespace(train=SimpleNamespace(
-        epochs=2, batch_size=4, learning_rate=0.1, scheduler="cosine", early_stopping_patience=None,
-    )))
+    context = RunContext(
+        train_settings=SimpleNamespace(
+            epochs=2,
+            batch_size=4,
+            learning_rate=0.1,
+            scheduler="cosine",
+            early_stopping_patience=None,
+        )
+    )
     config = training.train_config(context)
     assert (config.epochs, config.batch_size, config.learning_rate, config.scheduler) == (2, 4, 0.1, "cosine")
     assert config.early_stopping_patience is None and config.optimizer == "adamw"
@@ -70,9 +76,15 @@ def test_train_config_reads_the_recipe_and_rejects_bad_values():
 def test_train_config_reads_the_core_train_settings():
     from grnx_core.recipe import TrainSettings
 
-    settings = TrainSettings(epochs=4, scheduler="polynomial", early_stopping_patience=2, max_grad_norm=None,
-                             freeze_layers=3, class_weights="balanced")
-    config = training.train_config(RunContext(recipe=SimpleNamespace(train=settings)))
+    settings = TrainSettings(
+        epochs=4,
+        scheduler="polynomial",
+        early_stopping_patience=2,
+        max_grad_norm=None,
+        freeze_layers=3,
+        class_weights="balanced",
+    )
+    config = training.train_config(RunContext(train_settings=settings))
     assert (config.epochs, config.scheduler, config.early_stopping_patience) == (4, "polynomial", 2)
     assert config.max_grad_norm is None and config.freeze_layers == 3 and config.class_weights == "balanced"
     assert config.optimizer == settings.optimizer
@@ -83,4 +95,6 @@ def test_macro_f1_matches_scikit_learn():
 
     rng = np.random.default_rng(0)
     targets, predictions = rng.integers(0, 3, 200), rng.integers(0, 3, 200)
-    assert training.macro_f1(targets, predictions) == pytest.approx(f1_score(targets, predictions, average="macro"))
+    assert training.macro_f1(targets, predictions) == pytest.approx(
+        f1_score(targets, predictions, average="macro")
+    )

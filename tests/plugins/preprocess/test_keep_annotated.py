@@ -13,15 +13,23 @@ from grnx_plugins.preprocess.keep_annotated import KeepAnnotated
 def test_table_keeps_listed_cells_and_carries_labels(make_adata, tmp_path):
     adata = make_adata()
     listed = adata.obs_names[::3]
-    table = pd.DataFrame({"barcode": list(listed) + ["not_a_cell"],
-                          "broad_type": ["Ex"] * len(listed) + ["In"], "score": np.arange(len(listed) + 1.0)})
+    table = pd.DataFrame(
+        {
+            "barcode": list(listed) + ["not_a_cell"],
+            "broad_type": ["Ex"] * len(listed) + ["In"],
+            "score": np.arange(len(listed) + 1.0),
+        }
+    )
     path = tmp_path / "annotation.csv"
     table.to_csv(path, index=False)
     result = KeepAnnotated(table=str(path), columns=["broad_type"])(adata)
     assert list(result.obs_names) == list(listed)
     assert (result.obs["broad_type"] == "Ex").all() and "score" not in result.obs
-    assert result.uns["keep_annotated"] == {"n_cells_in": 240, "n_table_rows_without_cell": 1,
-                                            "n_cells_out": len(listed)}
+    assert result.uns["keep_annotated"] == {
+        "n_cells_in": 240,
+        "n_table_rows_without_cell": 1,
+        "n_cells_out": len(listed),
+    }
 
 
 def test_key_keeps_cells_with_a_value(make_adata):

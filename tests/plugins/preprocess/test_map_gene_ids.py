@@ -17,12 +17,22 @@ from grnx_plugins.preprocess.map_gene_ids import MapGeneIds
 @pytest.fixture
 def small(tmp_path):
     counts = np.arange(1, 21, dtype=np.float32).reshape(4, 5)
-    adata = ad.AnnData(X=sp.csr_matrix(counts), var=pd.DataFrame(index=["TP53", "tp53b", "APOE", "NOPE", "APOE-AS"]))
+    adata = ad.AnnData(
+        X=sp.csr_matrix(counts), var=pd.DataFrame(index=["TP53", "tp53b", "APOE", "NOPE", "APOE-AS"])
+    )
     adata.layers["counts"] = adata.X.copy()
-    table = pd.DataFrame({
-        "gene_symbol": ["TP53", "TP53B", "APOE", "APOE-AS", "OTHER"],
-        "ensembl_id": ["ENSG00000141510", "ENSG00000141510.3", "ENSG00000130203", "ENSG00000130203", "ENSG1"],
-    })
+    table = pd.DataFrame(
+        {
+            "gene_symbol": ["TP53", "TP53B", "APOE", "APOE-AS", "OTHER"],
+            "ensembl_id": [
+                "ENSG00000141510",
+                "ENSG00000141510.3",
+                "ENSG00000130203",
+                "ENSG00000130203",
+                "ENSG1",
+            ],
+        }
+    )
     path = tmp_path / "ids.tsv"
     table.to_csv(path, sep="\t", index=False)
     return adata, counts, path

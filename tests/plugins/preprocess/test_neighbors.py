@@ -17,7 +17,9 @@ def test_matches_scanpy(counts_adata):
     sc.pp.neighbors(expected, n_neighbors=10, random_state=0)
     result = Neighbors(n_neighbors=10)(counts_adata)
     assert (result.obsp["distances"] != expected.obsp["distances"]).nnz == 0
-    np.testing.assert_allclose(result.obsp["connectivities"].toarray(), expected.obsp["connectivities"].toarray())
+    np.testing.assert_allclose(
+        result.obsp["connectivities"].toarray(), expected.obsp["connectivities"].toarray()
+    )
     # k - 1 stored neighbours per cell (scanpy counts the cell itself).
     assert set(np.diff(result.obsp["distances"].indptr)) == {9}
 
@@ -41,7 +43,9 @@ def test_approximate_neighbours_for_many_cells():
     result = Neighbors(n_neighbors=10)(adata)
     distances = result.obsp["distances"]
     exact = NearestNeighbors(n_neighbors=10).fit(points).kneighbors(points, return_distance=False)[:, 1:]
-    found = [set(distances.indices[distances.indptr[i]:distances.indptr[i + 1]]) for i in range(len(points))]
+    found = [
+        set(distances.indices[distances.indptr[i] : distances.indptr[i + 1]]) for i in range(len(points))
+    ]
     recall = np.mean([len(found[i] & set(exact[i])) / 9 for i in range(len(points))])
     assert recall > 0.95
 
@@ -50,7 +54,9 @@ def test_exact_neighbours_do_not_depend_on_the_seed(make_adata):
     adata = make_adata(n_cells=150)
     sc.pp.log1p(adata)
     sc.pp.pca(adata, n_comps=10)
-    graphs = [Neighbors(n_neighbors=10, seed=seed)(adata.copy()).obsp["connectivities"] for seed in (None, 0, 1)]
+    graphs = [
+        Neighbors(n_neighbors=10, seed=seed)(adata.copy()).obsp["connectivities"] for seed in (None, 0, 1)
+    ]
     assert (graphs[0] != graphs[1]).nnz == 0 and (graphs[0] != graphs[2]).nnz == 0
 
 

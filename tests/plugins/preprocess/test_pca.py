@@ -16,7 +16,9 @@ def test_matches_scanpy(counts_adata):
     sc.pp.pca(expected, n_comps=10, random_state=3, mask_var=None)
     result = Pca(n_comps=10, seed=3)(counts_adata)
     np.testing.assert_allclose(result.obsm["X_pca"], expected.obsm["X_pca"], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(result.uns["pca"]["variance_ratio"], expected.uns["pca"]["variance_ratio"], rtol=1e-5)
+    np.testing.assert_allclose(
+        result.uns["pca"]["variance_ratio"], expected.uns["pca"]["variance_ratio"], rtol=1e-5
+    )
 
 
 def test_sparse_and_dense_agree_up_to_sign(make_adata):
@@ -50,7 +52,14 @@ def test_components_fit_small_data_and_hvg_required(make_adata):
 def test_seed_drives_the_randomized_solver_and_none_acts_as_zero(make_adata):
     adata = make_adata(dense=True)
     sc.pp.log1p(adata)
-    pcs = {seed: Pca(n_comps=10, svd_solver="randomized", seed=seed)(adata.copy()).obsm["X_pca"] for seed in (0, 1)}
-    np.testing.assert_array_equal(Pca(n_comps=10, svd_solver="randomized", seed=1)(adata.copy()).obsm["X_pca"], pcs[1])
+    pcs = {
+        seed: Pca(n_comps=10, svd_solver="randomized", seed=seed)(adata.copy()).obsm["X_pca"]
+        for seed in (0, 1)
+    }
+    np.testing.assert_array_equal(
+        Pca(n_comps=10, svd_solver="randomized", seed=1)(adata.copy()).obsm["X_pca"], pcs[1]
+    )
     assert np.abs(pcs[0] - pcs[1]).max() > 1e-2
-    np.testing.assert_array_equal(Pca(n_comps=10, svd_solver="randomized")(adata.copy()).obsm["X_pca"], pcs[0])
+    np.testing.assert_array_equal(
+        Pca(n_comps=10, svd_solver="randomized")(adata.copy()).obsm["X_pca"], pcs[0]
+    )

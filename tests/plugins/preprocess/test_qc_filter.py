@@ -32,8 +32,12 @@ def scanpy_qc(adata, min_genes, max_counts, max_pct_mt, min_cells):
 def test_matches_scanpy(counts_adata):
     totals = as_array(counts_adata.X).sum(axis=1)
     genes = (as_array(counts_adata.X) > 0).sum(axis=1)
-    params = dict(min_genes=int(np.quantile(genes, 0.1)), max_counts=int(np.quantile(totals, 0.9)),
-                  max_pct_mt=8.0, min_cells=40)
+    params = dict(
+        min_genes=int(np.quantile(genes, 0.1)),
+        max_counts=int(np.quantile(totals, 0.9)),
+        max_pct_mt=8.0,
+        min_cells=40,
+    )
     expected = scanpy_qc(counts_adata, **params)
     result = QcFilter(**params)(counts_adata)
     assert list(result.obs_names) == list(expected.obs_names)

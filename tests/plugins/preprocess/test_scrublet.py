@@ -59,7 +59,11 @@ def test_remove_and_figure(make_adata):
     assert not result.obs["predicted_doublet"].any()
     assert result.uns["scrublet_summary"]["n_removed"] == flagged.obs["predicted_doublet"].sum() > 0
     figure = step.figures(result)["scrublet_umap"]
-    assert [ax.get_title() for ax in figure.axes if ax.get_title()] == ["batch", "doublet_score", "predicted_doublet"]
+    assert [ax.get_title() for ax in figure.axes if ax.get_title()] == [
+        "batch",
+        "doublet_score",
+        "predicted_doublet",
+    ]
 
 
 def test_errors(make_adata):
@@ -78,9 +82,13 @@ def test_errors(make_adata):
 
 def test_seed_changes_the_simulated_doublets_and_none_acts_as_zero(make_adata):
     adata = make_adata(n_cells=200, n_genes=100)
-    scores = {seed: Scrublet(n_prin_comps=10, seed=seed)(adata.copy()).obs["doublet_score"].to_numpy()
-              for seed in (0, 1)}
-    np.testing.assert_array_equal(Scrublet(n_prin_comps=10, seed=1)(adata.copy()).obs["doublet_score"], scores[1])
+    scores = {
+        seed: Scrublet(n_prin_comps=10, seed=seed)(adata.copy()).obs["doublet_score"].to_numpy()
+        for seed in (0, 1)
+    }
+    np.testing.assert_array_equal(
+        Scrublet(n_prin_comps=10, seed=1)(adata.copy()).obs["doublet_score"], scores[1]
+    )
     assert not np.allclose(scores[0], scores[1])
     np.testing.assert_array_equal(Scrublet(n_prin_comps=10)(adata.copy()).obs["doublet_score"], scores[0])
 

@@ -30,11 +30,19 @@ def test_kang2018_chain_matches_scanpy(shared_data):
     sc.pp.scale(expected, max_value=10)
     sc.pp.pca(expected, n_comps=20, random_state=0)
 
-    steps = [QcFilter(min_genes=300, min_cells=5), NormalizeTotal(target_sum=10_000), Log1p(),
-             HighlyVariableGenes(n_top_genes=1000, subset=True), Scale(max_value=10), Pca(n_comps=20)]
+    steps = [
+        QcFilter(min_genes=300, min_cells=5),
+        NormalizeTotal(target_sum=10_000),
+        Log1p(),
+        HighlyVariableGenes(n_top_genes=1000, subset=True),
+        Scale(max_value=10),
+        Pca(n_comps=20),
+    ]
     for step in steps:
         adata = step(adata)
-    assert list(adata.obs_names) == list(expected.obs_names) and list(adata.var_names) == list(expected.var_names)
+    assert list(adata.obs_names) == list(expected.obs_names) and list(adata.var_names) == list(
+        expected.var_names
+    )
     np.testing.assert_allclose(adata.obsm["X_pca"], expected.obsm["X_pca"], rtol=1e-3, atol=1e-3)
     # Raw counts of the kept cells and genes are still there, as integers.
     counts = adata.layers["counts"]
@@ -48,8 +56,9 @@ def test_kang2018_chain_matches_scanpy(shared_data):
 
 def test_grubman2019_donor_split_and_balance(shared_data):
     folder = shared_data / "scrna" / "grubman2019_ad_entorhinal_small"
-    adata = CsvMatrix(path=str(folder / "GSE138852_small.csv"),
-                      metadata=str(folder / "GSE138852_covariates.csv.gz")).load()
+    adata = CsvMatrix(
+        path=str(folder / "GSE138852_small.csv"), metadata=str(folder / "GSE138852_covariates.csv.gz")
+    ).load()
     # Nuclei were pooled per pair of donors; the pool is the barcode suffix (e.g. AD3_AD4).
     adata.obs["pool"] = adata.obs_names.str.split("_", n=1).str[1]
     adata = SelectCells(where={"oupSample.batchCond": ["AD", "ct"]})(adata)

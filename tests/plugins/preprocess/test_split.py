@@ -20,7 +20,9 @@ def test_donor_level_labels(make_adata):
     train, test = donors_on(result, "train"), donors_on(result, "test")
     assert not train & test and train | test == set(adata.obs["donor"])
     # 4 AD and 4 control donors: round(0.25 * 4) = 1 test donor per label.
-    test_labels = result.obs.loc[result.obs["split"] == "test"].groupby("donor", observed=True)["label"].first()
+    test_labels = (
+        result.obs.loc[result.obs["split"] == "test"].groupby("donor", observed=True)["label"].first()
+    )
     assert sorted(test_labels) == ["AD", "control"]
     assert result.uns["split"]["stratified_by"] == "donors"
     assert list(result.obs["split"].cat.categories) == ["train", "test"]
@@ -64,7 +66,9 @@ def test_seed_none_acts_as_zero(make_adata):
 
 
 def test_donor_key_left_unset_names_the_param_and_the_role(make_adata):
-    with pytest.raises(DataError, match=r"needs donor_key.*Set donor_key in the step's params or data\.donor_key"):
+    with pytest.raises(
+        DataError, match=r"needs donor_key.*Set donor_key in the step's params or data\.donor_key"
+    ):
         Split()(make_adata())
     with pytest.raises(DataError, match=r"Set donor_key \(or data\.donor_key, which it defaults to\)"):
         Split(donor_key="subject")(make_adata())

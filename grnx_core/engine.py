@@ -49,7 +49,7 @@ from grnx_core.data_types import CellSample, EvaluationResult, GroundTruth, Inte
 from grnx_core.errors import DataError, GrnxError
 from grnx_core.identity import component_identity, input_file_digest
 from grnx_core.recipe import ResolvedRecipe, ResolvedStep
-from grnx_core.stage_log import RECORD_FILE, RecordingLogger, replay, replay_events
+from grnx_core.stage_log import RECORD_FILE, RecordingLogger, artifact_path, replay, replay_events
 
 log = logging.getLogger("grnx")
 
@@ -449,7 +449,9 @@ class _Leaf:
             self._raw = PreparedData(adata=adata)
             return _meta_from(meta, network)
 
-        return self._stage("data", "data", key, compute, _load_meta).get()
+        meta: DataMeta = self._stage("data", "data", key, compute, _load_meta).get()
+        self._check_roles_in(meta.obs_columns)  # the roles may have changed since the data was cached
+        return meta
 
     def raw(self) -> PreparedData:
         """The data source's AnnData, loaded at most once per leaf (once per run without preprocessing)."""
@@ -469,12 +471,15 @@ class _Leaf:
         return adata
 
     def _check_roles(self, adata: Any) -> None:
+        self._check_roles_in(list(map(str, adata.obs.columns)))
+
+    def _check_roles_in(self, columns: list[str]) -> None:
         for role in ROLE_NAMES:
             column = getattr(self.roles, role)
-            if column is not None and column not in adata.obs.columns:
+            if column is not None and column not in columns:
                 raise DataError(
                     f"data.{role} is {column!r}, but the data from {self.data_step.spec.name!r} has no such obs "
-                    f"column. Available: {', '.join(map(str, adata.obs.columns[:20])) or 'none'}."
+                    f"column. Available: {', '.join(columns[:20]) or 'none'}."
                 )
 
     def prepared(self) -> PreparedData:
@@ -684,15 +689,15 @@ class _Leaf:
                     f"extractor {step.spec.name!r} returned {type(interactions).__name__}, not Interactions."
                 )
             interactions.extractor = step_id
-            (folder / "artifact").mkdir()
-            named = folder / "artifact" / f"{step_id}.parquet"
+            # Written once, where the stage's record keeps its artifacts: the cache entry holds one copy.
+            named = recorder.artifact_file(f"interactions/{step_id}.parquet")
             interactions.save(named)
             recorder.log_artifact(named, "interactions")
             recorder.log_metrics({f"interactions/{step_id}/n_pairs": len(interactions)})
             return interactions
 
         def load(folder: Path) -> Interactions:
-            return Interactions.load(folder / "artifact" / f"{step_id}.parquet")
+            return Interactions.load(artifact_path(folder, f"interactions/{step_id}.parquet"))
 
         return self._stage(
             f"extract:{step_id}", "extract", self.keys[f"extract:{step_id}"], compute, load

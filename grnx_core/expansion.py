@@ -150,11 +150,17 @@ def expand(resolved: ResolvedRecipe, registry: Any) -> Plan:
     paths = list(sweep.grid)
     groups = []
     problems: list[Problem] = []
-    for point in itertools.product(*(sweep.grid[path] for path in paths)):
-        values = dict(zip(paths, point))
+    points = [dict(zip(paths, point)) for point in itertools.product(*(sweep.grid[path] for path in paths))]
+    labels = [group_label(values) for values in points]
+    if len(set(labels)) < len(labels):  # swept paths that end in the same name: label by the whole path
+        labels = [
+            "-".join(f"{_metric_safe(p)}_{_metric_safe(str(v))}" for p, v in values.items())
+            for values in points
+        ]
+    for values, label in zip(points, labels):
         try:
             point_recipe = _child(loaded, data, values, registry, "sweep.grid")
-            groups.append(_group(group_label(values), values, point_recipe, registry))
+            groups.append(_group(label, values, point_recipe, registry))
         except RecipeError as error:
             for problem in error.problems:
                 problems.append(

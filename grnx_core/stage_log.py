@@ -55,11 +55,17 @@ class RecordingLogger:
         path = Path(path)
         name = f"{artifact_path}/{path.name}" if artifact_path else path.name
         file = self._file_for(name)
-        if path.is_dir():
-            shutil.copytree(path, file, dirs_exist_ok=True)
-        else:
-            shutil.copyfile(path, file)
+        if path.resolve() != file.resolve():  # written in place through artifact_file(): no copy
+            if path.is_dir():
+                shutil.copytree(path, file, dirs_exist_ok=True)
+            else:
+                shutil.copyfile(path, file)
         self._artifact(file, name)
+
+    def artifact_file(self, name: str) -> Path:
+        """Where to write an artifact ``name`` (e.g. ``interactions/x.parquet``) before logging it, so
+        that the entry keeps one copy; read it back later with :func:`artifact_path`."""
+        return self._file_for(name)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.events.append({"tags": {str(k): str(v) for k, v in tags.items()}})
@@ -88,6 +94,11 @@ class RecordingLogger:
 
     def save(self) -> None:
         (self.folder / RECORD_FILE).write_text(json.dumps(self.events), encoding="utf-8")
+
+
+def artifact_path(folder: Path, name: str) -> Path:
+    """The file a stage cached in ``folder`` logged as artifact ``name``."""
+    return Path(folder) / FILES_FOLDER / name
 
 
 def replay(folder: Path, target: RunLogger) -> None:

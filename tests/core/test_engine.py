@@ -366,3 +366,22 @@ def test_attention_models_satisfy_the_attention_contract():
 
     assert issubclass(CelluFormer, AttentionModel)
     assert not issubclass(MLP, AttentionModel)
+
+
+def test_a_data_role_is_checked_even_when_the_data_stage_is_cached(tmp_path):
+    from grnx_core.errors import DataError
+
+    registry = fixture_registry()
+    path = _write(
+        tmp_path,
+        f"""
+        schema_version: 1
+        name: roles
+        data: {SYNTHETIC}
+        extractors: [{{name: pearson}}]
+    """,
+    )
+    cache = Cache(tmp_path / "cache")
+    _run(path, registry, cache)
+    with pytest.raises(DataError, match="data.label_key is 'diagnosis'.*Available: .*disease"):
+        _run(path, registry, cache, overrides=["data.label_key=diagnosis"])

@@ -395,6 +395,7 @@ class _Leaf:
             replay(hit, self.logger)
             events, folder, cached = _recorded(hit), hit, True
         else:
+            self.x.say(f"{stage}: running")  # long stages are announced when they start, not only when done
             stored = True
             try:
                 with self.cache.store(cache_stage, key) as scratch:

@@ -254,6 +254,8 @@ class Runner:
             child_run.log_params(flatten(child.resolved.to_dict()))
             result.child_run_ids.append(child_run.run_id)
         logger: RunLogger = child_run if child_run is not None else NullLogger()
+        if self.show_progress:
+            self._say(f"child run {len(result.children) + 1}: {child.name}")
         try:
             leaf = self.executor.run(child.resolved, logger)
         except BaseException as error:

@@ -32,10 +32,12 @@ class ScaleGenes(Preprocessor):
     writes = ("X",)
 
     class Params(ComponentParams):
-        pass
+        fail: bool = Field(False, description="raise instead of scaling (a run killed in this step)")
 
     def __call__(self, adata):
         CALLS["scale_genes"] += 1
+        if self.fail:
+            raise RuntimeError("injected failure")
         adata = adata.copy()
         maxima = np.abs(np.asarray(adata.X)).max(axis=0)
         adata.X = np.asarray(adata.X) / np.where(maxima > 0, maxima, 1)

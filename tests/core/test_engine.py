@@ -385,3 +385,21 @@ def test_a_data_role_is_checked_even_when_the_data_stage_is_cached(tmp_path):
     _run(path, registry, cache)
     with pytest.raises(DataError, match="data.label_key is 'diagnosis'.*Available: .*disease"):
         _run(path, registry, cache, overrides=["data.label_key=diagnosis"])
+
+
+def test_a_run_that_fails_in_its_last_preprocess_step_keeps_the_earlier_steps(tmp_path):
+    registry = fixture_registry()
+    text = """
+        schema_version: 1
+        name: steps
+        data: {name: scanpy_builtin, params: {dataset: krumsiek11}}
+        preprocess: [{name: normalize_total, params: {target_sum: 100}}, {name: scale_genes, params: {fail: FAIL}}]
+        extractors: [{name: pearson}]
+    """
+    cache = Cache(tmp_path / "cache")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _run(_write(tmp_path, text.replace("FAIL", "true")), registry, cache)
+    result = _run(_write(tmp_path, text.replace("FAIL", "false")), registry, cache)
+    stages = {report.stage: report.cached for report in result.stages}
+    assert stages["preprocess:0:normalize_total"] is True
+    assert stages["preprocess:1:scale_genes"] is False

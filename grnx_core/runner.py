@@ -336,9 +336,15 @@ def sweep_figure(plan: Plan, rows: list[dict[str, Any]], metric: str, x: str) ->
             capsize=3,
             label=label or None,
         )
+    reference = f"{metric}.reference"
+    if reference in table.columns and table[reference].notna().any():
+        # The full-data run: the value the samples should reproduce.
+        for value in table[reference].dropna().unique():
+            axes.axhline(float(value), color="grey", linestyle="--", linewidth=1)
+        axes.plot([], [], color="grey", linestyle="--", linewidth=1, label="all cells (reference)")
     axes.set_xlabel(x)
     axes.set_ylabel(f"{metric} (mean ± std over repeats)")
-    if others:
+    if others or reference in table.columns:
         axes.legend()
     axes.grid(alpha=0.3)
     return figure

@@ -75,8 +75,14 @@ def dictionary_genes(dictionary_dir: Path | None, n_genes: int, folder: Path) ->
     return genes, folder
 
 
-def write_counts_h5ad(path: Path, genes: list[str], n_cells: int, nnz: int, seed: int = 0) -> None:
-    """Random integer counts, ~``nnz`` distinct genes per cell, written 5,000 cells at a time."""
+def write_counts_h5ad(
+    path: Path, genes: list[str], n_cells: int, nnz: int, seed: int = 0, var_names: list[str] | None = None
+) -> None:
+    """Random integer counts, ~``nnz`` distinct genes per cell, written 5,000 cells at a time.
+
+    ``var["ensembl_id"]`` holds ``genes`` (which may repeat ids); ``var_names`` (default: ``genes``)
+    index the columns.
+    """
     import h5py
     import pandas as pd
     from anndata.io import write_elem
@@ -103,7 +109,7 @@ def write_counts_h5ad(path: Path, genes: list[str], n_cells: int, nnz: int, seed
     partial = path.with_suffix(".partial")
     with h5py.File(partial, "w") as handle:
         # var["ensembl_id"] and obs["n_counts"] are what Geneformer's own tokenizer requires.
-        write_elem(handle, "var", pd.DataFrame({"ensembl_id": genes}, index=genes))
+        write_elem(handle, "var", pd.DataFrame({"ensembl_id": genes}, index=var_names or genes))
         # The CSR layout anndata writes, with large HDF5 chunks (anndata's own appends use tiny
         # ones, which doubles the read cost; files written by write_h5ad are contiguous).
         group = handle.create_group("X")
@@ -159,6 +165,13 @@ def cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: /proc/self/stat field 22 against /proc/uptime)."""
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return float(Path("/proc/uptime").read_text().split()[0]) - started
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -229,9 +242,11 @@ def geneformer_tokenizer_class(source: str, dictionaries: Path):
     files = geneformer_dictionary_files(dictionaries)
     package = types.ModuleType("geneformer")
     package.__path__ = [str(folder)]
-    package.GENE_MEDIAN_FILE = files["gene_median_dictionary"]
-    package.TOKEN_DICTIONARY_FILE = files["token_dictionary"]
-    package.ENSEMBL_MAPPING_FILE = files.get("ensembl_mapping_dict")
+    # model_version="V1" reads the *_30M names: both point at the dictionaries given.
+    for suffix in ("", "_30M"):
+        setattr(package, f"GENE_MEDIAN_FILE{suffix}", files["gene_median_dictionary"])
+        setattr(package, f"TOKEN_DICTIONARY_FILE{suffix}", files["token_dictionary"])
+        setattr(package, f"ENSEMBL_MAPPING_FILE{suffix}", files.get("ensembl_mapping_dict"))
     sys.modules["geneformer"] = package
     return importlib.import_module("geneformer.tokenizer").TranscriptomeTokenizer, files
 
@@ -279,6 +294,8 @@ def measure_geneformer(args: argparse.Namespace) -> dict:
     cpu_started, started = cpu_seconds(), time.perf_counter()
     tokenizer.tokenize_data(folder, args.out, "geneformer", file_format="h5ad")
     seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    # The whole process (python, imports, dictionaries, tokenize_data), as `grnx run` is measured.
+    whole_seconds, whole_cpu = process_age(), cpu_seconds()
     own, children = peak_mib()
     import datasets
 
@@ -288,6 +305,8 @@ def measure_geneformer(args: argparse.Namespace) -> dict:
         "cells": written.num_rows,
         "seconds": seconds,
         "cpu_seconds": cpu,
+        "process_seconds": whole_seconds,
+        "process_cpu_seconds": whole_cpu,
         "cells_per_s": written.num_rows / seconds,
         "cells_per_cpu_s": written.num_rows / cpu,
         "tokens_per_cell": float(np.mean(written.data.column("length").to_numpy())),
@@ -353,7 +372,8 @@ def load_reference_inputs(path: Path, dictionaries: Path, n_cells: int):
     loaded = tokenizer._dictionaries()
     backed = ad.read_h5ad(path, backed="r")
     counts = backed.X[:n_cells]
-    genes = list(backed.var_names)
+    ids = backed.var["ensembl_id"] if "ensembl_id" in backed.var.columns else backed.var_names
+    genes = [str(g) for g in ids]
     backed.file.close()
     return tokenizer, loaded, counts, genes
 

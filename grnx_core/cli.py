@@ -24,6 +24,32 @@ EXIT_INTERNAL_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
+def _split_recipes_and_overrides(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The positional recipe paths and the overrides: ``KEY=VALUE`` positionals, then ``--set``s.
+
+    An argument with ``=`` is an override unless a file or folder of that name exists, so
+    ``grnx run r.yaml seed=1``, ``grnx validate r.yaml seed=1`` and ``--set seed=1`` all agree.
+    """
+    recipes, overrides = [], []
+    for item in args.items:
+        if "=" in item and not Path(item).exists():
+            overrides.append(item)
+        else:
+            recipes.append(item)
+    return recipes, overrides + list(args.set_overrides)
+
+
+def _one_recipe(args: argparse.Namespace) -> tuple[str, list[str]]:
+    recipes, overrides = _split_recipes_and_overrides(args)
+    if len(recipes) != 1:
+        found = f"got {len(recipes)}: {', '.join(recipes)}" if recipes else "got none"
+        raise GrnxError(
+            f"grnx {args.command} takes one recipe file, {found}. Overrides are KEY=VALUE (e.g. seed=1); "
+            "check the recipe's path."
+        )
+    return recipes[0], overrides
+
+
 def _recipe_files(paths: list[str]) -> list[Path]:
     files: list[Path] = []
     for raw in paths:
@@ -43,7 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from grnx_core.recipe import load_recipe
     from grnx_core.runner import run_recipe
 
-    resolved = load_recipe(args.recipe, args.overrides)
+    recipe, overrides = _one_recipe(args)
+    resolved = load_recipe(recipe, overrides)
     cache = Cache(enabled=resolved.recipe.cache and not args.no_cache)
 
     def interrupted(signum: int, frame: Any) -> None:
@@ -84,21 +111,38 @@ def _print_summary(resolved: Any, result: Any, args: argparse.Namespace) -> None
     if result.run_id:
         if result.artifact_uri:
             print(f"  artifacts: {result.artifact_uri}")
-        print(f"  view: grnx ui, then http://127.0.0.1:5000 (experiment {recipe.tracking.experiment!r})")
+        print(f"  view: {_run_page(result.run_id, args.tracking_uri)}")
     if not args.verbose:
         print("  (--verbose lists every metric)")
+
+
+def _run_page(run_id: str, tracking_uri: str | None) -> str:
+    """Where the UI shows the run, once `grnx ui` (with the same store) serves it."""
+    from grnx_core.tracking import Tracker, run_url
+
+    start = "grnx ui" + (f" --tracking-uri {tracking_uri}" if tracking_uri else "")
+    try:
+        experiment_id = Tracker(tracking_uri).experiment_id_of_run(run_id)
+    except Exception as error:  # the run is tracked and finished; a failed look-up must not fail it
+        return f"{start}, then find run {run_id} (its experiment could not be read: {error})"
+    return f"{run_url(experiment_id, run_id)} (start the UI with {start})"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from grnx_core.recipe import load_recipe
 
-    files = _recipe_files(args.paths)
+    paths, overrides = _split_recipes_and_overrides(args)
+    if not paths:
+        raise GrnxError(
+            "grnx validate needs a recipe file or a folder of recipes before its KEY=VALUE overrides."
+        )
+    files = _recipe_files(paths)
     if not files:
-        raise GrnxError(f"no recipe files found in {', '.join(args.paths)} (looked for *.yaml / *.yml).")
+        raise GrnxError(f"no recipe files found in {', '.join(paths)} (looked for *.yaml / *.yml).")
     failures = 0
     for path in files:
         try:
-            load_recipe(path, args.overrides)
+            load_recipe(path, overrides)
         except RecipeError as error:
             failures += 1
             print(f"invalid: {path}\n{textwrap.indent(str(error), '  ')}", file=sys.stderr)
@@ -110,40 +154,111 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from grnx_core.recipe import load_recipe
 
-    print(load_recipe(args.recipe, args.overrides).to_yaml(), end="")
+    recipe, overrides = _one_recipe(args)
+    print(load_recipe(recipe, overrides).to_yaml(), end="")
     return 0
 
 
 def _type_name(annotation: Any) -> str:
+    """``int``, ``list[str] | None``, ``Literal['abs', 'value']``: as one writes them."""
+    import types
     import typing
 
-    if typing.get_args(annotation) or not hasattr(annotation, "__name__"):
-        return str(annotation).replace("typing.", "").replace("pathlib.", "")
-    return annotation.__name__
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "None"
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(repr(argument) for argument in arguments)}]"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(argument) for argument in arguments)
+    if origin is not None and arguments:
+        inner = ", ".join("..." if argument is Ellipsis else _type_name(argument) for argument in arguments)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    if hasattr(annotation, "__name__"):
+        return str(annotation.__name__)
+    return str(annotation).replace("typing.", "").replace("pathlib.", "")
+
+
+def _describe_fields(model: Any, indent: str = "      ", depth: int = 0) -> list[str]:
+    """A line per field of a pydantic model; the fields of a nested model follow, indented."""
+    from pydantic import BaseModel
+
+    from grnx_core.recipe import _model_in
+
+    lines = []
+    # Required params first: inherited params (shared mixins) would otherwise lead the list.
+    for name, info in sorted(model.model_fields.items(), key=lambda item: not item[1].is_required()):
+        nested = _model_in(info.annotation)
+        if info.is_required():
+            default = "required"
+        else:
+            value = info.get_default(call_default_factory=True)
+            if isinstance(value, BaseModel):
+                changed = value.model_dump(mode="json", exclude_defaults=True)
+                default = f"default {changed}, other fields as below" if changed else "default: as below"
+            else:
+                default = f"default {value!r}"
+        line = f"{indent}{name} ({_type_name(info.annotation)}, {default})"
+        lines.append(f"{line}: {info.description}" if info.description else line)
+        if nested is not None and depth < 3:
+            lines.extend(_describe_fields(nested, indent + "    ", depth + 1))
+    return lines
 
 
 def _describe_params(cls: Any) -> list[str]:
-    lines = []
-    fields = cls.Params.model_fields.items()
-    # Required params first: inherited params (shared mixins) would otherwise lead the list.
-    for name, info in sorted(fields, key=lambda item: not item[1].is_required()):
-        default = (
-            "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
-        )
-        annotation = _type_name(info.annotation)
-        lines.append(f"      {name} ({annotation}, {default}): {info.description or ''}".rstrip(": "))
-    return lines
+    return _describe_fields(cls.Params)
+
+
+#: What `grnx plugins KIND` accepts for each kind: its name, its plural, and spellings of both.
+def _kind_aliases() -> dict[str, Kind]:
+    aliases: dict[str, Kind] = {}
+    for kind in Kind:
+        for alias in (kind.value, kind.value + "s", kind.plural):
+            for spelling in (alias, alias.replace(" ", "_"), alias.replace(" ", "-")):
+                aliases[spelling] = kind
+    aliases.update({"data_source": Kind.DATA, "data-source": Kind.DATA})
+    return aliases
+
+
+def _plugins_to_show(
+    registry: Any, kind_or_name: str | None, name: str | None
+) -> list[tuple[Kind, list[str]]]:
+    """(kind, names) to list for `grnx plugins [KIND] [NAME]`; KIND may be a plural, or a name alone."""
+    import difflib
+
+    if kind_or_name is None:
+        return [(kind, registry.names(kind)) for kind in Kind]
+    aliases = _kind_aliases()
+    kind = aliases.get(kind_or_name.lower())
+    if kind is not None:
+        return [(kind, [registry.entry(kind, name).name] if name is not None else registry.names(kind))]
+    kinds = ", ".join(k.value for k in Kind)
+    if name is not None:
+        close = difflib.get_close_matches(kind_or_name, list(aliases), n=1)
+        suggestion = f" Did you mean {aliases[close[0]].value!r}?" if close else ""
+        raise GrnxError(f"Unknown kind {kind_or_name!r}.{suggestion} Kinds: {kinds} (see `grnx plugins`).")
+    found = [(k, [kind_or_name]) for k in Kind if kind_or_name in registry.entries[k]]
+    if found:
+        return found
+    every = {n: k for k in Kind for n in registry.names(k)}
+    close = difflib.get_close_matches(kind_or_name, [*every, *aliases], n=1)
+    suggestion = ""
+    if close and close[0] in every:
+        suggestion = f" Did you mean {close[0]!r} ({every[close[0]].value})?"
+    elif close:
+        suggestion = f" Did you mean the kind {aliases[close[0]].value!r}?"
+    raise GrnxError(
+        f"No kind or component named {kind_or_name!r}.{suggestion} Kinds: {kinds}; `grnx plugins` lists "
+        "every component."
+    )
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     from grnx_core.registry import default_registry
 
     registry = default_registry()
-    kinds = [Kind(args.kind)] if args.kind else list(Kind)
-    for kind in kinds:
-        names = registry.names(kind)
-        if args.name is not None:
-            names = [registry.entry(kind, args.name).name]
+    detailed = args.kind is not None
+    for kind, names in _plugins_to_show(registry, args.kind, args.name):
         print(f"{kind.plural} ({len(names)}):")
         for name in names:
             entry = registry.entries[kind][name]
@@ -153,7 +268,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 print(f"  {name}  [failed to load] {error}")
                 continue
             print(f"  {name}: {cls.description}  [{entry.plugin} {entry.plugin_version}]")
-            if args.kind:
+            if detailed:
                 if cls.reference:
                     print(f"    reference: {cls.reference}")
                 params = _describe_params(cls)
@@ -168,10 +283,63 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Runs beside the MLflow server, in its process group: when grnx ends in any way, SIGKILL
+#: included, it stops the whole group, so no server is left holding the port.
+_UI_WATCHDOG = """
+import os, signal, subprocess, sys, time
+parent = int(sys.argv[1])
+server = subprocess.Popen(sys.argv[2:])
+while server.poll() is None and os.getppid() == parent:
+    time.sleep(0.5)
+code = server.poll()
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+os.killpg(0, signal.SIGTERM)
+deadline = time.monotonic() + 10
+while server.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.1)
+if server.poll() is None:
+    os.killpg(0, signal.SIGKILL)
+sys.exit(code or 0)
+"""
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _stop_process_group(process: Any, timeout_s: float = 5.0) -> None:
+    """SIGTERM the process group led by ``process``; SIGKILL what is left of it after ``timeout_s``."""
+    import os
+    import time
+
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + timeout_s
+        try:
+            os.killpg(process.pid, signum)
+            while time.monotonic() < deadline:
+                process.poll()  # reap the leader, or it counts as a member until grnx exits
+                os.killpg(process.pid, 0)  # ProcessLookupError once no member is left
+                time.sleep(0.1)
+        except ProcessLookupError:
+            process.poll()
+            return
+        except PermissionError:  # the group id was reused by another user's processes
+            return
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
+    import atexit
+    import os
     import subprocess
 
-    from grnx_core.tracking import artifact_root_for, default_tracking_uri
+    from grnx_core.tracking import Tracker, artifact_root_for, default_tracking_uri, experiment_url
 
     uri = args.tracking_uri or default_tracking_uri()
     command = [
@@ -189,11 +357,46 @@ def cmd_ui(args: argparse.Namespace) -> int:
     artifact_root = artifact_root_for(uri)
     if artifact_root is not None:
         command += ["--default-artifact-root", artifact_root.resolve().as_uri()]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it.", file=sys.stderr)
+    wildcard = args.host in ("0.0.0.0", "::", "[::]", "")
+    base = f"http://{'127.0.0.1' if wildcard else args.host}:{args.port}"
+    if not _is_loopback(args.host):
+        print(
+            f"warning: the MLflow UI has no authentication. On --host {args.host} anyone who can reach "
+            f"this machine on port {args.port} can read, change and delete every run in {uri}. Use the "
+            "default --host 127.0.0.1 (and an SSH tunnel from elsewhere) unless that network is trusted.",
+            file=sys.stderr,
+        )
+    print(f"MLflow UI on {base} (store {uri}); Ctrl-C stops it.", file=sys.stderr)
+    # Opened before the server starts, so a new store is created once, under grnx's lock.
     try:
-        return subprocess.call(command)
+        experiments, total = Tracker(uri).recent_experiments()
+    except Exception as error:  # the server reports a store it cannot open itself
+        print(f"(could not list the experiments of {uri}: {error})", file=sys.stderr)
+    else:
+        for experiment_id, name in experiments:
+            print(f"  runs of {name!r}: {experiment_url(experiment_id, base)}", file=sys.stderr)
+        if total > len(experiments):
+            print(f"  ({total - len(experiments)} more experiments in the UI's list)", file=sys.stderr)
+    # Its own session: stopping grnx stops the whole group (the server starts a dozen processes),
+    # and the watchdog stops it when grnx is killed outright.
+    process = subprocess.Popen(
+        [sys.executable, "-c", _UI_WATCHDOG, str(os.getpid()), *command], start_new_session=True
+    )
+    atexit.register(_stop_process_group, process)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return process.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        _stop_process_group(process)
+        atexit.unregister(_stop_process_group)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -287,6 +490,79 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_tokens(tracker: Any, run_id: str) -> Path:
+    """The token folder of run ``run_id`` (or of its child runs, when they share one)."""
+    from mlflow.exceptions import MlflowException
+
+    from grnx_core.engine import TOKENS_PATH_TAG
+
+    try:
+        run = tracker.client.get_run(run_id)
+    except MlflowException:
+        raise GrnxError(
+            f"no run {run_id!r} in the tracking store {tracker.tracking_uri}. `grnx ui` lists the runs; "
+            "pass --tracking-uri for another store."
+        ) from None
+    path = run.data.tags.get(TOKENS_PATH_TAG)
+    if path is None:
+        children = tracker.client.search_runs(
+            [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'"
+        )
+        shared: dict[str, list[str]] = {}
+        for child in children:
+            if TOKENS_PATH_TAG in child.data.tags:
+                shared.setdefault(child.data.tags[TOKENS_PATH_TAG], []).append(child.info.run_id)
+        if len(shared) > 1:
+            listing = "; ".join(f"run {', '.join(ids[:3])}: {where}" for where, ids in shared.items())
+            raise GrnxError(
+                f"the child runs of run {run_id} have different tokens ({listing}); export one of them."
+            )
+        if not shared:
+            raise GrnxError(
+                f"run {run_id} kept no tokens: its recipe has no tokenizer, or it ran with the cache off "
+                "(--no-cache or cache: false), so the tokens were thrown away. Rerun it with the cache on."
+            )
+        path = next(iter(shared))
+    folder = Path(path)
+    if not (folder / "meta.json").is_file():
+        raise GrnxError(
+            f"the tokens of run {run_id} were in {folder}, which no longer exists (removed by `grnx cache "
+            "clear`?). Rerun the run's recipe with the cache on to compute them again."
+        )
+    return folder
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``grnx export tokens RUN_ID OUT``: a run's tokens written in another format."""
+    import json
+
+    from grnx_core.registry import default_registry
+    from grnx_core.tracking import Tracker
+
+    folder = _run_tokens(Tracker(args.tracking_uri), args.run_id)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise GrnxError(f"{out} exists; pass --force to replace it, or name another OUT.")
+    rename = {}
+    for pair in args.rename:
+        old, equals, new = pair.partition("=")
+        if not equals or not old or not new:
+            raise GrnxError(f"--rename takes OBS_COLUMN=DATASET_COLUMN, got {pair!r}.")
+        rename[old] = new
+    metadata = json.loads((folder / "meta.json").read_text(encoding="utf-8")).get("metadata", {})
+    name = metadata.get("tokenizer")
+    tokenizer = default_registry().entry(Kind.TOKENIZER, str(name)).load()
+    exporter = getattr(tokenizer, "export_tokens", None)
+    if exporter is None:
+        raise GrnxError(
+            f"run {args.run_id} has tokens of tokenizer {name!r}, which cannot be exported as "
+            f"{args.format} (rank_value's tokens can)."
+        )
+    written = exporter(folder, out, format=args.format, columns=args.columns, rename=rename)
+    print(f"wrote {written} ({args.format} format) from the tokens of run {args.run_id} in {folder}")
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 
@@ -296,6 +572,23 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
     )
+    # run, show and validate read recipes and overrides alike: positional KEY=VALUE or --set.
+    recipe_args = argparse.ArgumentParser(add_help=False)
+    recipe_args.add_argument(
+        "items",
+        nargs="+",
+        metavar="RECIPE",
+        help="recipe YAML file (validate: files or folders), then overrides such as seed=1 "
+        "model.params.n_layers=2",
+    )
+    recipe_args.add_argument(
+        "--set",
+        dest="set_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override, as a positional KEY=VALUE (repeatable)",
+    )
     parser = argparse.ArgumentParser(
         prog="grnx",
         description="Gene-gene interactions from single-cell data, as tracked experiments.",
@@ -304,9 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"grnx {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", parents=[common], help="run a recipe and track it in MLflow")
-    run.add_argument("recipe", help="recipe YAML file")
-    run.add_argument("overrides", nargs="*", help="overrides such as seed=1 model.params.n_layers=2")
+    one_recipe = "%(prog)s RECIPE [KEY=VALUE ...] [options]"
+    run = commands.add_parser(
+        "run", parents=[common, recipe_args], usage=one_recipe, help="run a recipe and track it in MLflow"
+    )
     run.add_argument("--no-cache", action="store_true", help="recompute every step")
     run.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     run.add_argument("--verbose", "-v", action="store_true", help="print every metric and the top pairs")
@@ -315,28 +609,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=cmd_run)
 
-    validate = commands.add_parser("validate", parents=[common], help="check recipes without running them")
-    validate.add_argument("paths", nargs="+", help="recipe files or folders of recipes")
-    validate.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an override to apply before validating (repeatable)",
+    validate = commands.add_parser(
+        "validate",
+        parents=[common, recipe_args],
+        usage="%(prog)s RECIPE_OR_FOLDER [...] [KEY=VALUE ...] [options]",
+        help="check recipes (files or folders) without running them",
     )
     validate.set_defaults(handler=cmd_validate)
 
-    show = commands.add_parser("show", parents=[common], help="print the resolved recipe")
-    show.add_argument("recipe")
-    show.add_argument("overrides", nargs="*")
+    show = commands.add_parser(
+        "show", parents=[common, recipe_args], usage=one_recipe, help="print the resolved recipe"
+    )
     show.set_defaults(handler=cmd_show)
 
     plugins = commands.add_parser("plugins", parents=[common], help="list installed components")
     plugins.add_argument(
-        "kind", nargs="?", choices=[k.value for k in Kind], help="only this kind, with params"
+        "kind",
+        nargs="?",
+        metavar="KIND",
+        help=f"only this kind, with params ({', '.join(k.value for k in Kind)}; plurals too), or a "
+        "component's name alone",
     )
-    plugins.add_argument("name", nargs="?", help="only this component")
+    plugins.add_argument("name", nargs="?", metavar="NAME", help="only this component")
     plugins.set_defaults(handler=cmd_plugins)
 
     ui = commands.add_parser("ui", parents=[common], help="open the MLflow UI on the grnx store")
@@ -371,12 +665,67 @@ def build_parser() -> argparse.ArgumentParser:
         "--yes", "-y", action="store_true", help="remove without asking (needed without a terminal)"
     )
     cache.set_defaults(handler=cmd_cache)
+
+    export = commands.add_parser("export", parents=[common], help="write a run's outputs in other formats")
+    export_what = export.add_subparsers(dest="export_what", required=True, metavar="WHAT")
+    tokens = export_what.add_parser(
+        "tokens",
+        parents=[common],
+        help="a run's tokens, e.g. as the Geneformer .dataset its classifier and perturber read",
+    )
+    tokens.add_argument(
+        "run_id", metavar="RUN_ID", help="the run (or a parent run whose children share tokens)"
+    )
+    tokens.add_argument("out", metavar="OUT", help="folder to write, e.g. cells.dataset")
+    tokens.add_argument(
+        "--format",
+        choices=["geneformer"],
+        required=True,
+        help="geneformer: Hugging Face datasets folder with Geneformer's columns and dtypes",
+    )
+    tokens.add_argument(
+        "--columns",
+        nargs="+",
+        default=None,
+        metavar="COLUMN",
+        help="obs columns to include (default: all carried)",
+    )
+    tokens.add_argument(
+        "--rename",
+        action="append",
+        default=[],
+        metavar="OBS=NAME",
+        help="name a column differently in the dataset (Geneformer's custom_attr_name_dict; repeatable)",
+    )
+    tokens.add_argument("--force", action="store_true", help="replace OUT when it exists")
+    tokens.add_argument(
+        "--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or mlflow/mlflow.db)"
+    )
+    export.set_defaults(handler=cmd_export)
     return parser
+
+
+def _stage_of(error: BaseException) -> str | None:
+    """The engine stage that was computing when ``error`` was raised, read from its traceback."""
+    stage = None
+    frame_info = error.__traceback__
+    while frame_info is not None:
+        frame, value = frame_info.tb_frame, frame_info.tb_frame.f_locals.get("stage")
+        if frame.f_globals.get("__name__") == "grnx_core.engine" and isinstance(value, str):
+            stage = value  # the innermost stage wins
+        frame_info = frame_info.tb_next
+    return stage
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow options (`grnx run r.yaml --no-cache seed=1`); argparse leaves those over.
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if hasattr(args, "items") and not any(extra.startswith("-") for extra in extras):
+            args.items += extras
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         return args.handler(args)
     except BrokenPipeError:  # output piped into `head` and the like
@@ -397,6 +746,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the run is marked FAILED and finished steps stay cached.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except MemoryError as error:
+        # Nearly always a size in the recipe larger than the machine (n_cells, batch_size, ...).
+        if args.debug:
+            traceback.print_exc()
+        stage = _stage_of(error)
+        where = f" in stage {stage!r}" if stage else ""
+        detail = f": {error}" if str(error) else ""
+        print(
+            f"error: out of memory{where}{detail}. A size in the recipe (n_cells, n_genes, batch_size, "
+            "max_length and the like) asks for more than this machine holds; lower it, or check the "
+            f"component's params with `grnx show`. Finished steps stay cached.",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     except Exception as error:
         if args.debug:
             traceback.print_exc()

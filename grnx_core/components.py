@@ -266,7 +266,12 @@ class Evaluator(Component):
     #: extractor id (``pearson/auprc``) or a suffix such as a class (``f1/B cell``): the entry for
     #: ``auprc`` or ``f1`` covers them (see ``metric_direction``).
     higher_is_better: ClassVar[dict[str, bool]] = {}
-    #: ask the runner for a reference run on all cells when the sampler repeats.
+    #: metrics that describe the run rather than score it, so have no direction: counts
+    #: (``n_cells``, ``gt_edges``) and random baselines (``auprc_random``). Matched like the keys
+    #: of ``higher_is_better``; every metric an evaluator returns is declared in one of the two.
+    informational: ClassVar[frozenset[str]] = frozenset()
+    #: ask the runner for a reference run on all cells when the sampler repeats; a recipe with such
+    #: an evaluator and no sampler is refused (there would be no repeats to compare).
     needs_reference: ClassVar[bool] = False
     #: what ``evaluate`` reads (names from ``NEEDS``); None means whatever the recipe provides.
     needs: ClassVar[tuple[str, ...] | None] = None
@@ -274,15 +279,27 @@ class Evaluator(Component):
     default_cells: ClassVar[str | None] = None
 
     @classmethod
-    def metric_direction(cls, metric: str) -> bool | None:
-        """Whether higher is better for ``metric``, matching its longest declared sub-path."""
+    def _declaration(cls, metric: str) -> str | None:
+        """The longest sub-path of ``metric`` declared in ``higher_is_better`` or ``informational``."""
         parts = metric.split("/")
         for length in range(len(parts), 0, -1):
             for start in range(0, len(parts) - length + 1):
                 key = "/".join(parts[start : start + length])
-                if key in cls.higher_is_better:
-                    return cls.higher_is_better[key]
+                if key in cls.higher_is_better or key in cls.informational:
+                    return key
         return None
+
+    @classmethod
+    def metric_direction(cls, metric: str) -> bool | None:
+        """Whether higher is better for ``metric``, matching its longest declared sub-path; None for
+        an informational metric and for one declared nowhere (tell them apart with ``declares``)."""
+        key = cls._declaration(metric)
+        return cls.higher_is_better.get(key) if key is not None else None
+
+    @classmethod
+    def declares(cls, metric: str) -> bool:
+        """Whether ``metric`` is declared, with a direction or as informational."""
+        return cls._declaration(metric) is not None
 
     def evaluate(self, context: RunContext) -> EvaluationResult:
         raise NotImplementedError

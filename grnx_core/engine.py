@@ -24,6 +24,7 @@ import copy
 import inspect
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ from grnx_core.recipe import ResolvedRecipe, ResolvedStep
 from grnx_core.stage_log import RECORD_FILE, RecordingLogger, artifact_path, replay, replay_events
 
 log = logging.getLogger("grnx")
+
+#: Run tag holding the folder of the run's tokens in the cache.
+TOKENS_PATH_TAG = "grnx.tokens_path"
 
 ROLE_NAMES = ("label_key", "donor_key", "batch_key", "cell_type_key")
 
@@ -625,6 +629,11 @@ class _Leaf:
                 tokens = tokenizer.transform(adata, obs_columns=carried)
                 tokens.save(folder / "tokens")
             _save_tokenizer(tokenizer, folder / "tokenizer")
+            write_artifacts = getattr(tokenizer, "write_artifacts", None)
+            if write_artifacts is not None:  # files derived from the tokens, e.g. rank_value's `export`
+                for artifact_dir, file in write_artifacts(folder / "tokens", folder / "exports").items():
+                    recorder.log_artifact(file, artifact_dir)
+                shutil.rmtree(folder / "exports", ignore_errors=True)  # the recorder keeps its copy
             lengths = (tokens or TokenizedCells.load(folder / "tokens")).lengths
             recorder.log_metrics(
                 {
@@ -636,7 +645,17 @@ class _Leaf:
                 return _FromEntry()
             return TokenValue(tokens, tokenizer)
 
-        return self._stage("tokenize", "tokenize", self.keys["tokens"], compute, self._load_tokens)
+        first_time = "tokenize" not in self.local
+        value = self._stage("tokenize", "tokenize", self.keys["tokens"], compute, self._load_tokens)
+        if first_time:
+            # Where the tokens are, once the entry is stored (`grnx export tokens RUN_ID` reads the tag).
+            if self.cache.enabled:
+                where = self.cache.path("tokenize", self.keys["tokens"])
+                self.logger.set_tags({TOKENS_PATH_TAG: str(where / "tokens")})
+                self.x.say(f"tokens: {where / 'tokens'}")
+            else:
+                self.x.say("tokens: not kept (the cache is off)")
+        return value
 
     def _load_tokens(self, folder: Path) -> TokenValue:
         tokenizer = None
@@ -789,11 +808,11 @@ class _Leaf:
                 f"evaluator {step.spec.name!r} returned {type(result).__name__}, not EvaluationResult."
             )
         step_id = step.step_id
-        undeclared = [name for name in result.metrics if evaluator.metric_direction(name) is None]
+        undeclared = [name for name in result.metrics if not evaluator.declares(name)]
         if undeclared:
             raise GrnxError(
-                f"evaluator {step.spec.name!r} returned metrics without a direction in its higher_is_better: "
-                f"{', '.join(undeclared[:5])}. This is a bug in the plugin."
+                f"evaluator {step.spec.name!r} returned metrics declared in neither its higher_is_better nor "
+                f"its informational: {', '.join(undeclared[:5])}. This is a bug in the plugin."
             )
         metrics = {f"eval/{step_id}/{name}": float(value) for name, value in result.metrics.items()}
         self.result.metrics.update(metrics)

@@ -38,10 +38,23 @@ class Problem:
     hint: str = ""
 
     def render(self) -> str:
+        """``source: path: message. Hint.``: the message and its hint as sentences, each ended once."""
         where = f"{self.source}: " if self.source else ""
         at = f"{self.path}: " if self.path else ""
-        hint = f" {self.hint}" if self.hint else ""
-        return f"{where}{at}{self.message}{hint}"
+        text = self.message.strip()
+        hint = self.hint.strip()
+        if hint.startswith("("):  # a parenthetical such as "(see `grnx plugins ...`)" ends the message
+            text = f"{text[:-1] if text.endswith('.') and not text.endswith('...') else text} {hint}"
+        elif hint:
+            text = f"{_end_sentence(text)} {hint[0].upper()}{hint[1:]}"
+        return f"{where}{at}{_end_sentence(text)}"
+
+
+def _end_sentence(text: str) -> str:
+    """``text`` ending in exactly one full stop, unless it already ends a sentence (or an ellipsis)."""
+    if not text or text.endswith((".", "?", "!")):
+        return text
+    return text.rstrip(",;: ") + "."
 
 
 class RecipeError(GrnxError):

@@ -109,10 +109,35 @@ def _needs_reference(resolved: ResolvedRecipe) -> bool:
     )
 
 
+def _reference_without_sampler(resolved: ResolvedRecipe) -> list[Problem]:
+    """An evaluator that compares repeats with the full-data run, in a recipe with no sampler.
+
+    Checked here, where a recipe (or sweep point) becomes its children, and not in
+    ``validate_recipe``: the reference child is the same recipe with ``sampler: null`` and is
+    validated too, but it never comes back through ``_group``, so only recipes that have no sampler
+    of their own are refused.
+    """
+    origins = resolved.source.origins if resolved.source is not None else None
+    return [
+        Problem(
+            step.path,
+            f"evaluator {step.spec.name!r} compares repeated samples with the full-data run, but the "
+            "recipe has no sampler, so there is nothing to compare",
+            source=origins.of(step.path) if origins is not None else "",
+            hint="Add a sampler with repeats (e.g. sampler: {name: uniform, params: {fraction: 0.1}, "
+            "repeats: 5}), or score the single run with the evaluator it extends (e.g. 'nes').",
+        )
+        for step in resolved.steps_of("evaluators")
+        if getattr(step.component_class, "needs_reference", False)
+    ]
+
+
 def _group(label: str, values: dict[str, Any], resolved: ResolvedRecipe, registry: Any) -> Group:
     group = Group(label, values)
     sampler = resolved.recipe.sampler
     prefix = f"{label}: " if label else ""
+    if sampler is None and (problems := _reference_without_sampler(resolved)):
+        raise RecipeError(problems)
     if sampler is None or (sampler.repeats == 1 and not _needs_reference(resolved)):
         group.repeats.append(ChildRecipe(prefix.rstrip(": ") or "run", "single", resolved, None))
         return group

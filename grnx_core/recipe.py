@@ -6,8 +6,10 @@ YAML path (which is also the override path), what was expected, what was found, 
 
 from __future__ import annotations
 
+import codecs
 import copy
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -111,7 +113,9 @@ class SweepSpec(_Strict):
 
 
 class TrainSettings(_Strict):
-    """How models are trained; read by every model's ``fit``."""
+    """How models are trained; read by every model's ``fit``. Non-finite numbers are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     epochs: int = Field(3, ge=1, description="passes over the training cells")
     batch_size: int = Field(32, ge=1, description="cells per batch")
@@ -224,14 +228,108 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys (PyYAML silently keeps the last)."""
+#: Bounds on what a recipe may hold. A recipe is a few hundred lines; anything far larger is a
+#: mistake (a data file given as the recipe) or hostile: a YAML alias bomb of a few hundred bytes
+#: expands to billions of values and would exhaust the memory of whatever reads it.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000
+MAX_RECIPE_DEPTH = 50
+#: The largest int a component parameter may take (about 10**12): sizes above it cannot be held
+#: by any machine, so they are refused at validation rather than failing a run with MemoryError.
+MAX_INT_PARAM = 2**40
+
+# A byte-order mark fixes the encoding; UTF-32 LE is tested before UTF-16 LE, whose mark it starts with.
+_BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF8, "utf-8-sig", "UTF-8"),
+    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
+)
 
 
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML that is not a recipe grnx will read (too deep, too large, a list as a key)."""
+
+    def __init__(self, problem: str, mark: Any, hint: str) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+        self.hint = hint
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate and unhashable keys, deep nesting and alias bombs.
+
+    Nodes are counted as they are composed, an alias counting every node of what it repeats, so
+    a recipe is refused before anything expands it. Numbers in exponent form (``1e-5``, ``1e14``,
+    ``2.5E-4``) are floats, as in YAML 1.2; PyYAML reads them as strings.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._open_anchors: set[str] = set()
+        self._sizes: dict[int, int] = {}  # id(node) -> how many nodes it expands to
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            if event.anchor in self._open_anchors:
+                raise _Refused(
+                    f"the alias *{event.anchor} is inside the value &{event.anchor} it repeats, so it "
+                    "never ends",
+                    event.start_mark,
+                    hint=f"Remove *{event.anchor} there.",
+                )
+            return super().compose_node(parent, index)
+        event = self.peek_event()
+        if self._depth >= MAX_RECIPE_DEPTH:
+            raise _Refused(
+                f"values are nested more than {MAX_RECIPE_DEPTH} levels deep; a recipe needs a few",
+                event.start_mark,
+                hint="Flatten the nesting there.",
+            )
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            self._open_anchors.add(anchor)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            if anchor is not None:
+                self._open_anchors.discard(anchor)
+        if node is None:
+            return node
+        if isinstance(node, yaml.SequenceNode):
+            children: list[yaml.Node] = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [item for pair in node.value for item in pair]
+        else:
+            children = []
+        size = 1 + sum(self._sizes.get(id(child), 1) for child in children)
+        self._sizes[id(node)] = size
+        if size > MAX_RECIPE_NODES:
+            raise _Refused(
+                f"this value expands to more than {MAX_RECIPE_NODES:,} values (each YAML alias *name "
+                "repeats everything its anchor &name holds); a recipe holds a few hundred",
+                node.start_mark,
+                hint="Remove the aliases that repeat large values.",
+            )
+        return node
+
+
+def _construct_mapping(loader: _RecipeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            raise _Refused(
+                f"a mapping key is a {type(key).__name__}; recipe keys are plain names such as seed",
+                key_node.start_mark,
+                hint="Write the key as a name, or quote it.",
+            ) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 "while reading a mapping",
@@ -243,7 +341,28 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     return loader.construct_mapping(node, deep=deep)
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _compose_and_load(text: str) -> tuple[Any, yaml.Node | None]:
+    """The data of one YAML document and its node graph, within the bounds above."""
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return data, node
+
+
+def load_yaml_value(text: str) -> Any:
+    """Read one YAML value (an override's) with the recipe loader's safety and bounds."""
+    return _compose_and_load(text)[0]
 
 
 def _line_map(node: yaml.Node | None, display: str, prefix: str = "") -> dict[str, str]:
@@ -263,20 +382,87 @@ def _line_map(node: yaml.Node | None, display: str, prefix: str = "") -> dict[st
     return lines
 
 
+def _read_text(path: Path) -> str:
+    """The recipe file as text: UTF-8, or UTF-16/32 with a byte-order mark; at most 1 MiB."""
+    display = _display(path)
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(MAX_RECIPE_BYTES + 1)
+    except OSError as error:
+        raise RecipeError(
+            [Problem("", f"cannot read the recipe: {error.strerror or error}", source=display)]
+        ) from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            [
+                Problem(
+                    "",
+                    f"the file is larger than {MAX_RECIPE_BYTES // 2**20} MiB; a recipe is a few KiB of YAML",
+                    source=display,
+                    hint="Check that this is the recipe and not a data file.",
+                )
+            ]
+        )
+    encoding, label = "utf-8", "UTF-8"
+    for mark, codec, name in _BYTE_ORDER_MARKS:
+        if raw.startswith(mark):
+            encoding, label = codec, name
+            break
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        start = error.start  # a byte offset from the start of the file, byte-order mark included
+        before = raw[:start].decode(encoding, errors="replace")
+        line = before.count("\n") + 1
+        column = len(before) - (before.rfind("\n") + 1) + 1
+        found = " ".join(f"0x{byte:02x}" for byte in raw[start : min(error.end, start + 4)])
+        if label == "UTF-8":
+            looks = " (it looks Latin-1 or Windows-1252 encoded)"
+            hint = f"Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed.yaml`)."
+        else:
+            looks = f" (the file starts with a {label} byte-order mark but is cut off or damaged there)"
+            hint = "Save the file again, as UTF-8."
+        raise RecipeError(
+            [
+                Problem(
+                    "",
+                    f"not valid {label}: byte {found} at byte offset {start} cannot be decoded{looks}",
+                    source=f"{display}:{line}:{column}",
+                    hint=hint,
+                )
+            ]
+        ) from None
+    if "\x00" in text:
+        offset = text.index("\x00")
+        raise RecipeError(
+            [
+                Problem(
+                    "",
+                    f"the file holds NUL bytes (the first at character {offset}): it looks UTF-16 or UTF-32 "
+                    "without a byte-order mark, or binary",
+                    source=display,
+                    hint="Save the file as UTF-8.",
+                )
+            ]
+        )
+    return text
+
+
 def _read_yaml(path: Path) -> tuple[dict[str, Any], str, dict[str, str]]:
     display = _display(path)
     if not path.exists():
         raise RecipeError([Problem("", f"recipe file not found: {display}", hint="Check the path.")])
     if path.is_dir():
         raise RecipeError([Problem("", f"{display} is a folder; give a recipe .yaml file.")])
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data, node = _compose_and_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{display}:{mark.line + 1}:{mark.column + 1}" if mark else display
         problem = getattr(error, "problem", None) or str(error)
+        if isinstance(error, _Refused):
+            raise RecipeError([Problem("", problem, source=where, hint=error.hint)]) from None
         raise RecipeError(
             [Problem("", f"not valid YAML: {problem}", source=where, hint="Fix the YAML syntax there.")]
         ) from None
@@ -361,9 +547,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip() or any(not part for part in parts):
         raise ValueError(f"the key {key!r} is not a dotted path such as model.params.n_layers")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml_value(raw) if raw.strip() else None
     except yaml.YAMLError as error:
-        raise ValueError(f"the value {raw!r} is not valid YAML ({error.__class__.__name__})") from None
+        problem = getattr(error, "problem", None) or error.__class__.__name__
+        raise ValueError(f"the value {raw!r} is not valid YAML ({problem})") from None
     return parts, value
 
 
@@ -398,7 +585,7 @@ def load_recipe_data(path: str | Path, overrides: list[str] | tuple[str, ...] = 
     """Read a recipe file, follow ``extends`` and apply command-line overrides (not validated)."""
     path = Path(path)
     data, lines = _load_with_extends(path)
-    given_text = path.read_text(encoding="utf-8")
+    given_text = _read_text(path)
     origins = Origins(by_path=lines)
     problems = []
     for override in overrides:
@@ -582,6 +769,10 @@ def validate_recipe(loaded: LoadedRecipe, registry: Any) -> ResolvedRecipe:
             except (TypeError, ValueError) as error:
                 problems.append(Problem(path + ".params", str(error), source=origins.of(path + ".params")))
                 continue
+            too_large = _impossible_sizes(validated.model_dump(), path + ".params", origins)
+            if too_large:
+                problems.extend(too_large)
+                continue
             if recipe is not None:
                 spec = getattr(recipe, section)
                 spec = spec[index] if index is not None else spec
@@ -599,11 +790,36 @@ def validate_recipe(loaded: LoadedRecipe, registry: Any) -> ResolvedRecipe:
                 )
 
     if recipe is not None:
+        problems.extend(_impossible_sizes(recipe.train.model_dump(), "train", origins))
         problems.extend(_cross_checks(recipe, steps, origins))
     if problems:
         raise RecipeError(problems)
     assert recipe is not None
     return ResolvedRecipe(recipe=recipe, steps=steps, source=loaded, registry=registry)
+
+
+def _impossible_sizes(values: dict[str, Any], prefix: str, origins: Origins) -> list[Problem]:
+    """Ints above MAX_INT_PARAM, which no component can allocate or loop over (seeds excepted).
+
+    A component's field may have no upper bound; without this a typo such as ``n_cells: 1e14``
+    passes validation and the run dies of MemoryError in its first stage.
+    """
+    problems = []
+    for key, value in flatten(values, prefix).items():
+        name = key.rsplit(".", 1)[-1]
+        if name == "seed" or name.endswith("_seed"):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT_PARAM:
+            problems.append(
+                Problem(
+                    key,
+                    f"{value:,} is larger than any run can hold or compute (grnx refuses ints above "
+                    f"2**40 = {MAX_INT_PARAM:,})",
+                    source=origins.of(key),
+                    hint="Lower it to the size you mean.",
+                )
+            )
+    return problems
 
 
 def derive_seed(recipe_seed: int, stream: str) -> int:

@@ -9,7 +9,8 @@ promises. The checks by kind (:data:`KIND_CHECKS`):
   source's ``load`` an AnnData whose declared counts are integers; a sampler a valid
   :class:`CellSample`; a tokenizer :class:`TokenizedCells` carrying the asked obs columns; a model
   predictions and embeddings for every cell; an extractor ranked :class:`Interactions` over
-  ``var_names``; an evaluator an :class:`EvaluationResult` whose every metric has a direction).
+  ``var_names``; an evaluator an :class:`EvaluationResult` whose every metric is declared, with a
+  direction in ``higher_is_better`` or in ``informational``).
 - ``counts_declared`` (data sources): ``uns["grnx_data"]["counts"]`` says where the raw counts are
   (``layers/counts``, ``X`` or ``none``) and that place holds non-negative integers.
 - ``writes_declared`` (preprocessors): only the keys listed in ``writes`` are added, removed or
@@ -21,7 +22,7 @@ promises. The checks by kind (:data:`KIND_CHECKS`):
 - ``backed`` (samplers): a backed AnnData gives the same sample as the in-memory one.
 - ``streamed`` (tokenizers whose ``transform`` takes ``path``): streaming to a folder gives the
   same tokens as the in-memory call.
-- ``aggregate`` (evaluators defining it): the aggregate over repeats has a direction per metric.
+- ``aggregate`` (evaluators defining it): every metric of the aggregate over repeats is declared.
 
 A component needing parameters or earlier stages gets them from a :class:`Case`; a check that
 cannot run on the fixtures raises :class:`SkipComponent` with the reason. A failed check raises
@@ -952,9 +953,14 @@ class ComponentChecker:
 
     def _check_metrics(self, metrics: Mapping[str, Any], check: str) -> None:
         evaluator = cast(type[Evaluator], self.cls)
-        undirected = [name for name in metrics if evaluator.metric_direction(name) is None]
-        if undirected:
-            raise self.fail(check, f"metrics without a direction in higher_is_better: {undirected[:5]}")
+        both = sorted(set(evaluator.higher_is_better) & set(evaluator.informational))
+        if both:
+            raise self.fail(check, f"metrics both in higher_is_better and informational: {both[:5]}")
+        undeclared = [name for name in metrics if not evaluator.declares(name)]
+        if undeclared:
+            raise self.fail(
+                check, f"metrics declared in neither higher_is_better nor informational: {undeclared[:5]}"
+            )
         not_numbers = [
             name
             for name, value in metrics.items()

@@ -8,6 +8,7 @@ RUNNING by a killed process is marked FAILED by the next one (``Tracker.fail_orp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -38,6 +39,22 @@ PID_NAMESPACE_TAG = "grnx.pid_namespace"
 #: stepped, and judging a live run dead is worse than finding a dead one a run later.
 PROCESS_START_TOLERANCE_S = 60.0
 
+#: The MLflow UI (3.x) opens an experiment in its GenAI view, which lists no runs; this query
+#: parameter opens the classic view with the runs table (routes of mlflow/server/js: a hash router
+#: with /experiments/:experimentId/runs and /experiments/:experimentId/runs/:runUuid).
+UI_RUNS_VIEW = "workflowType=machine_learning"
+DEFAULT_UI_URL = "http://127.0.0.1:5000"
+
+
+def experiment_url(experiment_id: str, base: str = DEFAULT_UI_URL) -> str:
+    """The MLflow UI page of an experiment's runs table."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{UI_RUNS_VIEW}"
+
+
+def run_url(experiment_id: str, run_id: str, base: str = DEFAULT_UI_URL) -> str:
+    """The MLflow UI page of one run."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{UI_RUNS_VIEW}"
+
 
 def store_dir() -> Path:
     """``<repo>/mlflow`` for a source checkout, else ``./mlflow``."""
@@ -47,6 +64,31 @@ def store_dir() -> Path:
 
 def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_dir() / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def _store_creation_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store's file while the store is opened.
+
+    Opening a store that does not exist yet creates its tables; two processes doing it at once
+    both try, and one fails with ``table ... already exists``. Other stores are not locked.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(tracking_uri[len("sqlite:///") :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    with open(database.parent / f"{database.name}-grnx.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def artifact_root_for(tracking_uri: str) -> Path | None:
@@ -178,10 +220,12 @@ class Tracker:
         import mlflow
 
         self.tracking_uri = tracking_uri or default_tracking_uri()
-        if self.tracking_uri.startswith("sqlite:///"):
-            Path(self.tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         self._mlflow = mlflow
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        with _store_creation_lock(self.tracking_uri):
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+            # The first request opens the store (creating and migrating its tables when it is new),
+            # so it is made here, under the lock, and not in whichever call comes first.
+            self.client.search_experiments(max_results=1)
         self.artifact_root = artifact_root_for(self.tracking_uri)
 
     def experiment_id(self, name: str) -> str:
@@ -223,6 +267,21 @@ class Tracker:
             tags[MLFLOW_PARENT_RUN_ID] = parent.run_id
         run = self.client.create_run(self.experiment_id(experiment), tags=tags, run_name=run_name)
         return TrackedRun(self, run.info.run_id)
+
+    def experiment_id_of_run(self, run_id: str) -> str:
+        return str(self.client.get_run(run_id).info.experiment_id)
+
+    def recent_experiments(self, limit: int = 10) -> tuple[list[tuple[str, str]], int]:
+        """(id, name) of the experiments updated last, MLflow's empty "Default" left out, and how
+        many experiments there are in all."""
+        experiments = [
+            experiment
+            for experiment in self.client.search_experiments(
+                max_results=1000, order_by=["last_update_time DESC"]
+            )
+            if not (experiment.experiment_id == "0" and experiment.name == "Default")
+        ]
+        return [(e.experiment_id, e.name) for e in experiments[:limit]], len(experiments)
 
     def fail_orphaned_runs(self, found_by: str | None = None) -> list[str]:
         """Mark FAILED the runs left RUNNING by processes of this host that were killed outright.
@@ -337,9 +396,21 @@ class TrackedRun:
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in tags.items()]
+        items = []
+        long_values = {}
+        for key, value in tags.items():
+            text = str(value)
+            if len(text) > MAX_PARAM_LENGTH:
+                # Never truncate silently: the whole value goes to an artifact the tag names.
+                artifact = f"tags/{re.sub(r'[^A-Za-z0-9_.-]+', '_', key)}.txt"
+                long_values[artifact] = text
+                note = f" ... ({len(text):,} characters; the whole value is the artifact {artifact})"
+                text = text[: MAX_PARAM_LENGTH - len(note)] + note
+            items.append(RunTag(key, text))
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=items[start : start + MAX_PARAMS_PER_BATCH])
+        for artifact, text in long_values.items():
+            self.log_text(text, artifact)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)

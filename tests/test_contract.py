@@ -456,6 +456,19 @@ class _UndirectedMetric(_Base, Evaluator):
         return EvaluationResult(metrics={"auprc": 0.5, "mystery": 1.0})
 
 
+class _InformationalMetric(_UndirectedMetric):
+    """The control: a count declared informational needs no direction."""
+
+    name = "informational_metric"
+    informational = frozenset({"mystery"})
+
+
+class _BothWays(_UndirectedMetric):
+    name = "both_ways"
+    higher_is_better = {"auprc": True, "mystery": True}
+    informational = frozenset({"mystery"})
+
+
 class _Writes(_Base, Preprocessor):
     name = "writes"
     writes = ("X", "layers/*", "obs/<key>", "obsm['X_pca']", 'uns["neighbors"]', "var/<keys>")
@@ -483,7 +496,12 @@ class _Writes(_Base, Preprocessor):
         (_NoisyModel, "same_seed", "embeddings"),
         (_ForgetfulModel, "save_load", "loaded model gives other outputs"),
         (_SelfPairs, "returns_type", "paired with itself"),
-        (_UndirectedMetric, "returns_type", "without a direction.*mystery"),
+        (
+            _UndirectedMetric,
+            "returns_type",
+            "declared in neither higher_is_better nor informational.*mystery",
+        ),
+        (_BothWays, "returns_type", "both in higher_is_better and informational.*mystery"),
     ],
     ids=lambda value: value.name if isinstance(value, type) else None,
 )
@@ -498,6 +516,9 @@ def test_correct_versions_of_broken_components_pass():
     assert check_model(_CentroidModel) == ["returns_type", "same_seed", "sparse_dense", "save_load"]
     with pytest.raises(TypeError, match="is a model, not a preprocessor"):
         check_preprocessor(_CentroidModel)
+    check_component(_InformationalMetric, checks=["returns_type"])
+    assert _InformationalMetric.metric_direction("x/mystery") is None
+    assert _InformationalMetric.declares("x/mystery") and not _UndirectedMetric.declares("x/mystery")
 
 
 def test_declared_writes_resolve_placeholders_and_both_notations():

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
+import io
+import lzma
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -33,6 +39,56 @@ def existing_path(path: str | Path, who: str, what: str = "file") -> Path:
     return resolved
 
 
+#: Leading bytes of the compressed formats pandas reads, so a file is read by what it holds, not its name.
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bz2"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"PK\x03\x04", "zip"),
+)
+
+
+def compression_of(path: Path) -> str | None:
+    """The compression of ``path`` from its first bytes (gzip, bz2, xz, zip), None for plain files.
+
+    A gzipped table named ``.tsv`` (or a plain one named ``.gz``) is common after a download;
+    pandas guesses from the name and fails on both.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+
+
+#: What reading a damaged compressed file raises (a cut-short gzip, a zip that is not one, ...).
+UNREADABLE: tuple[type[Exception], ...] = (OSError, EOFError, ValueError, zipfile.BadZipFile, lzma.LZMAError)
+
+
+def first_lines(path: Path, n: int | None = 3) -> list[str]:
+    """The first ``n`` lines (all when None) of a possibly compressed text file, without line ends.
+
+    Raises one of ``UNREADABLE`` when the file is damaged.
+    """
+    compression = compression_of(path)
+    lines: list[str] = []
+    with contextlib.ExitStack() as stack:
+        raw: IO[bytes]
+        if compression == "zip":
+            archive = stack.enter_context(zipfile.ZipFile(path))
+            names = archive.namelist()
+            if not names:
+                return lines
+            raw = archive.open(names[0])
+        else:
+            opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}.get(compression or "", open)
+            raw = opener(path, "rb")
+        text = stack.enter_context(io.TextIOWrapper(raw, encoding="utf-8", errors="replace"))
+        for line in text:
+            lines.append(line.rstrip("\r\n"))
+            if n is not None and len(lines) >= n:
+                break
+    return lines
+
+
 def table_separator(path: Path, sep: str | None) -> str:
     if sep is not None:
         return sep
@@ -48,10 +104,20 @@ def read_table(path: str | Path, who: str, sep: str | None = None, what: str = "
     """
     resolved = existing_path(path, who, what)
     try:
-        table = pd.read_csv(resolved, sep=table_separator(resolved, sep), low_memory=False)
+        table = pd.read_csv(
+            resolved,
+            sep=table_separator(resolved, sep),
+            low_memory=False,
+            compression=compression_of(resolved),
+        )
         if not isinstance(table.index, pd.RangeIndex):
             table = table.reset_index()
         return table
+    except pd.errors.EmptyDataError as error:
+        raise DataError(
+            f"{who}: {what} {str(path)!r} is empty; expected a table with a header line. Point the "
+            f"parameter at the file that holds the table."
+        ) from error
     except Exception as error:  # pandas raises many types; the user needs the file name
         raise DataError(
             f"{who}: could not read {what} {str(path)!r}: {type(error).__name__}: {error}"
@@ -135,6 +201,21 @@ def record_source(adata: anndata.AnnData, name: str, counts: str | None, **facts
         "counts": counts if counts is not None else "none",
         **{k: v for k, v in facts.items() if v is not None},
     }
+
+
+def require_unique_cell_names(names: pd.Index, who: str, where: str, hint: str) -> None:
+    """Refuse repeated cell names: joins, samples and the cells a stage reads are keyed by name.
+
+    Every file-based source shares this rule (a repeated barcode is two cells under one name, which
+    metadata joins and ``obs_names`` lookups would silently conflate).
+    """
+    if names.is_unique:
+        return
+    repeated = names[names.duplicated()].unique()
+    raise DataError(
+        f"{who}: cell names repeat: {len(repeated)} name(s) appear more than once in {where} (e.g. "
+        f"{', '.join(map(repr, map(str, repeated[:3])))}); each cell needs a distinct name. {hint}"
+    )
 
 
 def check_required_obs(adata: anndata.AnnData, required: Sequence[str], who: str) -> None:

@@ -14,9 +14,11 @@ from grnx_core.errors import DataError
 from grnx_plugins.data._common import (
     CellMetadataParams,
     attach_cell_metadata,
+    compression_of,
     existing_path,
     is_count_matrix,
     record_source,
+    require_unique_cell_names,
     set_counts,
     table_separator,
 )
@@ -61,8 +63,11 @@ class CsvMatrix(DataSource):
 
         who = f"data source 'csv' ({self.path})"
         path = existing_path(self.path, who, "expression table")
+        sep, compression = table_separator(path, self.sep), compression_of(path)
         try:
-            table = pd.read_csv(path, sep=table_separator(path, self.sep), index_col=0)
+            table = pd.read_csv(path, sep=sep, index_col=0, compression=compression)
+            # pandas renames a repeated header name ("c1" -> "c1.1"): take the names as written.
+            header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, compression=compression)
         except Exception as error:
             raise DataError(f"{who}: could not read the table: {type(error).__name__}: {error}") from error
         non_numeric = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
@@ -74,6 +79,8 @@ class CsvMatrix(DataSource):
             )
         matrix = table.to_numpy(dtype=np.float64)
         rows, columns = table.index.astype(str), table.columns.astype(str)
+        if header.shape[1] == table.shape[1] + 1:
+            columns = pd.Index(header.iloc[0, 1:].fillna("").astype(str).to_list())
         if self.orientation == "genes_x_cells":
             matrix, cells, genes = matrix.T, columns, rows
         else:
@@ -87,8 +94,12 @@ class CsvMatrix(DataSource):
         )
         if not adata.var_names.is_unique:
             adata.var_names_make_unique()
-        if not adata.obs_names.is_unique:
-            raise DataError(f"{who}: cell names repeat; each cell needs a distinct name.")
+        require_unique_cell_names(
+            adata.obs_names,
+            who,
+            "the header line" if self.orientation == "genes_x_cells" else "the first column",
+            "Fix the table (or check orientation: genes_x_cells reads the cells from the header line).",
+        )
         is_counts = self.values == "counts" or (self.values == "auto" and is_count_matrix(adata.X))
         if is_counts:
             set_counts(adata, who)

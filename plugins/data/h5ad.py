@@ -16,6 +16,7 @@ from grnx_plugins.data._common import (
     existing_path,
     is_count_matrix,
     record_source,
+    require_unique_cell_names,
     set_counts,
 )
 
@@ -34,7 +35,7 @@ class H5ad(DataSource):
     ``layers["counts"]`` keeps them; other layers and ``raw`` are dropped to save memory. In backed
     mode (``backed: true``) nothing is copied: the counts must be ``X``, stay on disk for streaming
     samplers, and only the first rows are checked. ``uns["grnx_data"]["counts"]`` says where the
-    counts are.
+    counts are. Repeated cell names (``obs_names``) are refused, as by every file source.
     """
 
     name = "h5ad"
@@ -74,6 +75,13 @@ class H5ad(DataSource):
             raise DataError(
                 f"{who}: could not read the file as h5ad: {type(error).__name__}: {error}"
             ) from error
+        require_unique_cell_names(
+            adata.obs_names,
+            who,
+            "obs_names",
+            "Files concatenated from several samples often repeat barcodes: write the file again with "
+            "unique names (e.g. anndata.concat(..., index_unique='-') or adata.obs_names_make_unique()).",
+        )
         if self.backed:
             adata = self._checked_backed(adata, who)
         else:

@@ -13,8 +13,10 @@ from grnx_core.errors import DataError
 from grnx_plugins.data._common import (
     CellMetadataParams,
     attach_cell_metadata,
+    compression_of,
     existing_path,
     record_source,
+    require_unique_cell_names,
     set_counts,
 )
 
@@ -40,8 +42,40 @@ def find_file(folder: Path, names: tuple[str, ...], given: str | None, who: str,
     )
 
 
-def read_lines_table(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t", header=None, dtype=str, quoting=3, keep_default_na=False)
+#: What each line of the two text files holds, for the errors about them.
+_LINE_LAYOUT = {
+    "genes/features file": "one line per gene: its id, symbol and (Cell Ranger v3) feature type, tab-separated",
+    "barcodes file": "one line per cell: its barcode",
+}
+
+
+def read_lines_table(path: Path, who: str, what: str) -> pd.DataFrame:
+    """A headerless tab-separated file (plain or compressed, whatever its name), every field as text."""
+    layout = _LINE_LAYOUT.get(what, "tab-separated lines")
+    try:
+        table = pd.read_csv(
+            path,
+            sep="\t",
+            header=None,
+            dtype=str,
+            quoting=3,
+            keep_default_na=False,
+            compression=compression_of(path),
+        )
+    except pd.errors.EmptyDataError:
+        table = pd.DataFrame()
+    except Exception as error:  # pandas raises many types; the user needs the file name
+        raise DataError(
+            f"{who}: could not read the {what} {path.name}: {type(error).__name__}: {error}. "
+            f"Expected {layout}."
+        ) from error
+    if table.empty:
+        raise DataError(
+            f"{who}: the {what} {path.name} is empty; expected {layout}. Copy it again from the "
+            f"Cell Ranger output (e.g. filtered_feature_bc_matrix/), or name another file with "
+            f"params.{'features' if what.startswith('genes') else 'barcodes'}."
+        )
+    return table
 
 
 def read_mtx_folder(
@@ -65,8 +99,15 @@ def read_mtx_folder(
         counts = scipy.io.mmread(str(matrix_path))
     except Exception as error:
         raise DataError(f"{who}: could not read {matrix_path} as Matrix Market: {error}") from error
-    genes = read_lines_table(features_path)
-    cells = read_lines_table(barcodes_path)[0].to_numpy()
+    genes = read_lines_table(features_path, who, "genes/features file")
+    cells = read_lines_table(barcodes_path, who, "barcodes file")[0].to_numpy()
+    require_unique_cell_names(
+        pd.Index(cells),
+        who,
+        barcodes_path.name,
+        "Folders of several lanes or samples merged by hand often repeat barcodes: keep the "
+        "Cell Ranger suffix (-1, -2, ...) or prefix each barcode with its sample, then load again.",
+    )
     counts = sp.csr_matrix(counts)
     n_genes, n_cells = len(genes), len(cells)
     if counts.shape == (n_genes, n_cells):
@@ -101,9 +142,10 @@ class TenxMtx(DataSource):
 
     The matrix may be genes x cells (10x's layout) or cells x genes; the orientation is taken from
     the gene and barcode counts. Duplicate gene names are made unique (``-1``, ``-2`` suffixes, as
-    scanpy does) and both ids and symbols stay in ``var``. An optional per-cell ``metadata`` table is
-    joined on barcode (``obs_names``). Values must be non-negative integers; they end in
-    ``layers["counts"]``, with a float32 copy in ``X``.
+    scanpy does) and both ids and symbols stay in ``var``; repeated barcodes and empty files are
+    refused, and files are read by their content (gzipped or plain, whatever the name). An optional
+    per-cell ``metadata`` table is joined on barcode (``obs_names``). Values must be non-negative
+    integers; they end in ``layers["counts"]``, with a float32 copy in ``X``.
     """
 
     name = "10x_mtx"

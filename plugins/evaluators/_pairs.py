@@ -19,15 +19,18 @@ from grnx_plugins.evaluators.ground_truth import normalise_gene, overlap_error
 DirectedMode = Literal["auto", "directed", "undirected"]
 
 
-#: Directions of the overlap counts every pair evaluator reports with its scores (``report``).
-OVERLAP_METRICS: dict[str, bool] = {
-    "gt_edges": True,
-    "gt_pairs_in_universe": True,
-    "gt_genes_in_universe": True,
-    "universe_genes": True,
-    "gt_pairs_in_list": True,
-    "gt_signed_pairs_in_universe": True,
-}
+#: The overlap counts every pair evaluator reports with its scores (``report``): informational,
+#: they describe the ground truth and the universe, not how good the ranking is.
+OVERLAP_COUNTS: frozenset[str] = frozenset(
+    {
+        "gt_edges",
+        "gt_pairs_in_universe",
+        "gt_genes_in_universe",
+        "universe_genes",
+        "gt_pairs_in_list",
+        "gt_signed_pairs_in_universe",
+    }
+)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import numpy as np
 from pydantic import Field
 
 from grnx_core import ComponentParams, DataError, EvaluationResult, Evaluator, RunContext
-from grnx_plugins.evaluators._pairs import OVERLAP_METRICS
+from grnx_plugins.evaluators._pairs import OVERLAP_COUNTS
 from grnx_plugins.evaluators.ground_truth import GroundTruthSpec, normalise_gene, resolve_ground_truth
 
 
@@ -66,23 +66,22 @@ class AuprcEvaluator(Evaluator):
 
     higher_is_better: ClassVar[dict[str, bool]] = {
         "auprc": True,
-        "auprc_random": True,
         "auprc_ratio": True,
         "auprc_trapezoid": True,
         "auroc": True,
-        "auroc_random": True,
         "early_precision": True,
-        "early_precision_random": True,
         "epr": True,
-        "epr_random": True,
-        "n_candidates": True,
-        **OVERLAP_METRICS,
         # aggregate() over repeats
         "top_k_jaccard": True,
         "top_k_spearman": True,
         "top_k_jaccard_reference": True,
         "top_k_spearman_reference": True,
     }
+    #: random baselines and counts: no direction
+    informational: ClassVar[frozenset[str]] = frozenset(
+        {"auprc_random", "auroc_random", "early_precision_random", "epr_random", "n_candidates"}
+        | OVERLAP_COUNTS
+    )
 
     def evaluate(self, context: RunContext) -> EvaluationResult:
         from grnx_plugins.evaluators import _curves, _pairs
@@ -219,17 +218,19 @@ def top_k_spearman(a: list[str], b: list[str]) -> float:
 
 def read_tf_list(path: str, case_sensitive: bool, who: str) -> set[str]:
     """TF names from a one-per-line list, or a CSV/TSV whose first column (or 'TF' column) holds them."""
-    import pandas as pd
+    from grnx_plugins.data._common import first_lines
+    from grnx_plugins.evaluators.ground_truth import _read_table
 
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"{who}: tf_list {path!r} not found (resolved to {file.resolve()}).")
-    if file.suffix.lower() in (".csv", ".tsv"):
-        table = pd.read_csv(file, sep="," if file.suffix.lower() == ".csv" else "\t", dtype=str)
+    suffixes = [s.lower() for s in file.suffixes if s.lower() not in (".gz", ".bz2", ".xz", ".zip")]
+    if suffixes and suffixes[-1] in (".csv", ".tsv"):
+        table = _read_table(file, who=who, what="a TF list")
         column = "TF" if "TF" in table.columns else table.columns[0]
         names = table[column].dropna().tolist()
     else:
-        names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+        names = [line.strip() for line in first_lines(file, None)]
         names = [n for n in names if n and not n.startswith("#")]
     if not names:
         raise DataError(f"{who}: tf_list {path!r} holds no names.")

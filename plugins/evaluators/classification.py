@@ -11,7 +11,32 @@ from pydantic import Field
 
 from grnx_core import ComponentParams, DataError, EvaluationResult, Evaluator, RunContext
 
-_UNSAFE = re.compile(r"[^0-9A-Za-z_\-. :/]")
+#: Characters replaced by ``_`` in a class label to make its metric name: those MLflow refuses (it
+#: allows letters, digits, ``_ - . /``, space, and ``:`` except on Windows) and ``/``, which would
+#: nest the label under ``f1``. ``CD4+/CD45RA+ Naive T`` -> ``f1/CD4__CD45RA_ Naive T``.
+_REFUSED = re.compile(r"[^\w\-. ]")
+
+
+def metric_labels(labels: list[str]) -> dict[str, str]:
+    """label -> its form in metric names (see ``_REFUSED``), unique across ``labels``.
+
+    Labels that become the same name (``CD4+`` and ``CD4_``) get ``_2``, ``_3``, ... in label order;
+    a label of dots only (a path MLflow refuses) has them replaced too. The ``per_class`` table maps
+    each name back to its label.
+    """
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for label in labels:
+        name = _REFUSED.sub("_", label)
+        if not name.strip("."):
+            name = name.replace(".", "_") or "_"
+        candidate, copy = name, 1
+        while candidate in taken:
+            copy += 1
+            candidate = f"{name}_{copy}"
+        names[label] = candidate
+        taken.add(candidate)
+    return names
 
 
 class ClassificationEvaluator(Evaluator):
@@ -49,9 +74,8 @@ class ClassificationEvaluator(Evaluator):
         "macro_f1": True,
         "weighted_f1": True,
         "f1": True,
-        "n_cells": True,
-        "n_classes": True,
     }
+    informational: ClassVar[frozenset[str]] = frozenset({"n_cells", "n_classes"})
 
     def evaluate(self, context: RunContext) -> EvaluationResult:
         from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
@@ -83,8 +107,18 @@ class ClassificationEvaluator(Evaluator):
             "n_classes": float(len(present)),
         }
         per_class = f1_score(truth, predicted, labels=present, average=None, zero_division=0)
+        names = metric_labels(present)
         for label, value in zip(present, per_class):
-            metrics[f"f1/{_UNSAFE.sub('_', label)}"] = float(value)
+            metrics[f"f1/{names[label]}"] = float(value)
+        support = pd.Series(truth).value_counts()
+        per_class_table = pd.DataFrame(
+            {
+                "metric": [f"f1/{names[label]}" for label in present],
+                "label": present,
+                "f1": per_class.astype(float),
+                "n_cells": [int(support[label]) for label in present],
+            }
+        )
         matrix = confusion_matrix(truth, predicted, labels=classes)
         table = pd.DataFrame(matrix, index=pd.Index(classes, name="true"), columns=classes).reset_index()
         figures = {}
@@ -100,7 +134,7 @@ class ClassificationEvaluator(Evaluator):
         return EvaluationResult(
             metrics={k: float(v) for k, v in metrics.items()},
             figures=figures,
-            tables={"confusion_matrix": table},
+            tables={"confusion_matrix": table, "per_class": per_class_table},
         )
 
     def _held_out(self, context: RunContext, model, label_key: str, who: str):

@@ -15,6 +15,11 @@ regnetwork   TF, TF_entrez, target, target_entrez, --> / --|        yes       ar
 edges        source_column, target_column[, sign_column, score]     param     param
 ===========  =====================================================  ========  ======
 
+Files are read by their content: gzip, bz2, xz or zip whatever the name, and a tab- or
+comma-separated header whatever the suffix. A file that does not look like its ``format`` (a
+DoRothEA table read as TRRUST, a header-less file without TRRUST's modes) is refused, saying what
+the file looks like, before any gene is matched; so is an empty file or one without edges.
+
 BEELINE's STRING lists hold each edge twice (A,B and B,A): as undirected pairs they collapse to one.
 An optional ``disease_genes`` filter keeps edges whose two genes are both disease genes (the WDS
 paper's "BioGRID pairs of DisGeNET Alzheimer's genes", Wu et al., NeurIPS 2024); genes are matched by
@@ -35,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from grnx_core import DataError, GroundTruth, RunContext
 from grnx_core.data_types import pair_ids
+from grnx_plugins.data._common import UNREADABLE, compression_of, first_lines
 
 Namespace = Literal["symbol", "entrez", "ensembl"]
 
@@ -48,6 +54,19 @@ _FORMAT_DIRECTED = {
     "edges": True,
 }
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+
+#: Header columns that identify a format; the first match names what a file looks like.
+_HEADERS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("biogrid", frozenset({"entrezID_A", "entrezID_B", "symbol_A", "symbol_B"})),
+    ("dorothea", frozenset({"tf", "target", "mor"})),
+    ("trrust", frozenset({"TF", "gene_symbol"})),
+    ("string", frozenset({"protein1", "protein2"})),
+    ("beeline", frozenset({"Gene1", "Gene2"})),
+)
+#: TRRUST's mode of regulation (third column) and RegNetwork's arrows (fifth column).
+_TRRUST_MODES = frozenset({"activation", "repression", "unknown"})
+_REGNETWORK_ARROWS = frozenset({"-->", "--|", "-/-", "-p", "->", "-|"})
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zip")
 
 
 class DiseaseGenes(BaseModel):
@@ -139,6 +158,10 @@ def _build_cached(spec: GroundTruthSpec, who: str, stamps: tuple) -> GroundTruth
     """Built once per spec and file versions (``stamps``): evaluators of one run share the result."""
     path = _existing(spec.path, f"{who}: ground_truth.path")
     edges = _read_edges(spec, path, who)
+    if edges.empty:
+        raise DataError(
+            f"{who}: {path} lists no edges (a header line only). Point ground_truth.path at the full edge table."
+        )
     if spec.min_score is not None:
         if "score" not in edges.columns:
             raise DataError(
@@ -184,19 +207,121 @@ def _existing(path: str, where: str) -> Path:
     return resolved
 
 
-def _read_table(path: Path, sep: str | None = None, **kwargs) -> pd.DataFrame:
+def _read_table(
+    path: Path, sep: str | None = None, who: str = "ground_truth", what: str = "an edge table", **kwargs
+) -> pd.DataFrame:
+    """A table of text fields, compressed or not whatever its name. ``sep=None``: tab, or comma for
+    ``.csv`` files, unless the first line holds only the other one."""
     if sep is None:
-        sep = "," if path.suffix.lower() == ".csv" else "\t"
-    return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""], **kwargs)
+        sep = _delimiter(path)
+    try:
+        return pd.read_csv(
+            path,
+            sep=sep,
+            dtype=str,
+            keep_default_na=False,
+            na_values=[""],
+            compression=compression_of(path),
+            **kwargs,
+        )
+    except pd.errors.EmptyDataError as error:
+        unpacked = " after decompressing" if compression_of(path) else ""
+        raise DataError(
+            f"{who}: {path} is empty (no lines{unpacked}), where {what} was expected. Point the path "
+            "at the file that holds it (download it again if it was cut short)."
+        ) from error
+    except Exception as error:  # pandas raises many types; the user needs the file name
+        description, _ = _looks_like(path)
+        detail = "" if description.startswith("it cannot be read") else f" ({description})"
+        raise DataError(
+            f"{who}: could not read {path} as {what}: {type(error).__name__}: {error}{detail}. Check "
+            "that the file is complete (download it again if need be) and is the table the path should name."
+        ) from error
+
+
+def _delimiter(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes if s.lower() not in _COMPRESSION_SUFFIXES]
+    preferred, other = (",", "\t") if suffixes and suffixes[-1] == ".csv" else ("\t", ",")
+    try:
+        lines = first_lines(path, 20)
+    except UNREADABLE:  # reading the table says what is wrong with the file
+        return preferred
+    line = next((line for line in lines if line.strip() and not line.startswith("#")), "")
+    return other if preferred not in line and other in line else preferred
+
+
+def _looks_like(path: Path) -> tuple[str, str | None]:
+    """How the file's first line reads ("its first line has 4 tab-separated fields [...]") and the
+    format it resembles, if any."""
+    try:
+        lines = [line for line in first_lines(path, 20) if line.strip()]
+    except UNREADABLE as error:
+        return f"it cannot be read as text ({type(error).__name__}: {error})", None
+    content = [line for line in lines if not line.startswith("#")]
+    if not content:
+        return "it holds no lines" + (" besides comments" if lines else ""), None
+    line = content[0]
+    if "\t" in line:
+        fields, layout = line.split("\t"), "tab-separated"
+    elif "," in line:
+        fields, layout = line.split(","), "comma-separated"
+    else:
+        fields, layout = line.split(), "space-separated"
+    fields = [field.strip().strip('"') for field in fields]
+    guess = next((fmt for fmt, columns in _HEADERS if columns <= set(fields)), None)
+    if guess is None and len(fields) == 4 and fields[2].lower() in _TRRUST_MODES:
+        guess = "trrust"
+    elif guess is None and len(fields) == 5 and fields[4] in _REGNETWORK_ARROWS:
+        guess = "regnetwork"
+    shown = fields[:8] + (["..."] if len(fields) > 8 else [])
+    if len(fields) == 1:
+        return f"its first line is a single field {shown}", guess
+    return f"its first line has {len(fields)} {layout} fields {shown}", guess
+
+
+def _unlike(path: Path, fmt: str, who: str, problem: str) -> DataError:
+    """The file does not look like ``fmt``: say what it looks like and which format fits it."""
+    description, guess = _looks_like(path)
+    if fmt not in _FORMAT_DIRECTED:  # a disease gene list or a GENCODE table, not an edge table
+        advice = f"It looks like a {guess!r} edge table; " if guess else ""
+        advice += "check that the path names the right file."
+    elif guess is not None and guess != fmt:
+        advice = f"That is the layout of format {guess!r}: set ground_truth.format: {guess}."
+    else:
+        advice = (
+            "Pick the format that matches the file (the table in `grnx plugins evaluator auprc`), or "
+            "use format: edges with source_column and target_column."
+        )
+    return DataError(
+        f"{who}: {path.name} does not look like a {fmt!r} table: {problem}; {description}. {advice}"
+    )
 
 
 def _need(table: pd.DataFrame, columns: list[str], path: Path, fmt: str, who: str) -> None:
     missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise DataError(
-            f"{who}: {path.name} read as format {fmt!r} needs columns {columns}; missing {missing}, found "
-            f"{list(table.columns)[:12]}. Pick the format that matches the file, or format: edges with "
-            "source_column/target_column."
+        raise _unlike(
+            path,
+            fmt,
+            who,
+            f"read as format {fmt!r} it needs columns {columns}; missing {missing}, found "
+            f"{list(table.columns)[:12]}",
+        )
+
+
+def _check_vocabulary(
+    values: pd.Series, allowed: frozenset[str], path: Path, fmt: str, who: str, column: str
+) -> None:
+    """Refuse a column whose values are not ``fmt``'s words (``allowed``, compared in lower case)."""
+    text = values.fillna("<missing>").astype(str).str.strip()
+    unknown = text[~text.str.lower().isin({a.lower() for a in allowed})]
+    if len(unknown):
+        raise _unlike(
+            path,
+            fmt,
+            who,
+            f"{len(unknown)} of {len(text)} rows have no {column} among {sorted(allowed)} (e.g. "
+            f"{list(dict.fromkeys(unknown))[:4]})",
         )
 
 
@@ -225,7 +350,7 @@ def _sign_from(values: pd.Series) -> pd.Series:
 def _read_edges(spec: GroundTruthSpec, path: Path, who: str) -> pd.DataFrame:
     fmt = spec.format
     if fmt == "biogrid":
-        table = _read_table(path)
+        table = _read_table(path, who=who)
         _need(table, ["entrezID_A", "entrezID_B", "symbol_A", "symbol_B"], path, fmt, who)
         return pd.DataFrame(
             {
@@ -236,15 +361,26 @@ def _read_edges(spec: GroundTruthSpec, path: Path, who: str) -> pd.DataFrame:
             }
         )
     if fmt == "trrust":
-        table = _read_table(path)
+        table = _read_table(path, who=who)
         if "TF" not in table.columns:  # the raw TRRUST download has no header
-            table = _read_table(path, header=None, names=["TF", "gene_symbol", "interaction", "position"])
+            if len(table.columns) != 4:
+                raise _unlike(
+                    path,
+                    fmt,
+                    who,
+                    f"it has no 'TF' column and {len(table.columns)} columns, where a header-less TRRUST "
+                    "file has 4 (TF, target, mode, PubMed ids)",
+                )
+            table = _read_table(
+                path, who=who, header=None, names=["TF", "gene_symbol", "interaction", "position"]
+            )
         _need(table, ["TF", "gene_symbol", "interaction"], path, fmt, who)
+        _check_vocabulary(table["interaction"], _TRRUST_MODES, path, fmt, who, "mode of regulation")
         return pd.DataFrame(
             {"source": table["TF"], "target": table["gene_symbol"], "sign": _sign_from(table["interaction"])}
         )
     if fmt == "dorothea":
-        table = _read_table(path)
+        table = _read_table(path, who=who)
         _need(table, ["tf", "target", "mor", "confidence"], path, fmt, who)
         if spec.confidence is not None:
             table = table[table["confidence"].isin(spec.confidence)]
@@ -252,7 +388,8 @@ def _read_edges(spec: GroundTruthSpec, path: Path, who: str) -> pd.DataFrame:
             {"source": table["tf"], "target": table["target"], "sign": _sign_from(table["mor"])}
         )
     if fmt in ("beeline", "string"):
-        table = _read_table(path, sep=None if fmt == "beeline" or path.suffix == ".csv" else r"\s+")
+        comma = _delimiter(path) == ","
+        table = _read_table(path, sep=None if fmt == "beeline" or comma else r"\s+", who=who)
         if fmt == "string" and {"protein1", "protein2"} <= set(table.columns):
             score = "combined_score" if "combined_score" in table.columns else None
             edges = pd.DataFrame({"source": table["protein1"], "target": table["protein2"]})
@@ -267,18 +404,15 @@ def _read_edges(spec: GroundTruthSpec, path: Path, who: str) -> pd.DataFrame:
             edges["score"] = pd.to_numeric(table["Score"], errors="coerce")
         return edges
     if fmt == "regnetwork":
-        table = pd.read_csv(
+        table = _read_table(
             path,
             sep=r"\s+",
+            who=who,
             header=None,
             comment="#",
-            dtype=str,
             names=["TF", "TF_entrez", "target", "target_entrez", "direction"],
         )
-        if table["direction"].isna().all():
-            raise DataError(
-                f"{who}: {path.name} is not RegNetwork's 'TF TF_id target target_id arrow' layout."
-            )
+        _check_vocabulary(table["direction"], _REGNETWORK_ARROWS, path, fmt, who, "arrow (5th field)")
         return pd.DataFrame(
             {
                 "source": table["TF"],
@@ -291,7 +425,7 @@ def _read_edges(spec: GroundTruthSpec, path: Path, who: str) -> pd.DataFrame:
     # generic edge table
     if spec.source_column is None or spec.target_column is None:
         raise DataError(f"{who}: format 'edges' needs ground_truth.source_column and target_column.")
-    table = _read_table(path)
+    table = _read_table(path, who=who)
     columns = [spec.source_column, spec.target_column]
     columns += [c for c in (spec.sign_column, spec.score_column) if c is not None]
     _need(table, columns, path, fmt, who)
@@ -307,7 +441,7 @@ def read_disease_genes(disease: DiseaseGenes, match_on: str, who: str) -> set[st
     """The disease gene ids, as strings in the ``match_on`` namespace of the file."""
     path = _existing(disease.path, f"{who}: ground_truth.disease_genes.path")
     if disease.format == "disgenet":
-        table = _read_table(path)
+        table = _read_table(path, who=who, what="a DisGeNET table")
         _need(table, ["Gene", "Gene_id", "Score_gda"], path, "disgenet", who)
         if disease.min_score is not None:
             table = table[pd.to_numeric(table["Score_gda"]) >= disease.min_score]
@@ -316,15 +450,17 @@ def read_disease_genes(disease: DiseaseGenes, match_on: str, who: str) -> set[st
     if disease.min_score is not None:
         raise DataError(f"{who}: disease_genes.min_score applies to DisGeNET tables only.")
     if disease.format == "table":
-        table = _read_table(path)
+        table = _read_table(path, who=who, what="a disease gene table")
         if disease.column is None:
             raise DataError(
                 f"{who}: disease_genes format 'table' needs 'column' (found {list(table.columns)})."
             )
         _need(table, [disease.column], path, "table", who)
         return set(table[disease.column].dropna().astype(str).str.strip())
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    genes = {line.strip() for line in first_lines(path, None) if line.strip() and not line.startswith("#")}
+    if not genes:
+        raise DataError(f"{who}: the disease gene list {path} holds no genes (one per line expected).")
+    return genes
 
 
 def _filter_disease(edges: pd.DataFrame, spec: GroundTruthSpec, who: str) -> pd.DataFrame:
@@ -374,7 +510,7 @@ def _gencode_map(spec: GroundTruthSpec, from_ns: str, to_ns: str, who: str) -> d
 def gencode_mapping(path: str, from_ns: str, to_ns: str) -> dict[str, str]:
     """id -> id from a GENCODE table (columns ensemblID, name, entrezID); the first row wins."""
     file = _existing(path, "ground_truth.gencode")
-    table = _read_table(file)
+    table = _read_table(file, who="ground_truth.gencode", what="a GENCODE table")
     _need(table, ["ensemblID", "name", "entrezID"], file, "gencode", "ground_truth.gencode")
     column = {"symbol": "name", "entrez": "entrezID", "ensembl": "ensemblID"}
     pairs = table[[column[from_ns], column[to_ns]]].dropna()
@@ -397,6 +533,14 @@ def normalise_gene(name: str, case_sensitive: bool = True) -> str:
     return name if case_sensitive else name.upper()
 
 
+def _overlaps_ignoring_case(truth: GroundTruth, universe: list[str]) -> bool:
+    """Whether some ground-truth pair lies in the universe once names are compared in upper case."""
+    genes = {normalise_gene(g, case_sensitive=False) for g in universe}
+    source = truth.edges["source"].astype(str).map(lambda g: normalise_gene(g, case_sensitive=False))
+    target = truth.edges["target"].astype(str).map(lambda g: normalise_gene(g, case_sensitive=False))
+    return bool((source.isin(genes) & target.isin(genes) & (source != target)).any())
+
+
 def overlap_error(who: str, truth: GroundTruth, universe: list[str], extractor: str) -> DataError:
     """A clear error for a ground truth sharing no pair with the run's genes."""
     truth_genes = sorted(truth.genes)
@@ -407,8 +551,8 @@ def overlap_error(who: str, truth: GroundTruth, universe: list[str], extractor: 
         hint = " The run's genes look like Ensembl IDs: set ground_truth.gene_ids: ensembl and ground_truth.gencode."
     elif universe and all(g.isdigit() for g in universe[:50]):
         hint = " The run's genes look like Entrez IDs: set ground_truth.gene_ids: entrez."
-    elif any(g != g.upper() for g in universe[:50]) and all(g == g.upper() for g in truth_genes[:50]):
-        hint = " The run's genes are mixed case and the ground truth upper case: set ground_truth.case_sensitive: false."
+    elif _overlaps_ignoring_case(truth, universe):
+        hint = " They share pairs when letter case is ignored: set ground_truth.case_sensitive: false."
     return DataError(
         f"{who}: no pair of ground truth {truth.name!r} ({len(truth.edges)} edges over {len(truth_genes)} "
         f"genes, e.g. {truth_genes[:4]}) falls inside the {len(universe)} genes scored by extractor "

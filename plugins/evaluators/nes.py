@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import Field
 
 from grnx_core import ComponentParams, DataError, EvaluationResult, Evaluator, RunContext
-from grnx_plugins.evaluators._pairs import OVERLAP_METRICS
+from grnx_plugins.evaluators._pairs import OVERLAP_COUNTS
 from grnx_plugins.evaluators.ground_truth import GroundTruthSpec, resolve_ground_truth
 
 
@@ -61,14 +61,9 @@ class NesEvaluator(Evaluator):
         )
         plot: bool = Field(True, description="draw the running-sum enrichment plot per extractor")
 
-    higher_is_better: ClassVar[dict[str, bool]] = {
-        "es": True,
-        "nes": True,
-        "pvalue": False,
-        "n_hits": True,
-        "n_items": True,
-        **OVERLAP_METRICS,
-    }
+    higher_is_better: ClassVar[dict[str, bool]] = {"es": True, "nes": True, "pvalue": False}
+    #: counts: no direction
+    informational: ClassVar[frozenset[str]] = frozenset({"n_hits", "n_items"}) | OVERLAP_COUNTS
 
     def evaluate(self, context: RunContext) -> EvaluationResult:
         from grnx_plugins.evaluators import _gsea, _pairs

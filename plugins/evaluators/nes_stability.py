@@ -18,7 +18,8 @@ class NesStabilityEvaluator(NesEvaluator):
     error of the repeats' NES against the reference run (the same recipe on the full data, no
     sampler), which the runner computes because ``needs_reference`` is set:
     ``nes_mse = mean_r (NES_r - NES_full)^2``. Keep the permutation seed fixed (the default) so the
-    Monte-Carlo error of the null is shared by the repeats and the reference.
+    Monte-Carlo error of the null is shared by the repeats and the reference. A recipe without a
+    sampler is refused at validation (``needs_reference``): it would only report plain ``nes``.
     """
 
     name = "nes_stability"
@@ -30,11 +31,11 @@ class NesStabilityEvaluator(NesEvaluator):
         "nes_mean": True,
         "nes_std": False,
         "es_mean": True,
-        "n_repeats": True,
         "nes_mse": False,
         "es_mse": False,
-        "nes_reference": True,
     }
+    #: the number of repeats, and the reference run's NES the repeats are compared with
+    informational: ClassVar[frozenset[str]] = NesEvaluator.informational | {"n_repeats", "nes_reference"}
     needs_reference: ClassVar[bool] = True
 
     def aggregate(

@@ -167,6 +167,13 @@ class AttentionExtractor(Extractor):
                 continue
             weight = float(weights[cell_map.cell])
             attention = cell_map.attention[np.ix_(inside, inside)] if not inside.all() else cell_map.attention
+            if not np.isfinite(attention).all():
+                name = str(context.tokens.obs.index[cell_map.cell])
+                raise DataError(
+                    f"extractor 'attention': the model's attention over cell {name!r} (row {cell_map.cell}) "
+                    "holds NaN or inf values, so the model's weights are not usable. Train it again with "
+                    "a lower train.learning_rate (and train.max_grad_norm set), from inputs without NaN."
+                )
             update = attention.astype(np.float64) * weight
             np.fill_diagonal(update, 0.0)
             if len(np.unique(index)) == len(index):
@@ -187,6 +194,24 @@ class AttentionExtractor(Extractor):
             score = np.where(m > 0, z / np.where(m > 0, m, 1.0), np.nan)
         np.fill_diagonal(score, np.nan)
         return score
+
+    def _require_scored_pairs(self, score: np.ndarray, groups: list[np.ndarray]) -> None:
+        """Refuse a score matrix with no pair to rank: no two genes ever together in a cell (of both
+        groups, for case minus control), or every pair scoring 0."""
+        off_diagonal = score[~np.eye(len(score), dtype=bool)]
+        finite = off_diagonal[np.isfinite(off_diagonal)]
+        where = f"the {sum(len(c) for c in groups)} cells" + (" of both groups" if len(groups) == 2 else "")
+        if not len(finite):
+            raise DataError(
+                f"extractor 'attention': no two genes of the universe appear together in {where}, so no "
+                "pair has a score. Use cells with more expressed genes (or a larger max_length), or more cells."
+            )
+        if not np.any(finite):
+            raise DataError(
+                f"extractor 'attention': every pair scores 0 over {where}"
+                + (" (case and control attend alike)" if len(groups) == 2 else "")
+                + ", so the ranking would be arbitrary. Check the model and the case/control cells."
+            )
 
     def extract(self, context: RunContext) -> Interactions:
         model = self._model(context)
@@ -214,6 +239,7 @@ class AttentionExtractor(Extractor):
             z, m = self.aggregate(model, context, cells, weights, universe)
             scores.append(self.score(z, m))
         score = scores[0] if len(scores) == 1 else scores[0] - scores[1]
+        self._require_scored_pairs(score, groups)
         metadata = {
             "variant": self.variant,
             "weighting": self.weighting if context.sample is not None else "uniform",

@@ -122,7 +122,7 @@ class TokenModel(Model):
             empty = int(np.sum(context.tokens.lengths == 0))
             raise DataError(
                 f"{who}: {empty} cells have no tokens (no expressed genes). Filter them out first "
-                f"(e.g. the filter_cells preprocessor with min_genes >= 1)."
+                f"(e.g. the qc_filter preprocessor with min_genes: 1)."
             )
         return context.tokens
 

@@ -68,6 +68,20 @@ class TrainConfig:
                 f"train.epochs must be >= 0 and train.batch_size >= 1; got {self.epochs} and "
                 f"{self.batch_size}."
             )
+        # YAML reads .inf and .nan as floats: they pass "> 0" checks and train a NaN model.
+        for name, value, zero_ok, example in (
+            ("learning_rate", self.learning_rate, False, "1e-4"),
+            ("weight_decay", self.weight_decay, True, "0.01"),
+            ("max_grad_norm", self.max_grad_norm, False, "1.0, or null to disable clipping"),
+        ):
+            if value is None and name == "max_grad_norm":
+                continue
+            number = float(value) if isinstance(value, (int, float)) else math.nan
+            if not (math.isfinite(number) and (number > 0 or (zero_ok and number == 0))):
+                raise GrnxError(
+                    f"train.{name} must be a finite number {'>=' if zero_ok else '>'} 0 (e.g. {example}); "
+                    f"got {value!r}. Set it in the recipe's train section."
+                )
 
 
 def train_config(context: RunContext | None, **overrides: Any) -> TrainConfig:
@@ -286,6 +300,16 @@ def evaluate(module: torch.nn.Module, task: Task, indices: np.ndarray, batch_siz
     return metrics
 
 
+def diverged(what: str, epoch: int, where: str, config: TrainConfig) -> GrnxError:
+    """Training produced NaN or inf: stop with the settings to change rather than save a NaN model."""
+    return GrnxError(
+        f"Training diverged: {what} at epoch {epoch}, {where} (train.learning_rate {config.learning_rate:g}, "
+        f"max_grad_norm {config.max_grad_norm}, batch_size {config.batch_size}). Lower train.learning_rate "
+        f"(e.g. 10x), keep train.max_grad_norm set (e.g. 1.0), add warm-up (train.warmup_steps), and check "
+        f"that the model's input holds no NaN or inf values (normalise and log1p counts first)."
+    )
+
+
 def train(
     module: torch.nn.Module,
     task: Task,
@@ -304,7 +328,8 @@ def train(
     a validation set, ``<prefix>/val_loss``, ``<prefix>/val_accuracy``, ``<prefix>/val_macro_f1``.
     With ``early_stopping_patience`` it stops once the validation loss (the training loss when
     there is no validation set) has not improved for that many epochs, and restores the weights
-    of the best epoch.
+    of the best epoch. A NaN or inf loss, or weights that stop being finite, end training with a
+    GrnxError naming the epoch and batch.
     """
     if len(train_idx) == 0:
         raise DataError("No cells left to train on after the train/validation split.")
@@ -324,16 +349,24 @@ def train(
         started = time.perf_counter()
         module.train()
         total, count = 0.0, 0
-        for batch in bucketed_batches(train_idx, task.lengths, config.batch_size, rng):
+        batches = bucketed_batches(train_idx, task.lengths, config.batch_size, rng)
+        for number, batch in enumerate(batches, start=1):
             result = task.batch(module, batch, training=True)
+            loss = float(result.loss.detach())
+            if not math.isfinite(loss):
+                raise diverged(
+                    f"the training loss is {loss}", epoch, f"batch {number} of {len(batches)}", config
+                )
             optimizer.zero_grad(set_to_none=True)
             result.loss.backward()
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            total += float(result.loss.detach()) * result.n_items
+            total += loss * result.n_items
             count += result.n_items
+        if not all(bool(torch.isfinite(p).all()) for p in parameters):
+            raise diverged("the model's weights are no longer finite", epoch, "its last batch", config)
         metrics = {
             f"{prefix}/loss": total / max(count, 1),
             f"{prefix}/learning_rate": float(scheduler.get_last_lr()[0]),
@@ -341,6 +374,9 @@ def train(
         if len(val_idx):
             for name, value in evaluate(module, task, val_idx, config.batch_size).items():
                 metrics[f"{prefix}/val_{name}"] = value
+            if not math.isfinite(metrics[f"{prefix}/val_loss"]):
+                loss = metrics[f"{prefix}/val_loss"]
+                raise diverged(f"the validation loss is {loss}", epoch, "validation", config)
         metrics[f"{prefix}/epoch_seconds"] = time.perf_counter() - started
         history.append(metrics)
         if logger is not None:

@@ -103,6 +103,6 @@ def _check_chunk(
         raise DataError(
             f"{who}: cell {adata.obs_names[start + row]!r} (row {start + row}) has no non-zero "
             f"expression in {where} ({empty.size} such cells in rows {start}-{start + chunk.shape[0] - 1}); "
-            f"an empty cell has no Min-Max hash. Drop empty cells first (e.g. the filter_cells "
+            f"an empty cell has no Min-Max hash. Drop empty cells first (e.g. the qc_filter "
             f"preprocessor with min_genes: 1)."
         )

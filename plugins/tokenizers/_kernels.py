@@ -4,8 +4,8 @@ Every kernel works row by row and depends only on that row (and, for randomised 
 per-cell seed), so outputs do not depend on how rows are split into chunks or over workers.
 
 Sorting: rows are short (hundreds to a few thousand entries) and sorted once each, so a stable
-MSD radix sort on 64-bit keys (bucketing on the highest bits that differ, insertion sort on small
-buckets) replaces a comparison sort. Positive float64 values compare like their bit patterns
+radix sort on 64-bit keys (two 8-bit passes on the 16 highest bits in which a row's keys differ,
+refined on the runs that share them) replaces a comparison sort. Positive float64 values compare like their bit patterns
 read as unsigned integers, so a descending sort by value is an ascending sort by ``~bits``;
 stability keeps equal keys in input order, which is the tie-break the tokenizers document.
 """
@@ -15,9 +15,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_SMALL = 24  # segments up to this size are insertion-sorted
-_MAX_BITS = 12  # at most 4096 buckets per radix pass
-_SIGN_BIT = np.uint64(1) << np.uint64(63)
+_SMALL = 32  # segments up to this size are insertion-sorted
 
 # Flags a kernel returns about its input (first offending row and value are returned too).
 NEGATIVE = 1
@@ -50,10 +48,34 @@ def _highest_bit(value):
 
 
 @numba.njit(cache=True, nogil=True)
+def _scatter(
+    source_keys, source_payload, target_keys, target_payload, lo, hi, smallest, shift, digit, counts
+):
+    """One stable counting pass of :func:`stable_sort` on byte ``digit`` (0: low, 1: high)."""
+    base = 256 * digit
+    total = lo
+    for b in range(base, base + 256):
+        count = counts[b]
+        counts[b] = total
+        total += count
+    byte_shift = shift + np.uint64(8 * digit)
+    for i in range(lo, hi):
+        b = base + (((source_keys[i] - smallest) >> byte_shift) & np.uint64(255))
+        j = counts[b]
+        counts[b] = j + 1
+        target_keys[j] = source_keys[i]
+        target_payload[j] = source_payload[i]
+
+
+@numba.njit(cache=True, nogil=True)
 def stable_sort(keys, payload, n, key_buffer, payload_buffer, stack, counts):
     """Sort ``keys[:n]`` ascending, moving ``payload`` along; equal keys keep their input order.
 
-    Buffers come from :func:`workspace`.
+    A segment's keys are sorted on the 16 bits below the highest bit in which they differ
+    (``key - smallest``, two stable 8-bit counting passes through the buffers); runs that share
+    those 16 bits and differ further are pushed and sorted the same way on their own range, and
+    segments of up to ``_SMALL`` keys are insertion-sorted. Every step is stable, so the whole
+    sort is. Buffers come from :func:`workspace`.
     """
     if n < 2:
         return
@@ -64,8 +86,7 @@ def stable_sort(keys, payload, n, key_buffer, payload_buffer, stack, counts):
         top -= 1
         lo = stack[top, 0]
         hi = stack[top, 1]
-        size = hi - lo
-        if size <= _SMALL:
+        if hi - lo <= _SMALL:
             _insertion_sort(keys, payload, lo, hi)
             continue
         smallest = keys[lo]
@@ -77,59 +98,63 @@ def stable_sort(keys, payload, n, key_buffer, payload_buffer, stack, counts):
                 largest = keys[i]
         if smallest == largest:
             continue  # all equal: already in (stable) order
-        # Split [smallest, largest] into equal ranges of keys: for float bit patterns that is an
-        # even split in log scale, so rows spanning several binades still land ~1 per bucket.
-        n_bits = 4
-        while n_bits < _MAX_BITS and (1 << n_bits) < 2 * size:
-            n_bits += 1
-        shift = _highest_bit(largest - smallest) - n_bits + 1
-        if shift < 0:
-            shift = 0
-        ushift = np.uint64(shift)
-        n_buckets = int((largest - smallest) >> ushift) + 1
-        for b in range(n_buckets + 1):
+        shift = np.uint64(max(_highest_bit(largest - smallest) - 15, 0))
+        for b in range(512):
             counts[b] = 0
         for i in range(lo, hi):
-            counts[((keys[i] - smallest) >> ushift) + np.uint64(1)] += 1
-        for b in range(n_buckets):
-            counts[b + 1] += counts[b]
-        for i in range(lo, hi):
-            b = (keys[i] - smallest) >> ushift
-            target = lo + counts[b]
-            counts[b] += 1
-            key_buffer[target] = keys[i]
-            payload_buffer[target] = payload[i]
-        for i in range(lo, hi):
-            keys[i] = key_buffer[i]
-            payload[i] = payload_buffer[i]
+            digits = (keys[i] - smallest) >> shift  # < 2 ** 16
+            counts[digits & np.uint64(255)] += 1
+            counts[256 + (digits >> np.uint64(8))] += 1
+        first = (keys[lo] - smallest) >> shift
+        in_buffer = False
+        if counts[first & np.uint64(255)] != hi - lo:  # the low bytes differ
+            _scatter(keys, payload, key_buffer, payload_buffer, lo, hi, smallest, shift, 0, counts)
+            in_buffer = True
+        if counts[256 + (first >> np.uint64(8))] != hi - lo:  # the high bytes differ
+            if in_buffer:
+                _scatter(key_buffer, payload_buffer, keys, payload, lo, hi, smallest, shift, 1, counts)
+                in_buffer = False
+            else:
+                _scatter(keys, payload, key_buffer, payload_buffer, lo, hi, smallest, shift, 1, counts)
+                in_buffer = True
+        if in_buffer:
+            for i in range(lo, hi):
+                keys[i] = key_buffer[i]
+                payload[i] = payload_buffer[i]
         if shift == 0:
-            continue  # buckets hold equal keys
-        # counts[b] is now the end of bucket b: sort small buckets now, push the large ones.
+            continue  # those 16 bits were all the difference
+        # Runs sharing the 16 bits: sorted on their remaining bits, short ones now, others later.
         start = lo
-        for b in range(n_buckets):
-            end = lo + counts[b]
-            if end - start > _SMALL:
+        prefix = (keys[lo] - smallest) >> shift
+        for i in range(lo + 1, hi + 1):
+            current = prefix
+            if i < hi:
+                current = (keys[i] - smallest) >> shift
+                if current == prefix:
+                    continue
+            if i - start > _SMALL:
                 stack[top, 0] = start
-                stack[top, 1] = end
+                stack[top, 1] = i
                 top += 1
-            elif end - start > 1:
-                _insertion_sort(keys, payload, start, end)
-            start = end
+            elif i - start > 1:
+                _insertion_sort(keys, payload, start, i)
+            start = i
+            prefix = current
 
 
 @numba.njit(cache=True, nogil=True)
 def workspace(max_n):
     """Buffers for :func:`stable_sort` on up to ``max_n`` keys.
 
-    Each radix level consumes at least 4 of the 64 key bits, so at most 16 levels of at most 4096
-    pending buckets are ever on the stack.
+    Each level of refinement resolves 16 of the 64 key bits and pushes only runs of more than
+    ``_SMALL`` keys, so at most ``4 * max_n / _SMALL`` segments are ever on the stack.
     """
     size = max(max_n, 1)
     return (
         np.empty(size, dtype=np.uint64),
         np.empty(size, dtype=np.int64),
-        np.empty((16 * 4096 + 2, 2), dtype=np.int64),
-        np.zeros(4097, dtype=np.int64),
+        np.empty((4 * (size // _SMALL) + 8, 2), dtype=np.int64),
+        np.zeros(512, dtype=np.int64),
     )
 
 
@@ -160,25 +185,125 @@ def _uniform(seed, stream, i):
 
 
 @numba.njit(cache=True, nogil=True)
+def _scaled(x, recip, recip_median, target_sum, single):
+    """Geneformer's median-scaled value of a count ``x`` in a cell whose total has reciprocal ``recip``.
+
+    The operations of Geneformer's ``tokenize_anndata`` on a sparse matrix (scipy divides a sparse
+    matrix by a dense array by multiplying with its reciprocal): ``x * (1 / n) * target_sum *
+    (1 / median)``; ``single``: the first two products in float32 (float32 counts and ``n_counts``).
+    ``recip_median`` 0: normalisation only (fitting medians).
+    """
+    if single:
+        unscaled = np.float64(np.float32(x) * np.float32(recip) * np.float32(target_sum))
+    else:
+        unscaled = x * recip * target_sum
+    if recip_median == 0.0:
+        return unscaled
+    return unscaled * recip_median
+
+
+@numba.njit(cache=True, nogil=True)
+def _flag(flagged, bad_value, flags, row, value):
+    """Record input flags; the first flagged row and its value are kept."""
+    if flagged[1] < 0:
+        flagged[1] = row
+        bad_value[0] = value
+    flagged[0] = flags
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_entries(
+    indptr,
+    indices,
+    data,
+    r,
+    col_slot,
+    n_single,
+    summed,
+    touched,
+    stamp,
+    values,
+    slots,
+    check_counts,
+    flagged,
+    bad_value,
+):
+    """Expressed slots of row ``r`` into ``values``/``slots``, in slot order; returns (count, row sum).
+
+    Slots below ``n_single`` hold one column each and arrive in column order (= slot order);
+    the others sum several columns and are appended after them, in slot order. ``flagged`` holds
+    (input flags, first flagged row) and ``bad_value`` that row's value; ``summed``, ``touched``
+    and ``stamp`` are per-chunk scratch for the summed slots.
+    """
+    row_sum = 0.0
+    m = 0
+    n_touched = 0
+    for p in range(indptr[r], indptr[r + 1]):
+        x = data[p]
+        if check_counts:
+            flags = _check_value(x, flagged[0])
+            if flags != flagged[0]:
+                _flag(flagged, bad_value, flags, r, x)
+        row_sum += x
+        s = col_slot[indices[p]]
+        if s < 0 or x == 0:
+            continue
+        if s < n_single:
+            values[m] = x
+            slots[m] = s
+            m += 1
+            continue
+        k = s - n_single
+        if stamp[k] != r:
+            stamp[k] = r
+            summed[k] = x
+            touched[n_touched] = k
+            n_touched += 1
+        else:
+            summed[k] += x
+    # Summed slots in slot order (there are few: insertion sort).
+    for i in range(1, n_touched):
+        key = touched[i]
+        j = i - 1
+        while j >= 0 and touched[j] > key:
+            touched[j + 1] = touched[j]
+            j -= 1
+        touched[j + 1] = key
+    for i in range(n_touched):
+        k = touched[i]
+        if summed[k] != 0:
+            values[m] = summed[k]
+            slots[m] = n_single + k
+            m += 1
+    return m, row_sum
+
+
+@numba.njit(cache=True, nogil=True)
 def rank_value_chunk(
     indptr,
     indices,
     data,
     n_counts,
-    col_gene,
-    gene_token,
-    gene_median,
+    recip_counts,
+    col_slot,
+    n_single,
+    slot_token,
+    slot_recip_median,
     max_genes,
     cls_id,
     eos_id,
     target_sum,
+    single,
     check_counts,
 ):
     """Geneformer rank-value encoding of a CSR row block.
 
-    ``col_gene[j]`` is the gene (index into ``gene_token``/``gene_median``) of column ``j`` or -1;
-    columns sharing a gene are summed. ``n_counts[r]`` NaN means: use the row sum over all columns.
-    Returns token ids (flat), tokens per row (specials included), genes per row before truncation,
+    ``col_slot[j]`` is the slot of column ``j`` (-1: not tokenised); slots below ``n_single`` hold
+    one column, later ones sum all their columns (``rank_value`` builds them). Each slot has a
+    token and its median's reciprocal; two slots may share a token. ``n_counts[r]`` (with
+    ``recip_counts[r]``, computed as Geneformer does) is the cell's total; NaN means the row sum
+    over all columns. Values are sorted descending with a stable sort, so ties keep slot order.
+    Returns token ids (flat), tokens per row (specials included), slots per row before truncation,
     input flags, first flagged row and its value.
     """
     n_rows = indptr.shape[0] - 1
@@ -192,131 +317,126 @@ def rank_value_chunk(
     out = np.empty(total, dtype=np.int32)
     lengths = np.zeros(n_rows, dtype=np.int64)
     n_genes_row = np.zeros(n_rows, dtype=np.int64)
-    n_genes = gene_token.shape[0]
-    stamp = np.full(n_genes, -1, dtype=np.int64)
-    slot = np.empty(n_genes, dtype=np.int64)
-    summed = np.empty(max(widest, 1), dtype=np.float64)
-    genes = np.empty(max(widest, 1), dtype=np.int64)
+    n_summed = max(slot_token.shape[0] - n_single, 1)
+    summed = np.empty(n_summed, dtype=np.float64)
+    touched = np.empty(n_summed, dtype=np.int64)
+    stamp = np.full(n_summed, -1, dtype=np.int64)
+    values = np.empty(max(widest, 1), dtype=np.float64)
+    slots = np.empty(max(widest, 1), dtype=np.int64)
     scaled = np.empty(max(widest, 1), dtype=np.float64)
     scaled_bits = scaled.view(np.uint64)
     keys = np.empty(max(widest, 1), dtype=np.uint64)
-    order = np.empty(max(widest, 1), dtype=np.int64)
     key_buffer, payload_buffer, stack, counts = workspace(widest)
-    flags = 0
-    bad_row = -1
-    bad_value = 0.0
+    flagged = np.array([0, -1], dtype=np.int64)  # input flags, first flagged row
+    bad_value = np.zeros(1, dtype=np.float64)
     cursor = 0
     for r in range(n_rows):
+        m, row_sum = _row_entries(
+            indptr,
+            indices,
+            data,
+            r,
+            col_slot,
+            n_single,
+            summed,
+            touched,
+            stamp,
+            values,
+            slots,
+            check_counts,
+            flagged,
+            bad_value,
+        )
         total_count = n_counts[r]
-        row_sum = 0.0
-        m = 0
-        for p in range(indptr[r], indptr[r + 1]):
-            x = data[p]
-            if check_counts:
-                new_flags = _check_value(x, flags)
-                if new_flags != flags:
-                    if bad_row < 0:
-                        bad_row = r
-                        bad_value = x
-                    flags = new_flags
-            row_sum += x
-            g = col_gene[indices[p]]
-            if g < 0 or x == 0:
-                continue
-            if stamp[g] != r:
-                stamp[g] = r
-                slot[g] = m
-                summed[m] = x
-                genes[m] = g
-                m += 1
-            else:
-                summed[slot[g]] += x
+        recip = recip_counts[r]
         if np.isnan(total_count):
             total_count = row_sum
-        k = 0
+            recip = 1.0 / row_sum
+        if m > 0 and not total_count > 0:
+            _flag(flagged, bad_value, flagged[0] | ZERO_TOTAL, r, total_count)
+            m = 0
         for i in range(m):
-            if summed[i] == 0:
-                continue
-            if not total_count > 0:
-                if bad_row < 0:
-                    bad_row = r
-                    bad_value = total_count
-                flags |= ZERO_TOTAL
-                break
-            # Same operation order as Geneformer: x / n_counts * target_sum / median.
-            scaled[k] = summed[i] / total_count * target_sum / gene_median[genes[i]]
-            keys[k] = ~scaled_bits[k]
-            order[k] = genes[i]
-            k += 1
-        stable_sort(keys, order, k, key_buffer, payload_buffer, stack, counts)
-        kept = min(k, max_genes)
+            scaled[i] = _scaled(values[i], recip, slot_recip_median[slots[i]], target_sum, single)
+            keys[i] = ~scaled_bits[i]
+        stable_sort(keys, slots, m, key_buffer, payload_buffer, stack, counts)
+        kept = min(m, max_genes)
         start = cursor
         if cls_id >= 0:
             out[cursor] = cls_id
             cursor += 1
         for i in range(kept):
-            out[cursor] = gene_token[order[i]]
+            out[cursor] = slot_token[slots[i]]
             cursor += 1
         if eos_id >= 0:
             out[cursor] = eos_id
             cursor += 1
         lengths[r] = cursor - start
-        n_genes_row[r] = k
-    return out[:cursor], lengths, n_genes_row, flags, bad_row, bad_value
+        n_genes_row[r] = m
+    return out[:cursor], lengths, n_genes_row, flagged[0], flagged[1], bad_value[0]
 
 
 @numba.njit(cache=True, nogil=True)
-def normalised_by_gene(indptr, indices, data, n_counts, col_gene, target_sum, check_counts):
-    """(gene, x / n_counts * target_sum) for every expressed gene of every row (duplicates summed)."""
+def normalised_by_slot(
+    indptr,
+    indices,
+    data,
+    n_counts,
+    recip_counts,
+    col_slot,
+    n_single,
+    n_slots,
+    target_sum,
+    single,
+    check_counts,
+):
+    """(slot, normalised count ``x / n_counts * target_sum``) for every expressed slot of every row,
+    with the arithmetic of :func:`rank_value_chunk` (for fitting medians)."""
     n_rows = indptr.shape[0] - 1
     nnz = indptr[n_rows] - indptr[0]
-    out_gene = np.empty(nnz, dtype=np.int64)
+    out_slot = np.empty(nnz, dtype=np.int64)
     out_value = np.empty(nnz, dtype=np.float64)
-    n_genes = 0
-    for j in range(col_gene.shape[0]):
-        n_genes = max(n_genes, col_gene[j] + 1)
-    stamp = np.full(max(n_genes, 1), -1, dtype=np.int64)
-    slot = np.empty(max(n_genes, 1), dtype=np.int64)
-    flags = 0
-    bad_row = -1
-    bad_value = 0.0
+    widest = 0
+    for r in range(n_rows):
+        widest = max(widest, indptr[r + 1] - indptr[r])
+    n_summed = max(n_slots - n_single, 1)
+    summed = np.empty(n_summed, dtype=np.float64)
+    touched = np.empty(n_summed, dtype=np.int64)
+    stamp = np.full(n_summed, -1, dtype=np.int64)
+    values = np.empty(max(widest, 1), dtype=np.float64)
+    slots = np.empty(max(widest, 1), dtype=np.int64)
+    flagged = np.array([0, -1], dtype=np.int64)
+    bad_value = np.zeros(1, dtype=np.float64)
     cursor = 0
     for r in range(n_rows):
+        m, row_sum = _row_entries(
+            indptr,
+            indices,
+            data,
+            r,
+            col_slot,
+            n_single,
+            summed,
+            touched,
+            stamp,
+            values,
+            slots,
+            check_counts,
+            flagged,
+            bad_value,
+        )
         total_count = n_counts[r]
-        row_sum = 0.0
-        start = cursor
-        for p in range(indptr[r], indptr[r + 1]):
-            x = data[p]
-            if check_counts:
-                new_flags = _check_value(x, flags)
-                if new_flags != flags:
-                    if bad_row < 0:
-                        bad_row = r
-                        bad_value = x
-                    flags = new_flags
-            row_sum += x
-            g = col_gene[indices[p]]
-            if g < 0 or x == 0:
-                continue
-            if stamp[g] != r:
-                stamp[g] = r
-                slot[g] = cursor
-                out_gene[cursor] = g
-                out_value[cursor] = x
-                cursor += 1
-            else:
-                out_value[slot[g]] += x
+        recip = recip_counts[r]
         if np.isnan(total_count):
             total_count = row_sum
-        for i in range(start, cursor):
-            if not total_count > 0:
-                flags |= ZERO_TOTAL
-                if bad_row < 0:
-                    bad_row = r
-                    bad_value = total_count
-                break
-            out_value[i] = out_value[i] / total_count * target_sum
-    return out_gene[:cursor], out_value[:cursor], flags, bad_row, bad_value
+            recip = 1.0 / row_sum
+        if m > 0 and not total_count > 0:
+            _flag(flagged, bad_value, flagged[0] | ZERO_TOTAL, r, total_count)
+            continue
+        for i in range(m):
+            out_slot[cursor] = slots[i]
+            out_value[cursor] = _scaled(values[i], recip, 0.0, target_sum, single)
+            cursor += 1
+    return out_slot[:cursor], out_value[:cursor], flagged[0], flagged[1], bad_value[0]
 
 
 @numba.njit(cache=True, nogil=True)

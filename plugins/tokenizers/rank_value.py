@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import Field
+import pandas as pd
+from pydantic import Field, model_validator
 
 from grnx_core import ComponentParams, DataError, TokenizedCells, Tokenizer
 
@@ -22,21 +24,47 @@ if TYPE_CHECKING:
 #: Geneformer's scaling of each cell to 10,000 counts before dividing by the gene medians.
 TARGET_SUM = 10_000.0
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$", re.IGNORECASE)
-_DEFAULTS = {"V1": (2048, False), "V2": (4096, True)}
+_WHO = "Tokenizer 'rank_value'"
+
+#: The two Geneformer model series: dictionaries (tags in their file names), input size, specials.
+MODEL_SERIES = {
+    "V1": {"corpora": ("30",), "input_size": 2048, "special_tokens": False, "dictionaries": "gc30M"},
+    "V2": {
+        "corpora": ("95", "104"),
+        "input_size": 4096,
+        "special_tokens": True,
+        "dictionaries": "gc95M/gc104M",
+    },
+}
+#: A V1 model's vocabulary: <pad>, <mask> and 25,424 genes.
+V1_VOCABULARY_SIZE = 25_426
+_CORPUS_TAG = re.compile(r"gc(\d+)M", re.IGNORECASE)
 
 
 @dataclass
 class _RankPlan:
     """What a worker needs to tokenise a row block (picklable)."""
 
-    col_gene: np.ndarray  # input column -> gene index, -1 when the column is not tokenised
-    gene_token: np.ndarray  # gene index -> token id
-    gene_median: np.ndarray  # gene index -> normalisation factor
+    col_slot: np.ndarray  # input column -> slot, -1 when the column is not tokenised
+    n_single: int  # slots [0, n_single) hold one column each; later slots sum several
+    slot_token: np.ndarray  # slot -> token id
+    slot_recip_median: np.ndarray  # slot -> 1 / median, as numpy computes it
     max_genes: int
     cls_id: int
     eos_id: int
+    single: bool  # float32 normalisation (see _single_precision)
     drop_empty: bool
     source: str  # "X" or "layers['counts']", for messages
+
+
+@dataclass
+class _Slots:
+    """The data's columns grouped as Geneformer groups them (see :meth:`RankValue._slots`)."""
+
+    col_slot: np.ndarray
+    n_single: int
+    slot_gene: list[str]
+    facts: dict[str, Any]
 
 
 def _rank_value_kernel(plan: _RankPlan, block: sp.csr_matrix, per_row: dict[str, np.ndarray]) -> ChunkTokens:
@@ -48,13 +76,16 @@ def _rank_value_kernel(plan: _RankPlan, block: sp.csr_matrix, per_row: dict[str,
         block.indices,
         block.data,
         per_row["n_counts"],
-        plan.col_gene,
-        plan.gene_token,
-        plan.gene_median,
+        per_row["recip_counts"],
+        plan.col_slot,
+        plan.n_single,
+        plan.slot_token,
+        plan.slot_recip_median,
         plan.max_genes,
         plan.cls_id,
         plan.eos_id,
         TARGET_SUM,
+        plan.single,
         True,
     )
     empty = n_genes == 0
@@ -81,50 +112,108 @@ def _describe_flags(flags: int, source: str) -> str | None:
         found = "a non-integer value ({value})"
     elif flags & _kernels.ZERO_TOTAL:
         return (
-            "Tokenizer 'rank_value': cell {cell!r} has expressed genes but a total count of {value}; "
-            "obs['n_counts'] must hold each cell's total count (> 0). Fix or drop that column (the row "
-            "sum is used when it is absent)."
+            f"{_WHO}: cell {{cell!r}} has expressed genes but a total count of {{value}}; the total "
+            "(obs['n_counts'], or the row sum with n_counts_key: null) must be > 0. Fix that cell's total "
+            "or drop the cell."
         )
     else:
         return None
     return (
-        f"Tokenizer 'rank_value' needs raw integer counts in {source}; cell {{cell!r}} has {found}. "
+        f"{_WHO} needs raw integer counts in {source}; cell {{cell!r}} has {found}. "
         f"Point the tokenizer's 'layer' parameter at the raw counts (data sources keep them in "
         f"layers['counts']), or tokenise before normalising."
     )
 
 
+def _single_precision(matrix_dtype: np.dtype, counts_dtype: np.dtype) -> bool:
+    """Whether Geneformer's ``X_view / n_counts * target_sum`` runs in float32 for counts of
+    ``matrix_dtype`` and an ``n_counts`` column of ``counts_dtype`` (numpy's type promotion; the
+    division by the float64 medians that follows always runs in float64)."""
+    one = np.ones(1, dtype=matrix_dtype)
+    count = np.ones(1, dtype=counts_dtype)
+    result = np.multiply(one, np.divide(1, count)) * 10_000
+    if result.dtype not in (np.float32, np.float64):
+        raise DataError(
+            f"{_WHO}: counts stored as {np.dtype(matrix_dtype)} with n_counts as {np.dtype(counts_dtype)} "
+            f"normalise in {result.dtype}, which grnx does not reproduce. Store n_counts as float64 "
+            f"(e.g. adata.obs['n_counts'] = adata.obs['n_counts'].astype('float64'))."
+        )
+    return bool(result.dtype == np.float32)
+
+
 class RankValue(Tokenizer):
     """Geneformer's rank-value encoding (Theodoris et al., Nature 2023), V1 and V2 model series.
 
-    For cell c with raw counts x and total ``n_counts`` (``obs["n_counts"]`` when present, else the
-    row sum over all genes), every expressed gene g that has a token gets
-    ``v_g = x_g / n_counts * 10_000 / median_g``; the genes are ordered by ``v_g`` descending and
-    truncated to the model input: V1 (gc30M dictionaries) 2,048 genes, no special tokens; V2
-    (gc95M/gc104M dictionaries) 4,094 genes between ``<cls>`` and ``<eos>``. Gene ids are
-    upper-cased and mapped through the Ensembl mapping dictionary; counts of columns that map to the
-    same gene are summed. Only cells with ``obs["filter_pass"] == 1`` are tokenised when that column
-    exists; cells with no tokenisable gene are dropped (as Geneformer does) unless
-    ``drop_empty_cells`` is false.
+    Reproduces Geneformer's ``TranscriptomeTokenizer.tokenize_data`` on an h5ad file. Reference:
+    ``geneformer/tokenizer.py`` of Geneformer (huggingface.co/ctheodoris/Geneformer) at its commit
+    7ec90d6 of 2025-10-12, as mirrored in github.com/explorerwjy/Geneformer; line numbers below are
+    that file's. The rules, in the order they apply:
 
-    Ties: Geneformer ranks with ``np.argsort(-v)`` (quicksort, not stable), so the order of genes
-    with exactly equal ``v_g`` is arbitrary there. grnx sorts stably: equal values keep the order of
-    their columns in ``adata.var`` (a gene summed from several columns takes the place of the first
-    of them expressed in that cell). The output equals Geneformer's except for the order inside
-    such tied groups (and, with float32 ``n_counts``, where Geneformer's float32 arithmetic rounds
-    two distinct values to the same one or swaps near-equal ones; grnx computes in float64).
+    1. Model series (``__init__``, lines 368-407): V1 means the gc30M dictionaries, 2,048 tokens
+       and no special tokens; V2 the gc95M/gc104M dictionaries, 4,094 genes between ``<cls>`` and
+       ``<eos>`` (4,096 tokens). grnx refuses a mismatch instead of warning (line 405): a V1 token
+       dictionary holds neither ``<cls>`` nor ``<eos>``, a V2 one holds both, a dictionary file whose
+       name carries a corpus tag (``gc30M``, ``gc95M``, ``gc104M``) must match the series, V1 ids
+       stay below 25,426, and ``model_input_size`` may lower the limit but never exceed it.
+    2. The mapping dictionary is kept only where its target has a token (lines 429-432); without
+       one, every token id maps to itself (line 423).
+    3. Duplicated IDs (``sum_ensembl_ids``, lines 234-296). With ``collapse_gene_ids`` (default):
+       the *raw* ids (not upper-cased) found among the mapping's keys are compared with their
+       targets; only when there are more distinct ids than distinct targets (a many-to-one mapping,
+       line 253) are columns summed. Each column's id is upper-cased and mapped (lines 254/258);
+       then, when summing, every target held by several columns (exact duplicates included) is
+       summed over its columns before normalisation, and the summed genes go after the other
+       genes, in the order of their first column (lines 261-294). Otherwise every column stays a
+       gene of its own, normalised with the same median, so a token can appear twice in a cell.
+       ``collapse_gene_ids: false``: raw ids looked up in the token dictionary as they are (no
+       mapping, no upper-casing), and an id in several columns is an error (line 245); Geneformer
+       itself then fails on the missing ``ensembl_id_collapsed`` column (line 539), so grnx
+       implements the intent. ``duplicate_ids: sum`` always sums columns of the same gene (grnx's
+       behaviour before version 2), placed as in the summing case.
+    4. Genes are the columns whose mapped id has a token (line 538) and a median (line 543, where
+       Geneformer raises ``KeyError``; grnx raises a DataError naming the genes, and with
+       ``gene_medians: fit`` leaves out the genes no training cell expresses).
+    5. Cells: those with ``obs["filter_pass"] == 1`` compared value by value as Python compares
+       them (line 560: ``1``, ``1.0`` and ``True`` pass; NaN does not); grnx refuses a column of
+       strings (Geneformer silently keeps no cell) and a filter that keeps no cell. Without the
+       column every cell is tokenised (line 565).
+    6. ``obs["n_counts"]`` is required and used as given (lines 225-227, 573): grnx refuses a missing
+       column, NaN or infinite totals (Geneformer would rank NaNs) and totals <= 0 in a cell with
+       expressed genes; ``n_counts_key: null`` uses each row's sum over all columns instead, on
+       request only.
+    7. Normalisation (lines 576-577) with the operations Geneformer performs on a sparse matrix:
+       ``x * (1 / n_counts) * 10_000 * (1 / median)`` (scipy divides a sparse matrix by a dense
+       array by multiplying with the array's reciprocal), the first two in float32 when the counts
+       and ``n_counts`` are both float32 (numpy's type promotion), the last in float64.
+    8. Genes ranked by value, descending (lines 65-71, ``np.argsort(-v)``), truncated to the input
+       size, ``<cls>``/``<eos>`` added for V2 (lines 745-775); cells left without genes are
+       removed (lines 600-615), unless ``drop_empty_cells`` is false.
+
+    Where grnx deliberately differs: ``np.argsort`` (quicksort) leaves the order of exactly equal
+    values arbitrary; grnx sorts stably, so tied genes keep Geneformer's gene order (the columns,
+    then the summed genes) and two copies of one gene, being the same token, need no order. A CSR
+    matrix that *stores* zeros makes Geneformer rank those genes last (its h5ad path keeps stored
+    entries; its loom path and documented method mask undetected genes); grnx skips them, as the
+    method says. On a *dense* matrix Geneformer divides (``x / n_counts * 10_000 / median``),
+    which rounds differently from the products above only in exact ties (e.g. a cell holding a
+    gene at exactly its median); grnx computes as for sparse matrices, so that sparse and dense
+    inputs give the same tokens (Geneformer cannot sum duplicated ids of a dense matrix at all:
+    ``pd.DataFrame.sparse.from_spmatrix`` fails, line 276). Counts must be non-negative integers
+    (checked; Geneformer does not check).
 
     Medians come from Geneformer's gene median dictionary, or (``gene_medians: fit``) from the
-    training cells: the non-zero median of ``x / n_counts * 10_000`` per gene, computed exactly
-    from chunk passes with memory bounded by ``median_memory_values``.
+    training cells: the non-zero median of the normalised count (step 7 without the median) per
+    gene, computed exactly from chunk passes with memory bounded by ``median_memory_values``.
 
     Dictionaries are read from Geneformer's ``.pkl`` files with a restricted unpickler (plain
     dict/str/int/float and numpy scalars only; anything else is refused) or from TSV/JSON.
 
     Reads ``layer`` (default ``layers["counts"]`` when present, else ``X``), ``var[gene_id_key]``
-    (default ``var_names``), ``obs["n_counts"]``, ``obs["filter_pass"]``. Streams row chunks of
+    (default ``var_names``), ``obs[n_counts_key]``, ``obs[filter_pass_key]``. Streams row chunks of
     in-memory or backed AnnData, optionally in ``n_workers`` processes; pass ``path`` to
-    :meth:`transform` to stream the tokens to disk instead of memory.
+    :meth:`transform` to stream the tokens to disk instead of memory. ``export: geneformer`` also
+    writes Geneformer's ``.dataset`` (see :func:`~grnx_plugins.tokenizers.export.to_geneformer_dataset`)
+    beside the tokens of a ``grnx run``, logged as the artifact ``tokens/geneformer.dataset``.
     """
 
     name = "rank_value"
@@ -132,7 +221,7 @@ class RankValue(Tokenizer):
         "Geneformer rank-value encoding (V1 2048 tokens / V2 4096 with <cls>/<eos>) from raw counts."
     )
     reference = "https://doi.org/10.1038/s41586-023-06139-9"
-    __version__ = "1"
+    __version__ = "2"
 
     class Params(ComponentParams):
         model_version: Literal["V1", "V2"] = Field(
@@ -161,18 +250,40 @@ class RankValue(Tokenizer):
             "normalised expression of the training cells",
         )
         model_input_size: int | None = Field(
-            None, ge=3, description="tokens per cell including special tokens; default 2048 (V1) / 4096 (V2)"
+            None,
+            ge=3,
+            description="tokens per cell including special tokens; default and maximum 2048 (V1) / 4096 (V2)",
         )
         special_tokens: bool | None = Field(
-            None, description="add <cls> first and <eos> last; default false (V1) / true (V2)"
+            None,
+            description="<cls> first and <eos> last: must be false for V1 and true for V2 (the default)",
         )
         gene_id_key: str | None = Field(None, description="var column with Ensembl ids; var_names when null")
         layer: str | None = Field(
             None, description="layer with raw integer counts; null: layers['counts'] when present, else X"
         )
-        n_counts_key: str = Field("n_counts", description="obs column with each cell's total count")
+        n_counts_key: str | None = Field(
+            "n_counts",
+            description="obs column with each cell's total count, required as in Geneformer; null: "
+            "use each row's sum over all columns of the matrix tokenised",
+        )
         filter_pass_key: str = Field(
-            "filter_pass", description="obs column; only cells where it is 1 are kept"
+            "filter_pass", description="obs column; only cells where it equals 1 are kept (when present)"
+        )
+        collapse_gene_ids: bool = Field(
+            True,
+            description="Geneformer's collapse_gene_ids: map ids through the mapping dictionary and sum "
+            "columns when it maps ids many-to-one; false: ids as given, duplicated ids are an error",
+        )
+        duplicate_ids: Literal["geneformer", "sum"] = Field(
+            "geneformer",
+            description="columns with the same gene: 'geneformer' sums them only when Geneformer does "
+            "(a many-to-one mapping), else keeps each as its own token; 'sum': always sum them",
+        )
+        export: Literal["geneformer"] | None = Field(
+            None,
+            description="also write the tokens as Geneformer's .dataset (logged as the artifact "
+            "tokens/geneformer.dataset of a grnx run)",
         )
         drop_empty_cells: bool = Field(
             True, description="drop cells with no tokenisable gene (as Geneformer)"
@@ -184,6 +295,29 @@ class RankValue(Tokenizer):
             ge=1000,
             description="values held at once when computing medians in fit",
         )
+
+        @model_validator(mode="after")
+        def _agrees_with_the_model_series(self) -> RankValue.Params:
+            series = MODEL_SERIES[self.model_version]
+            limit = series["input_size"]
+            if self.model_input_size is not None and self.model_input_size > limit:
+                raise ValueError(
+                    f"model_input_size {self.model_input_size} is more than a {self.model_version} model "
+                    f"reads ({limit} tokens); use {limit} or less"
+                )
+            if self.special_tokens is not None and self.special_tokens != series["special_tokens"]:
+                raise ValueError(
+                    f"special_tokens {str(self.special_tokens).lower()} does not fit model_version "
+                    f"{self.model_version}: {self.model_version} models are trained "
+                    f"{'with' if series['special_tokens'] else 'without'} <cls> and <eos>; leave "
+                    "special_tokens unset"
+                )
+            if not self.collapse_gene_ids and self.duplicate_ids == "sum":
+                raise ValueError(
+                    "duplicate_ids 'sum' needs collapse_gene_ids true (with collapse_gene_ids false, "
+                    "duplicated ids are an error, as in Geneformer)"
+                )
+            return self
 
     # ---- dictionaries ------------------------------------------------------------------------
 
@@ -197,7 +331,10 @@ class RankValue(Tokenizer):
         return None
 
     def _dictionaries(self) -> dict[str, Any]:
-        cached = getattr(self, "dictionaries_", None)
+        """The dictionaries, read once per instance. They are not part of the saved state (the
+        files are; a tokenizer loaded from its state reads them again and checks they are the
+        files it was fitted with)."""
+        cached = getattr(self, "_loaded", None)
         if cached is not None:
             return cached
         from grnx_plugins.tokenizers._dictionaries import load_dictionary
@@ -205,7 +342,7 @@ class RankValue(Tokenizer):
         token_path = self._dictionary_path(self.token_dictionary, "token_dictionary", "token dictionary")
         if token_path is None:
             raise DataError(
-                "Tokenizer 'rank_value' needs Geneformer's token dictionary: set tokenizer.params."
+                f"{_WHO} needs Geneformer's token dictionary: set tokenizer.params."
                 "dictionary_dir to the folder holding it (e.g. Geneformer's geneformer/ or "
                 "gene_dictionaries_30m/), or tokenizer.params.token_dictionary to the file."
             )
@@ -227,7 +364,7 @@ class RankValue(Tokenizer):
             )
             if median_path is None:
                 raise DataError(
-                    "Tokenizer 'rank_value' needs gene medians: set tokenizer.params.gene_median_dictionary "
+                    f"{_WHO} needs gene medians: set tokenizer.params.gene_median_dictionary "
                     "(or dictionary_dir), or set tokenizer.params.gene_medians: fit to compute them from "
                     "the training cells."
                 )
@@ -246,13 +383,55 @@ class RankValue(Tokenizer):
             "ensembl_mapping_dictionary": mapping_path,
             "gene_median_dictionary": median_path,
         }
-        self.dictionaries_ = {
-            "tokens": tokens,
-            "mapping": mapping,
-            "medians": medians,
-            "files": {k: {"name": p.name, "sha256": _sha256(p)} for k, p in files.items() if p is not None},
-        }
-        return self.dictionaries_
+        self._check_model_series(tokens, token_path, {k: p for k, p in files.items() if p is not None})
+        described = {k: {"name": p.name, "sha256": _sha256(p)} for k, p in files.items() if p is not None}
+        fitted_with = getattr(self, "dictionary_files_", None)
+        if fitted_with is not None and fitted_with != described:
+            changed = sorted(
+                k for k in set(fitted_with) | set(described) if fitted_with.get(k) != described.get(k)
+            )
+            raise DataError(
+                f"{_WHO}: the {', '.join(k.replace('_', ' ') for k in changed)} changed since this tokenizer "
+                f"was fitted (fitted with {fitted_with}, now {described}); its tokens would use other ids or "
+                f"medians. Fit it again (for a run: `grnx cache clear --stage tokenize`, then rerun)."
+            )
+        self._loaded = {"tokens": tokens, "mapping": mapping, "medians": medians, "files": described}
+        return self._loaded
+
+    def _check_model_series(self, tokens: dict[str, int], token_path: Path, files: dict[str, Path]) -> None:
+        """Refuse dictionaries of the other Geneformer series (their token ids mean other genes)."""
+        version = self.model_version
+        series = MODEL_SERIES[version]
+        fix = (
+            f"Set tokenizer.params.model_version to the series of the dictionaries, or point "
+            f"tokenizer.params.dictionary_dir at the {series['dictionaries']} dictionaries "
+            f"(../shared/data/geneformer/{version.lower()} holds them)."
+        )
+        present = [t for t in ("<cls>", "<eos>") if t in tokens]
+        if version == "V1" and present:
+            raise DataError(
+                f"{_WHO}: model_version V1 (gc30M dictionaries, 2048 tokens, no special tokens), but the "
+                f"token dictionary {token_path} holds {' and '.join(present)}: it is a V2 (gc95M/gc104M) "
+                f"dictionary, whose token ids a V1 model cannot read. {fix}"
+            )
+        if version == "V2" and len(present) < 2:
+            missing = " and ".join(t for t in ("<cls>", "<eos>") if t not in tokens)
+            raise DataError(
+                f"{_WHO}: model_version V2 (gc95M/gc104M dictionaries, 4096 tokens with <cls> and <eos>), "
+                f"but the token dictionary {token_path} has no {missing}: it is a V1 (gc30M) dictionary. {fix}"
+            )
+        if version == "V1" and max(tokens.values()) >= V1_VOCABULARY_SIZE:
+            raise DataError(
+                f"{_WHO}: model_version V1, but the token dictionary {token_path} has token ids up to "
+                f"{max(tokens.values())}, beyond a V1 model's vocabulary of {V1_VOCABULARY_SIZE:,} tokens. {fix}"
+            )
+        for kind, path in files.items():
+            tag = _CORPUS_TAG.search(path.name)
+            if tag is not None and tag.group(1) not in series["corpora"]:
+                raise DataError(
+                    f"{_WHO}: model_version {version} uses the {series['dictionaries']} dictionaries, but "
+                    f"{kind.replace('_', ' ')} {path} is named for the gc{tag.group(1)}M corpus. {fix}"
+                )
 
     def input_files(self) -> list[Path]:
         """The dictionary files the tokens depend on (their content should key a cache)."""
@@ -267,138 +446,261 @@ class RankValue(Tokenizer):
         return [f for f in files if f is not None]
 
     def _settings(self) -> tuple[int, bool]:
-        size, special = _DEFAULTS[self.model_version]
-        return (
-            self.model_input_size or size,
-            special if self.special_tokens is None else self.special_tokens,
-        )
+        series = MODEL_SERIES[self.model_version]
+        return self.model_input_size or series["input_size"], series["special_tokens"]
 
-    # ---- mapping of the data's genes -----------------------------------------------------------
+    # ---- the data's genes ----------------------------------------------------------------------
 
     def _gene_ids(self, adata: anndata.AnnData) -> np.ndarray:
         if self.gene_id_key is None:
             return np.asarray(adata.var_names, dtype=str)
         if self.gene_id_key not in adata.var.columns:
             raise DataError(
-                f"Tokenizer 'rank_value': gene_id_key {self.gene_id_key!r} is not a var column "
+                f"{_WHO}: gene_id_key {self.gene_id_key!r} is not a var column "
                 f"(var columns: {', '.join(map(str, adata.var.columns[:20])) or 'none'})."
             )
         return adata.var[self.gene_id_key].astype(str).to_numpy()
 
-    def _map_genes(
-        self, adata: anndata.AnnData, medians: dict[str, float] | None
-    ) -> tuple[np.ndarray, list[str], dict]:
-        """Column -> gene index (-1: no token / no median), the gene ids, and mapping facts."""
+    def _slots(self, adata: anndata.AnnData, medians: dict[str, float] | None) -> _Slots:
+        """Columns grouped into slots (the genes Geneformer ranks), by the rules of the docstring.
+
+        A slot is one column, or (when Geneformer sums) all columns of one gene; slots are
+        numbered in Geneformer's gene order: single columns in column order, then summed genes in
+        the order of their first column. ``medians`` None: every gene with a token is kept.
+        """
         dictionaries = self._dictionaries()
         tokens, mapping = dictionaries["tokens"], dictionaries["mapping"]
-        ids = self._gene_ids(adata)
-        upper = np.char.upper(ids.astype(str))
+        ids = self._gene_ids(adata).tolist()
         special = {k for k in tokens if k.startswith("<") and k.endswith(">")}
-        col_gene = np.full(len(ids), -1, dtype=np.int64)
-        genes: list[str] = []
-        index: dict[str, int] = {}
-        n_without_median = 0
-        for column, gene_id in enumerate(upper.tolist()):
-            mapped = mapping.get(gene_id) if mapping is not None else gene_id
-            if mapped is None or mapped not in tokens or mapped in special:
-                continue
-            if medians is not None and mapped not in medians:
-                n_without_median += 1
-                continue
-            if mapped not in index:
-                index[mapped] = len(genes)
-                genes.append(mapped)
-            col_gene[column] = index[mapped]
-        n_mapped = int((col_gene >= 0).sum())
-        if n_mapped == 0:
-            looks = int(sum(bool(_ENSEMBL.match(i)) for i in ids.tolist()))
-            where = "var_names" if self.gene_id_key is None else f"var[{self.gene_id_key!r}]"
+        where = "var_names" if self.gene_id_key is None else f"var[{self.gene_id_key!r}]"
+        if not self.collapse_gene_ids:
+            in_dictionary = [i for i in ids if i in tokens]
+            repeated = [i for i, count in Counter(in_dictionary).items() if count > 1]
+            if repeated:
+                raise DataError(
+                    f"{_WHO}: {len(repeated)} ids of the token dictionary appear in several columns of "
+                    f"{where} (first: {', '.join(repeated[:3])}), and collapse_gene_ids is false; Geneformer "
+                    f"refuses this too ('data Ensembl IDs non-unique'). Set tokenizer.params."
+                    f"collapse_gene_ids: true (Geneformer's default) to map and combine them, or remove "
+                    f"the duplicated columns."
+                )
+            mapped = [i if i in tokens else None for i in ids]
+            summing = False
+        else:
+            if mapping is None:
+                usable = {k: k for k in tokens}
+            else:
+                usable = {k: v for k, v in mapping.items() if v in tokens}
+            in_mapping = [i for i in ids if i in usable]
+            many_to_one = len(set(in_mapping)) != len({usable[i] for i in in_mapping})
+            summing = many_to_one or self.duplicate_ids == "sum"
+            mapped = [usable.get(i.upper()) for i in ids]
+        mapped = [None if m in special else m for m in mapped]
+        without_median = sorted(
+            {m for m in mapped if m is not None and medians is not None and m not in medians}
+        )
+        if without_median and self.gene_medians == "dictionary":
             raise DataError(
-                f"Tokenizer 'rank_value' needs Ensembl IDs in var; {looks} of {len(ids)} {where} look like "
+                f"{_WHO}: {len(without_median)} genes of the data have a token but no median in the gene "
+                f"median dictionary (first: {', '.join(without_median[:3])}); Geneformer fails on them "
+                f"(KeyError). The token and median dictionaries must come from the same Geneformer "
+                f"series: check tokenizer.params.gene_median_dictionary / dictionary_dir."
+            )
+        n_without_median = 0
+        if without_median:
+            dropped = set(without_median)
+            n_without_median = sum(m in dropped for m in mapped)
+            mapped = [None if m in dropped else m for m in mapped]
+        n_tokenised = sum(m is not None for m in mapped)
+        if n_tokenised == 0:
+            looks = sum(bool(_ENSEMBL.match(i)) for i in ids)
+            raise DataError(
+                f"{_WHO} needs Ensembl IDs in var; {looks} of {len(ids)} {where} look like "
                 f"Ensembl IDs and none maps to a token of the {self.model_version} dictionary (first ids: "
-                f"{', '.join(ids[:3].tolist())}). Add a gene-id mapping preprocessor, or set "
+                f"{', '.join(ids[:3])}). Add a gene-id mapping preprocessor, or set "
                 f"tokenizer.params.gene_id_key to a var column holding Ensembl IDs."
             )
+        per_gene = Counter(m for m in mapped if m is not None)
+        col_slot = np.full(len(ids), -1, dtype=np.int64)
+        slot_gene: list[str] = []
+        if summing:
+            repeated_genes = [g for g, count in per_gene.items() if count > 1]  # order of first column
+            summed = set(repeated_genes)
+            for column, gene in enumerate(mapped):
+                if gene is not None and gene not in summed:
+                    col_slot[column] = len(slot_gene)
+                    slot_gene.append(gene)
+            n_single = len(slot_gene)
+            first = {gene: n_single + k for k, gene in enumerate(repeated_genes)}
+            for column, gene in enumerate(mapped):
+                if gene in first:
+                    col_slot[column] = first[gene]
+            slot_gene.extend(repeated_genes)
+        else:
+            for column, gene in enumerate(mapped):
+                if gene is not None:
+                    col_slot[column] = len(slot_gene)
+                    slot_gene.append(gene)
+            n_single = len(slot_gene)
+        n_repeated = sum(count - 1 for count in per_gene.values())
         facts = {
-            "n_var": int(len(ids)),
-            "n_var_tokenised": n_mapped,
-            "n_genes_tokenised": len(genes),
-            "n_var_summed_into_other_columns": n_mapped - len(genes),
+            "n_var": len(ids),
+            "n_var_tokenised": n_tokenised,
+            "n_genes_tokenised": len(per_gene),
+            "duplicate_ids": "summed" if summing else "kept",
+            "n_var_summed_into_other_columns": n_repeated if summing else 0,
+            "n_var_duplicating_other_columns": n_repeated,
             "n_var_without_median": n_without_median,
         }
-        return col_gene, genes, facts
+        return _Slots(col_slot=col_slot, n_single=n_single, slot_gene=slot_gene, facts=facts)
 
     def _layer(self, adata: anndata.AnnData) -> str | None:
         if self.layer is not None:
             return self.layer
         return "counts" if "counts" in adata.layers else None
 
-    def _positions_and_counts(self, adata: anndata.AnnData) -> tuple[np.ndarray, np.ndarray, dict]:
-        obs = adata.obs
-        if self.filter_pass_key in obs.columns:
-            keep = (obs[self.filter_pass_key] == 1).to_numpy()
-            positions = np.flatnonzero(keep)
+    # ---- the data's cells ----------------------------------------------------------------------
+
+    def _filter_pass(self, obs: pd.DataFrame) -> tuple[np.ndarray, dict[str, Any]]:
+        """Rows where ``obs[filter_pass_key] == 1``, as Geneformer compares them (or every row)."""
+        key = self.filter_pass_key
+        if key not in obs.columns:
+            return np.arange(len(obs)), {"n_cells_filtered_out": 0}
+        column = obs[key]
+        dtype = column.dtype
+        if isinstance(dtype, pd.CategoricalDtype):
+            categories = dtype.categories
+            if not (
+                pd.api.types.is_numeric_dtype(categories.dtype)
+                or pd.api.types.is_bool_dtype(categories.dtype)
+            ):
+                self._refuse_strings(column, key)
+            codes = column.cat.codes.to_numpy()
+            passing = np.asarray(categories == 1, dtype=bool)
+            keep = np.where(codes >= 0, passing[np.maximum(codes, 0)], False)
+        elif pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_numeric_dtype(dtype):
+            keep = (column == 1).fillna(False).to_numpy(dtype=bool)
         else:
-            positions = np.arange(adata.n_obs)
-        if self.n_counts_key in obs.columns:
-            try:
-                counts = obs[self.n_counts_key].to_numpy(dtype=np.float64)
-            except (TypeError, ValueError) as error:
-                raise DataError(
-                    f"Tokenizer 'rank_value': obs[{self.n_counts_key!r}] must be numeric totals per cell; "
-                    f"found {obs[self.n_counts_key].dtype}."
-                ) from error
-            source = f"obs[{self.n_counts_key!r}]"
-        else:
-            counts = np.full(adata.n_obs, np.nan)
-            source = "row sums"
-        facts = {
-            "n_cells_input": int(adata.n_obs),
-            "n_cells_filtered_out": int(adata.n_obs - len(positions)),
-            "n_counts_source": source,
-        }
-        return positions, counts[positions], facts
+            if any(isinstance(v, (str, bytes)) for v in column):
+                self._refuse_strings(column, key)
+            keep = np.array([_equals_one(v) for v in column], dtype=bool)
+        positions = np.flatnonzero(keep)
+        if len(positions) == 0:
+            values = ", ".join(map(repr, pd.unique(column)[:5]))
+            raise DataError(
+                f"{_WHO}: obs[{key!r}] equals 1 in none of the {len(obs)} cells (values: {values}), so no "
+                f"cell would be tokenised (Geneformer keeps the cells where it is 1). Fix the column, or "
+                f"rename it if it is not a filter."
+            )
+        return positions, {"n_cells_filtered_out": int(len(obs) - len(positions))}
+
+    @staticmethod
+    def _refuse_strings(column: pd.Series, key: str) -> None:
+        example = next((v for v in column if isinstance(v, (str, bytes))), None)
+        if example is None and isinstance(column.dtype, pd.CategoricalDtype):
+            example = column.cat.categories[0] if len(column.cat.categories) else None
+        raise DataError(
+            f"{_WHO}: obs[{key!r}] holds strings (e.g. {example!r}); Geneformer keeps the cells whose "
+            f"value equals the number 1, so a column of strings keeps none. Convert it to numbers "
+            f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(int)) or to booleans, or set "
+            f"tokenizer.params.filter_pass_key to another column."
+        )
+
+    def _n_counts(
+        self, obs: pd.DataFrame, positions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.dtype, dict[str, Any]]:
+        """Totals of the kept cells as float64, their reciprocals as numpy computes them in the
+        column's dtype (also float64), that dtype, and facts. NaN totals: use the row sums."""
+        key = self.n_counts_key
+        if key is None:
+            nan = np.full(len(positions), np.nan)
+            return nan, nan, np.dtype(np.float64), {"n_counts_source": "row sums (n_counts_key: null)"}
+        if key not in obs.columns:
+            raise DataError(
+                f"{_WHO} needs each cell's total count in obs[{key!r}], as Geneformer does (it requires "
+                f"the column and never computes it); the data has no such column (obs columns: "
+                f"{', '.join(map(str, obs.columns[:20])) or 'none'}). Add it: the sum of each cell's raw "
+                f"counts over all genes, before any gene filtering (e.g. adata.obs[{key!r}] = "
+                f"np.asarray(adata.X.sum(axis=1)).ravel()), set tokenizer.params.n_counts_key to the column "
+                f"holding it, or set tokenizer.params.n_counts_key: null to use the row sums of the matrix "
+                f"tokenised."
+            )
+        column = obs[key]
+        dtype = column.dtype
+        numeric = pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+        if not numeric or isinstance(dtype, pd.CategoricalDtype):
+            raise DataError(
+                f"{_WHO}: obs[{key!r}] must hold each cell's total count as numbers; found dtype {dtype}. "
+                f"Convert it (e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype('float64'))."
+            )
+        if isinstance(dtype, np.dtype):
+            values = column.to_numpy()[positions]
+        else:  # a pandas nullable dtype: missing values become NaN
+            values = column.to_numpy(dtype=np.float64, na_value=np.nan)[positions]
+        bad = ~np.isfinite(values.astype(np.float64))
+        if bad.any():
+            first = obs.index[positions[np.flatnonzero(bad)[0]]]
+            raise DataError(
+                f"{_WHO}: obs[{key!r}] is missing (NaN) or infinite for {int(bad.sum())} of the "
+                f"{len(positions)} cells tokenised (first: cell {first!r}); Geneformer would rank such "
+                f"cells by NaN values. Fill in those totals, drop those cells, or set "
+                f"tokenizer.params.n_counts_key: null to use the row sums."
+            )
+        with np.errstate(divide="ignore"):
+            recip = np.divide(1, values)  # Geneformer divides sparse counts by multiplying with this
+        facts = {"n_counts_source": f"obs[{key!r}]", "n_counts_dtype": str(values.dtype)}
+        return values.astype(np.float64), recip.astype(np.float64), recip.dtype, facts
 
     # ---- fit / transform -----------------------------------------------------------------------
 
     def fit(self, adata: anndata.AnnData) -> RankValue:
         """Load the dictionaries; with ``gene_medians: fit``, compute the medians from ``adata``."""
+        self.__dict__.pop("dictionary_files_", None)  # refitting: the files as they are now
         dictionaries = self._dictionaries()
+        self.dictionary_files_ = dictionaries["files"]
         if self.gene_medians == "dictionary":
-            self.gene_medians_ = dictionaries["medians"]
             return self
         from grnx_plugins.tokenizers import _kernels
         from grnx_plugins.tokenizers._streaming import matrix_reader
 
-        col_gene, genes, _ = self._map_genes(adata, None)
+        slots = self._slots(adata, None)
+        genes = list(dict.fromkeys(slots.slot_gene))
+        index = {g: i for i, g in enumerate(genes)}
+        gene_of_slot = np.array([index[g] for g in slots.slot_gene], dtype=np.int64)
         layer = self._layer(adata)
-        reader = matrix_reader(adata, layer, "Tokenizer 'rank_value'")
-        positions, n_counts, _ = self._positions_and_counts(adata)
+        reader = matrix_reader(adata, layer, _WHO)
+        positions, _ = self._filter_pass(adata.obs)
+        n_counts, recip, counts_dtype, _ = self._n_counts(adata.obs, positions)
+        single = _single_precision(reader.dtype, counts_dtype)
         source = "X" if layer is None else f"layers[{layer!r}]"
 
         def passes():
             for start in range(0, len(positions), self.chunk_size):
                 rows = positions[start : start + self.chunk_size]
                 block = reader.read(rows)
-                genes_of, values, flags, bad_row, bad_value = _kernels.normalised_by_gene(
+                slot_of, values, flags, bad_row, bad_value = _kernels.normalised_by_slot(
                     block.indptr.astype(np.int64),
                     block.indices,
                     block.data,
                     n_counts[start : start + self.chunk_size],
-                    col_gene,
+                    recip[start : start + self.chunk_size],
+                    slots.col_slot,
+                    slots.n_single,
+                    len(slots.slot_gene),
                     TARGET_SUM,
+                    single,
                     True,
                 )
                 problem = _describe_flags(flags, source)
                 if problem is not None:
                     raise DataError(problem.format(cell=adata.obs_names[rows[bad_row]], value=bad_value))
-                yield genes_of, values
+                yield gene_of_slot[slot_of], values
 
         medians = exact_nonzero_medians(passes, len(genes), self.median_memory_values)
         self.gene_medians_ = {gene: float(m) for gene, m in zip(genes, medians) if np.isfinite(m)}
         if not self.gene_medians_:
             raise DataError(
-                "Tokenizer 'rank_value': no gene is expressed in the training cells, so no median "
+                f"{_WHO}: no gene is expressed in the training cells, so no median "
                 "can be computed. Check the data and the train split."
             )
         return self
@@ -417,39 +719,32 @@ class RankValue(Tokenizer):
         medians = getattr(self, "gene_medians_", None)
         if medians is None:
             if self.gene_medians == "fit":
-                raise DataError(
-                    "Tokenizer 'rank_value' with gene_medians: fit must be fitted before transform."
-                )
+                raise DataError(f"{_WHO} with gene_medians: fit must be fitted before transform.")
             medians = dictionaries["medians"]
         tokens = dictionaries["tokens"]
         max_length, special = self._settings()
-        cls_id = eos_id = -1
-        if special:
-            missing = [t for t in ("<cls>", "<eos>") if t not in tokens]
-            if missing:
-                raise DataError(
-                    f"Tokenizer 'rank_value': special_tokens needs {' and '.join(missing)} in the token "
-                    f"dictionary, which has none (a V1 dictionary?). Use model_version: V1 or a V2 dictionary."
-                )
-            cls_id, eos_id = int(tokens["<cls>"]), int(tokens["<eos>"])
+        cls_id = int(tokens["<cls>"]) if special else -1
+        eos_id = int(tokens["<eos>"]) if special else -1
         max_genes = max_length - (2 if special else 0)
-        if max_genes < 1:
-            raise DataError(
-                f"Tokenizer 'rank_value': model_input_size {max_length} leaves no room for genes."
-            )
-        col_gene, genes, gene_facts = self._map_genes(adata, medians)
+        slots = self._slots(adata, medians)
         layer = self._layer(adata)
+        reader = matrix_reader(adata, layer, _WHO)
+        positions, cell_facts = self._filter_pass(adata.obs)
+        n_counts, recip, counts_dtype, count_facts = self._n_counts(adata.obs, positions)
+        single = _single_precision(reader.dtype, counts_dtype)
+        slot_median = np.array([medians[g] for g in slots.slot_gene], dtype=np.float64)
         plan = _RankPlan(
-            col_gene=col_gene,
-            gene_token=np.array([tokens[g] for g in genes], dtype=np.int32),
-            gene_median=np.array([medians[g] for g in genes], dtype=np.float64),
+            col_slot=slots.col_slot,
+            n_single=slots.n_single,
+            slot_token=np.array([tokens[g] for g in slots.slot_gene], dtype=np.int32),
+            slot_recip_median=np.divide(1, slot_median),
             max_genes=max_genes,
             cls_id=cls_id,
             eos_id=eos_id,
+            single=single,
             drop_empty=self.drop_empty_cells,
             source="X" if layer is None else f"layers[{layer!r}]",
         )
-        positions, n_counts, cell_facts = self._positions_and_counts(adata)
         vocabulary = [""] * (max(tokens.values()) + 1)
         for key, token in tokens.items():
             vocabulary[token] = key
@@ -469,18 +764,25 @@ class RankValue(Tokenizer):
             "gene_medians": self.gene_medians,
             "dictionaries": dictionaries["files"],
             "layer": plan.source,
-            "tie_break": "stable: equal values keep adata.var column order",
-            **gene_facts,
+            "collapse_gene_ids": self.collapse_gene_ids,
+            "normalisation": {
+                "precision": "float32" if single else "float64",
+                "operations": "x * (1 / n_counts) * 10000 * (1 / median)",
+            },
+            "tie_break": "stable: equal values keep Geneformer's gene order (columns, then summed genes)",
+            **slots.facts,
+            "n_cells_input": int(adata.n_obs),
             **cell_facts,
+            **count_facts,
         }
         return tokenize_rows(
             adata,
-            who="Tokenizer 'rank_value'",
+            who=_WHO,
             kernel=_rank_value_kernel,
             plan=plan,
-            reader=matrix_reader(adata, layer, "Tokenizer 'rank_value'"),
+            reader=reader,
             positions=positions,
-            per_row={"n_counts": n_counts},
+            per_row={"n_counts": n_counts, "recip_counts": recip},
             chunk_size=self.chunk_size,
             n_workers=self.n_workers,
             with_values=False,
@@ -489,6 +791,45 @@ class RankValue(Tokenizer):
             metadata=metadata,
             path=path,
         )
+
+    def write_artifacts(self, tokens: Path, folder: Path) -> dict[str, Path]:
+        """Files to log beside the tokens of a run, by artifact path: with ``export: geneformer``,
+        Geneformer's ``.dataset`` of the token folder ``tokens`` (written in ``folder``), logged as
+        the artifact folder ``tokens/geneformer.dataset``."""
+        if self.export is None:
+            return {}
+        written = self.export_tokens(tokens, Path(folder) / "geneformer.dataset", format=self.export)
+        return {"tokens/geneformer.dataset": written}
+
+    @classmethod
+    def export_tokens(
+        cls,
+        tokens: TokenizedCells | str | Path,
+        path: str | Path,
+        *,
+        format: str = "geneformer",
+        columns: list[str] | None = None,
+        rename: dict[str, str] | None = None,
+    ) -> Path:
+        """Write rank-value tokens (a TokenizedCells or token folder) as ``format``: ``geneformer``,
+        the ``.dataset`` of Geneformer's ``tokenize_data`` (``[input_ids, <columns>, length]``,
+        input_ids int16 for V1 and int32 for V2), ``columns`` (default: all carried) named by
+        ``rename`` (obs column -> dataset column). Used by ``grnx export tokens``."""
+        from grnx_plugins.tokenizers.export import to_geneformer_dataset
+
+        if format != "geneformer":
+            raise DataError(f"{_WHO} exports tokens as 'geneformer' only, not {format!r}.")
+        return to_geneformer_dataset(tokens, path, columns=columns, rename=rename)
+
+
+def _equals_one(value: Any) -> bool:
+    """``value == 1`` as Python compares it, with missing values (None, NaN, pd.NA) unequal."""
+    if value is None or value is pd.NA:
+        return False
+    try:
+        return bool(value == 1)
+    except (TypeError, ValueError):
+        return False
 
 
 def _sha256(path: Path) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import re
 from pathlib import Path
 
@@ -13,9 +14,18 @@ CORPUS = Path(__file__).parent / "bad_recipes"
 CASES = sorted(CORPUS.glob("*.yaml"))
 
 
+def _text(path: Path) -> str:
+    """The file as text whatever its encoding: some cases are UTF-16 or Latin-1 on purpose."""
+    raw = path.read_bytes()
+    for mark, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16")):
+        if raw.startswith(mark):
+            return raw.decode(codec, errors="replace")
+    return raw.decode("utf-8", errors="replace").replace("\x00", "")
+
+
 def _header(path: Path, key: str) -> list[str]:
     pattern = re.compile(rf"^# {key}: (.*)$")
-    return [m.group(1) for line in path.read_text().splitlines() if (m := pattern.match(line))]
+    return [m.group(1) for line in _text(path).splitlines() if (m := pattern.match(line))]
 
 
 def test_corpus_is_large_enough():

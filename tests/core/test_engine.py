@@ -403,3 +403,50 @@ def test_a_run_that_fails_in_its_last_preprocess_step_keeps_the_earlier_steps(tm
     stages = {report.stage: report.cached for report in result.stages}
     assert stages["preprocess:0:normalize_total"] is True
     assert stages["preprocess:1:scale_genes"] is False
+
+
+def test_informational_metrics_need_no_direction_but_every_metric_a_declaration(tmp_path):
+    from pydantic import Field
+
+    from grnx_core import ComponentParams, EvaluationResult, Evaluator, GrnxError
+
+    class PairCount(Evaluator):
+        name = "pair_count"
+        description = "The number of ranked pairs of each extractor (a count: no direction)."
+        reference = "https://doi.org/10.1186/s13059-017-1382-0"
+        needs = ("interactions",)
+        higher_is_better = {"top_score": True}
+        informational = frozenset({"n_pairs"})
+
+        class Params(ComponentParams):
+            undeclared: bool = Field(False, description="also return a metric declared nowhere")
+
+        def evaluate(self, context):
+            metrics = {}
+            for name, interactions in context.interactions.items():
+                metrics[f"{name}/n_pairs"] = float(len(interactions.table))
+                metrics[f"{name}/top_score"] = float(interactions.table["score"].iloc[0])
+            if self.undeclared:
+                metrics["mystery"] = 1.0
+            return EvaluationResult(metrics=metrics)
+
+    registry = fixture_registry()
+    module = types.ModuleType("grnx_informational_plugin")
+    module.grnx_register_evaluators = hookimpl(lambda register: register(PairCount))
+    registry.add_plugin(module, "informational-tests", "0")
+    path = _write(
+        tmp_path,
+        """
+        schema_version: 1
+        name: counts
+        data: {name: scanpy_builtin, params: {dataset: krumsiek11}}
+        extractors: [{name: pearson}]
+        evaluators: [{name: pair_count}]
+    """,
+    )
+    result = _run(path, registry, Cache(enabled=False))
+    assert result.metrics["eval/pair_count/pearson/n_pairs"] == 55.0  # 11 genes, undirected
+    with pytest.raises(
+        GrnxError, match="declared in neither its higher_is_better nor its informational: mystery"
+    ):
+        _run(path, registry, Cache(enabled=False), overrides=["evaluators.0.params.undeclared=true"])

@@ -104,7 +104,7 @@ def test_problems_name_the_line_and_the_override(tmp_path):
     with pytest.raises(RecipeError) as error:
         load_recipe(path, ["train.epochs=0"])
     assert str(error.value) == (
-        "override 'train.epochs=0': train.epochs: input should be greater than or equal to 1, got 0"
+        "override 'train.epochs=0': train.epochs: input should be greater than or equal to 1, got 0."
     )
     with pytest.raises(RecipeError) as error:
         load_recipe(_write(tmp_path, "bad.yaml", BASE.replace("seed: 1", "seed: x")))

@@ -76,3 +76,18 @@ def test_grubman2019(shared_data):
     assert set(adata.obs["oupSample.batchCond"]) == {"AD", "ct"}
     raw = pd.read_csv(folder / "GSE138852_small.csv", index_col=0)
     np.testing.assert_array_equal(adata.layers["counts"], raw.T.to_numpy())
+
+
+@pytest.mark.parametrize(
+    ("orientation", "text", "where"),
+    [
+        ("genes_x_cells", ",c1,c2,c1\ng1,1,2,3\ng2,0,1,4\n", "the header line"),
+        ("cells_x_genes", ",g1,g2\nc1,1,2\nc2,0,1\nc1,3,4\n", "the first column"),
+    ],
+)
+def test_repeated_cell_names_are_refused(tmp_path, orientation, text, where):
+    """pandas renames a repeated header ("c1.1"): the rule must see the names as written."""
+    path = tmp_path / "expr.csv"
+    path.write_text(text)
+    with pytest.raises(DataError, match=rf"cell names repeat.*in {where} \(e.g. 'c1'\)"):
+        CsvMatrix(path=str(path), orientation=orientation).load()

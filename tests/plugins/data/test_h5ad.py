@@ -80,3 +80,21 @@ def test_metadata_join(h5ad_file, tmp_path):
     assert adata.n_obs == 25 and (adata.obs["batch"] == "b1").all()
     kept = H5ad(path=str(path), counts="UMIs", metadata=str(table), unmatched="keep").load()
     assert kept.n_obs == 30 and kept.obs["batch"].isna().sum() == 5
+
+
+@pytest.mark.parametrize("backed", [False, True])
+def test_repeated_cell_names_are_refused(tmp_path, backed):
+    import warnings
+
+    with warnings.catch_warnings():  # anndata warns about the names this test means to repeat
+        warnings.simplefilter("ignore")
+        adata = ad.AnnData(
+            X=sp.csr_matrix(np.ones((3, 2), dtype=np.float32)),
+            obs=pd.DataFrame(index=["AAAC-1", "AAAG-1", "AAAC-1"]),
+            var=pd.DataFrame(index=["g0", "g1"]),
+        )
+        adata.write_h5ad(tmp_path / "merged.h5ad")
+    with pytest.raises(
+        DataError, match=r"cell names repeat.*obs_names \(e.g. 'AAAC-1'\).*obs_names_make_unique"
+    ):
+        H5ad(path=str(tmp_path / "merged.h5ad"), backed=backed).load()

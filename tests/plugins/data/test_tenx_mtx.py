@@ -94,3 +94,42 @@ def test_kang2018(shared_data):
 def test_pbmc3k_ensembl_ids(shared_data):
     adata = TenxMtx(path=str(shared_data / "scrna" / "pbmc3k_small")).load()
     assert adata.shape == (200, 1000) and adata.var_names.str.startswith("ENSG").all()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        (
+            "features.tsv.gz",
+            r"genes/features file features.tsv.gz is empty; expected one line per gene.*params.features",
+        ),
+        (
+            "barcodes.tsv.gz",
+            r"barcodes file barcodes.tsv.gz is empty; expected one line per cell.*params.barcodes",
+        ),
+    ],
+)
+def test_empty_features_or_barcodes_are_clear_errors(folder, name, message):
+    path, _, _ = folder
+    with gzip.open(path / name, "wb"):
+        pass  # a valid gzip stream holding nothing, as an interrupted copy leaves
+    with pytest.raises(DataError, match=message):
+        TenxMtx(path=str(path)).load()
+
+
+def test_repeated_barcodes_are_refused(tmp_path):
+    barcodes = ["AAAC-1", "AAAG-1", "AAAC-1"]
+    write_v3(tmp_path / "merged", np.ones((3, 2), dtype=int), ["A", "B"], barcodes)
+    with pytest.raises(
+        DataError, match=r"cell names repeat.*barcodes.tsv.gz \(e.g. 'AAAC-1'\).*prefix each barcode"
+    ):
+        TenxMtx(path=str(tmp_path / "merged")).load()
+
+
+def test_files_are_read_by_their_content_not_their_name(folder):
+    """A gzipped features file named .tsv (a download that kept the compression) is read as gzip."""
+    path, counts, _ = folder
+    (path / "features.tsv.gz").rename(path / "features.tsv")
+    adata = TenxMtx(path=str(path)).load()
+    assert list(adata.var_names[:3]) == ["A", "B", "C"]
+    np.testing.assert_array_equal(adata.X.toarray(), counts)

@@ -188,7 +188,7 @@ def test_stability_aggregate_contract():
     results = [evaluator.evaluate(c) for c in contexts]
     assert len(results[0].state["top_pairs"]["x"]) == 3
     assert not any("top_k" in k for k in results[0].metrics)  # pair identities are state, not metrics
-    assert all(AuprcEvaluator.metric_direction(k) is not None for k in results[0].metrics)
+    assert all(AuprcEvaluator.declares(k) for k in results[0].metrics)
     same = evaluator.aggregate(results, results[0])
     assert same["x/top_k_jaccard"] == 1.0 and same["x/top_k_spearman"] == pytest.approx(1.0)
     assert same["x/top_k_jaccard_reference"] == 1.0
@@ -232,3 +232,17 @@ def test_directed_list_scored_undirected_keeps_the_better_copy_of_each_pair():
     # ranked unique pairs: CD, AB, AD (+3 unlisted): AP = precision at AB = 1/2
     assert metrics["x/auprc"] == pytest.approx(0.5)
     assert metrics["x/early_precision"] == 0.0  # k = 1: top-1 is CD
+
+
+def test_random_baselines_and_counts_are_informational():
+    """They describe the ground truth and the universe: no direction to optimise or compare."""
+    result = AuprcEvaluator(plot=False).evaluate(make_case(3)[0])
+    informational = {"auprc_random", "auroc_random", "early_precision_random", "epr_random", "n_candidates"}
+    informational |= {"gt_edges", "gt_pairs_in_universe", "gt_genes_in_universe", "universe_genes"}
+    informational |= {"gt_pairs_in_list", "gt_signed_pairs_in_universe"}
+    for name in result.metrics:
+        assert AuprcEvaluator.declares(name), name
+        metric = name.split("/", 1)[1]
+        expected = None if metric in informational else True
+        assert AuprcEvaluator.metric_direction(name) is expected, name
+    assert {"x/auprc_random", "x/n_candidates", "x/gt_edges"} <= set(result.metrics)

@@ -86,7 +86,7 @@ def test_adata_model_on_the_test_split_matches_sklearn(as_indices):
     expected = confusion_matrix(truth, predicted, labels=["B cell", "T cell", "monocyte"])
     np.testing.assert_array_equal(table.to_numpy(), expected)
     assert "confusion_matrix" in result.figures
-    assert {k.split("/")[0] for k in result.metrics} <= set(ClassificationEvaluator.higher_is_better)
+    assert all(ClassificationEvaluator.declares(k) for k in result.metrics)
 
 
 def test_without_a_split_all_cells_are_scored():
@@ -131,3 +131,44 @@ def test_clear_errors():
         ClassificationEvaluator(label_key="disease").evaluate(context)
     with pytest.raises(DataError, match="no cell has split == 'holdout'"):
         ClassificationEvaluator(split_value="holdout").evaluate(context)
+
+
+class Echo(Model):
+    """Predicts each cell's true label (from obs), so every per-class F1 is 1."""
+
+    name = "echo_test"
+    input_kind = "adata"
+
+    def predict(self, inputs: anndata.AnnData) -> np.ndarray:
+        return inputs.obs["cell_type"].astype(str).to_numpy()
+
+
+def test_class_labels_stay_readable_and_distinct_in_metric_names():
+    """MLflow refuses '+', and '/' would nest the label: both become '_', collisions get '_2'."""
+    import re
+
+    from grnx_plugins.evaluators.classification import metric_labels
+
+    labels = ["CD4+/CD45RA+/CD25- Naive T", "B cell", "CD4+", "CD4_", "NK (CD56 bright)", "..", "γδ T"]
+    names = metric_labels(labels)
+    assert names["CD4+/CD45RA+/CD25- Naive T"] == "CD4__CD45RA__CD25- Naive T"
+    assert names["B cell"] == "B cell" and names["γδ T"] == "γδ T"  # letters of any script are allowed
+    assert (names["CD4+"], names["CD4_"]) == ("CD4_", "CD4__2")
+    assert names["NK (CD56 bright)"] == "NK _CD56 bright_" and names[".."] == "__"
+    assert len(set(names.values())) == len(labels)
+    assert all(re.fullmatch(r"[\w\-. ]+", name) for name in names.values())  # MLflow's rule, minus ':'
+
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical(rng.choice(labels, 60)), "split": "test"},
+        index=[f"c{i}" for i in range(60)],
+    )
+    adata = anndata.AnnData(X=np.zeros((60, 2), dtype=np.float32), obs=obs)
+    context = RunContext(adata=adata, model=Echo(), roles=DataRoles(label_key="cell_type"))
+    result = ClassificationEvaluator(plot=False).evaluate(context)
+    table = result.tables["per_class"].set_index("label")
+    assert set(table.index) == set(obs["cell_type"])
+    for label, row in table.iterrows():
+        assert row["metric"] == f"f1/{names[label]}" and result.metrics[row["metric"]] == row["f1"] == 1.0
+        assert row["n_cells"] == int((obs["cell_type"] == label).sum())
+    assert not any(name.count("/") > 1 for name in result.metrics)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -238,3 +240,84 @@ def test_case_insensitive_matching():
         .metrics
     )
     assert metrics["pearson/gt_pairs_in_universe"] == 2
+
+
+def _file_spec(path, fmt):
+    return GroundTruthSpec(source="file", path=str(path), format=fmt)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", r"empty.tsv is empty \(no lines\), where an edge table was expected"),
+        (gzip.compress(b""), r"is empty \(no lines after decompressing\)"),
+        (b"Gene1\tGene2\n", r"lists no edges \(a header line only\)"),
+    ],
+)
+def test_empty_files_are_clear_errors(tmp_path, content, message):
+    path = tmp_path / "empty.tsv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        build_ground_truth(_file_spec(path, "beeline"))
+
+
+@pytest.mark.parametrize("name", ["net.tsv", "net.csv", "net.txt", "net.csv.gz"])
+def test_files_are_read_by_content_whatever_their_name(tmp_path, name):
+    """gzip is detected by its magic bytes, the delimiter by the header line."""
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(b"Gene1,Gene2,Type\nA,B,+\nB,C,-\n"))
+    truth = build_ground_truth(_file_spec(path, "beeline"))
+    assert truth.pair_set() == {"A|B", "B|C"}
+    assert truth.edges.set_index("pair")["sign"].to_dict() == {"A|B": 1, "B|C": -1}
+
+
+@pytest.mark.parametrize(
+    ("content", "fmt", "message"),
+    [
+        # a DoRothEA table read as TRRUST: its header became an edge, its confidence letters targets
+        (
+            "tf\tconfidence\ttarget\tmor\nGATA1\tA\tSPI1\t1\n",
+            "trrust",
+            r"does not look like a 'trrust' table: 2 of 2 rows have no mode of regulation.*"
+            r"4 tab-separated fields \['tf', 'confidence', 'target', 'mor'\].*set ground_truth.format: dorothea",
+        ),
+        # header-less TRRUST read as BEELINE
+        (
+            "GATA1\tSPI1\tRepression\t12345\n",
+            "beeline",
+            r"does not look like a 'beeline' table.*missing \['Gene1', 'Gene2'\].*"
+            r"set ground_truth.format: trrust",
+        ),
+        # a BEELINE table read as RegNetwork
+        (
+            "Gene1,Gene2\nA,B\n",
+            "regnetwork",
+            r"does not look like a 'regnetwork' table: 2 of 2 rows have no arrow.*comma-separated.*"
+            r"set ground_truth.format: beeline",
+        ),
+        # nothing recognisable: the generic advice
+        (
+            "a b\nc d\n",
+            "trrust",
+            r"does not look like a 'trrust' table.*2 space-separated fields.*format: edges with source_column",
+        ),
+    ],
+)
+def test_a_file_read_with_the_wrong_format_says_what_it_looks_like(tmp_path, content, fmt, message):
+    path = tmp_path / "net.tsv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        build_ground_truth(_file_spec(path, fmt))
+
+
+def test_no_letter_case_hint_when_case_does_not_explain_the_missing_overlap():
+    truth = GroundTruth(
+        pd.DataFrame({"source": ["TF", "A"], "target": ["CONFIDENCE", "B"]}), directed=True, name="x"
+    )
+    genes = ["Gata1", "Spi1", "Cebpa"]
+    table = pd.DataFrame({"source": ["Gata1", "Spi1"], "target": ["Spi1", "Cebpa"], "score": [2.0, 1.0]})
+    context = _context(genes, table)
+    context.ground_truth = truth
+    with pytest.raises(DataError, match="falls inside the 3 genes") as raised:
+        AuprcEvaluator().evaluate(context)
+    assert "case_sensitive" not in str(raised.value)

@@ -149,7 +149,7 @@ def test_evaluator_matches_gseapy_on_pair_ids(rank_metric):
     assert result.metrics["pearson/pvalue"] == p
     assert result.metrics["pearson/n_hits"] == 60
     assert set(result.figures) == {"pearson_enrichment"}
-    assert set(k.split("/")[-1] for k in result.metrics) <= set(NesEvaluator.higher_is_better)
+    assert all(NesEvaluator.declares(k) for k in result.metrics)
     overlap = result.tables["ground_truth_overlap"]
     assert overlap.loc[0, "gt_pairs_in_universe"] == 60
 
@@ -222,7 +222,7 @@ def test_nes_stability_aggregate_contract():
     assert out["pearson/nes_reference"] == 2.0
     assert out["pearson/nes_std"] == pytest.approx(np.std([1, 2, 4], ddof=1))
     assert out["pearson/n_repeats"] == 3
-    assert set(k.split("/")[-1] for k in out) <= set(NesStabilityEvaluator.higher_is_better)
+    assert all(NesStabilityEvaluator.declares(k) for k in out)
     # without a reference run: no MSE, still the means
     assert "pearson/nes_mse" not in evaluator.aggregate(repeats, None)
 
@@ -274,3 +274,50 @@ def test_real_pbmc_coexpression_against_alzheimers_biogrid_matches_gseapy(shared
     assert metrics["pearson/n_hits"] == len(truth.intersection(items)) > 10
     es, nes, p = gseapy_prerank(items, np.arange(len(items) - 1, -1, -1), truth, permutations=200, seed=6)
     assert (metrics["pearson/es"], metrics["pearson/nes"], metrics["pearson/pvalue"]) == (es, nes, p)
+
+
+def test_counts_and_the_reference_value_are_informational():
+    assert NesEvaluator.metric_direction("pearson/nes") is True
+    assert NesEvaluator.metric_direction("pearson/pvalue") is False
+    for name in ("pearson/n_hits", "pearson/n_items", "pearson/gt_pairs_in_list"):
+        assert NesEvaluator.declares(name) and NesEvaluator.metric_direction(name) is None
+    for name in ("pearson/n_repeats", "pearson/nes_reference"):
+        assert NesStabilityEvaluator.declares(name)
+        assert NesStabilityEvaluator.metric_direction(name) is None
+    assert NesStabilityEvaluator.metric_direction("pearson/nes_mse") is False
+    assert not NesEvaluator.declares("pearson/n_repeats")
+
+
+STABILITY_RECIPE = """
+schema_version: 1
+name: stability
+data: {name: scanpy_builtin, params: {dataset: krumsiek11}}
+extractors: [{name: pearson}]
+evaluators: [{name: nes_stability, params: {permutations: 10, plot: false}}]
+"""
+
+
+def test_nes_stability_without_a_sampler_is_refused_at_validation(tmp_path):
+    """Without repeats it would report plain NES under a stability name."""
+    from grnx_core.errors import RecipeError
+    from grnx_core.expansion import expand
+    from grnx_core.recipe import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(STABILITY_RECIPE)
+    with pytest.raises(RecipeError, match=r"evaluators.0: evaluator 'nes_stability' .* has no sampler"):
+        load_recipe(path)
+    # sweep points are recipes too: the point without a sampler is named
+    with pytest.raises(RecipeError, match=r"has no sampler.*sweep point \{'sampler': None\}"):
+        load_recipe(
+            path,
+            [
+                "sampler={name: uniform, params: {fraction: 0.5}, repeats: 2}",
+                "sweep={grid: {sampler: [null]}}",
+            ],
+        )
+    # with repeats the plan holds the repeats and the full-data reference, which has no sampler
+    resolved = load_recipe(path, ["sampler={name: uniform, params: {fraction: 0.5}, repeats: 2}"])
+    (group,) = expand(resolved, resolved.registry).groups
+    assert len(group.repeats) == 2 and group.reference is not None
+    assert group.reference.resolved.recipe.sampler is None

@@ -150,3 +150,64 @@ def test_clear_errors():
         AttentionExtractor().extract(context)
     with pytest.raises(DataError, match="case"):
         AttentionExtractor(variant="case")._groups(context)
+
+
+class _FixedAttention:
+    """An attention model whose maps are filled with one value (NaN: a model trained into NaN)."""
+
+    token_info_ = {"special_ids": [0]}
+    name = "fixed"
+
+    def __init__(self, value):
+        self.value = value
+
+    def attention(
+        self,
+        tokens,
+        *,
+        cells=None,
+        layers=None,
+        heads=None,
+        batch_size=8,
+        max_length=None,
+        include_special=False,
+    ):
+        from grnx_core.data_types import CellAttention
+
+        for cell in cells:
+            ids, _ = tokens.cell(int(cell))
+            yield CellAttention(
+                int(cell), np.asarray(ids), np.full((len(ids), len(ids)), self.value, np.float32)
+            )
+
+
+def test_non_finite_attention_is_refused():
+    context = RunContext(tokens=_tokens(), model=_FixedAttention(float("nan")))
+    with pytest.raises(
+        DataError, match=r"attention over cell 'c0' \(row 0\) holds NaN or inf.*learning_rate"
+    ):
+        AttentionExtractor().extract(context)
+
+
+def test_no_scored_pair_is_refused():
+    one_gene_each = TokenizedCells(
+        np.array([1, 2, 3]),
+        np.array([0, 1, 2, 3]),
+        pd.DataFrame(index=["a", "b", "c"]),
+        values=np.ones(3),
+        vocabulary=["<pad>", "G1", "G2", "G3"],
+        metadata={"pad_id": 0},
+    )
+    context = RunContext(tokens=one_gene_each, model=_FixedAttention(0.5))
+    with pytest.raises(DataError, match="no two genes of the universe appear together in the 3 cells"):
+        AttentionExtractor().extract(context)
+
+
+def test_case_and_control_attending_alike_is_refused():
+    context = RunContext(tokens=_tokens(), roles=DataRoles(label_key="label"), model=_FixedAttention(0.25))
+    extractor = AttentionExtractor(variant="case_minus_control", case="AD")
+    with pytest.raises(
+        DataError,
+        match=r"every pair scores 0 over the 16 cells of both groups \(case and control attend alike\)",
+    ):
+        extractor.extract(context)

@@ -87,3 +87,52 @@ def test_group_errors_are_clear():
         PearsonExtractor(group_key="group", case="High", control="control").extract(RunContext(adata=adata))
     with pytest.raises(DataError, match="needs obs column 'disease'"):
         PearsonExtractor(group_key="disease", case="a", control="b").extract(RunContext(adata=adata))
+
+
+def _constant(sparse: bool, value: float = 0.0) -> anndata.AnnData:
+    X = np.full((20, 4), value)
+    X[:, 0] = np.arange(20)  # one gene varies: still no pair to rank
+    return anndata.AnnData(
+        X=sp.csr_matrix(X) if sparse else X,
+        obs=pd.DataFrame({"group": ["AD", "control"] * 10}, index=[f"c{i}" for i in range(20)]),
+        var=pd.DataFrame(index=[f"g{i}" for i in range(4)]),
+    )
+
+
+@pytest.mark.parametrize("extractor", [PearsonExtractor, SpearmanExtractor])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_data_where_no_pair_of_genes_varies_is_refused(extractor, sparse):
+    """An all-zero count matrix used to give a 'top pairs' list of zeros."""
+    zeros = _constant(sparse)
+    zeros.X = sp.csr_matrix(zeros.shape) if sparse else np.zeros(zeros.shape)
+    with pytest.raises(
+        DataError, match=rf"extractor '{extractor.name}' on X: 0 of the 4 genes vary across the 20 cells"
+    ):
+        extractor().extract(RunContext(adata=zeros))
+    with pytest.raises(DataError, match=r"1 of the 4 genes varies"):
+        extractor().extract(RunContext(adata=_constant(sparse, 3.0)))
+    grouped = extractor(group_key="group", case="AD", control="control")
+    with pytest.raises(DataError, match=r"on X of the case group \(group == 'AD'\): 1 of the 4 genes varies"):
+        grouped.extract(RunContext(adata=_constant(sparse)))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_nan_expression_is_refused(sparse):
+    adata = _adata(False)
+    adata.X[[4, 9], 1] = np.nan
+    if sparse:
+        adata.X = sp.csr_matrix(adata.X)
+    with pytest.raises(
+        DataError, match=r"X holds 2 NaN or infinite values in 2 cells \(e.g. 'c4', 'c9'\).*qc_filter"
+    ):
+        PearsonExtractor().extract(RunContext(adata=adata))
+
+
+def test_groups_with_identical_correlations_are_refused():
+    adata = _adata(False)
+    twins = anndata.concat([adata[:50], adata[:50]])
+    twins.obs_names = [f"c{i}" for i in range(100)]
+    twins.obs["group"] = ["AD"] * 50 + ["control"] * 50
+    extractor = PearsonExtractor(group_key="group", case="AD", control="control")
+    with pytest.raises(DataError, match=r"corr\(case\) - corr\(control\) is 0 for every pair"):
+        extractor.extract(RunContext(adata=twins))

@@ -98,3 +98,86 @@ def test_macro_f1_matches_scikit_learn():
     assert training.macro_f1(targets, predictions) == pytest.approx(
         f1_score(targets, predictions, average="macro")
     )
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("learning_rate", float("inf"), r"train.learning_rate must be a finite number > 0.*got inf"),
+        ("learning_rate", float("nan"), r"train.learning_rate must be a finite number > 0.*got nan"),
+        ("learning_rate", 0.0, r"train.learning_rate must be a finite number > 0"),
+        ("weight_decay", float("inf"), r"train.weight_decay must be a finite number >= 0"),
+        ("max_grad_norm", float("nan"), r"train.max_grad_norm must be a finite number > 0.*or null"),
+    ],
+)
+def test_non_finite_train_settings_are_refused(setting, value, message):
+    """YAML's .inf and .nan pass a "> 0" check; they would train a NaN model."""
+    with pytest.raises(GrnxError, match=message):
+        training.TrainConfig(**{setting: value})
+    assert training.TrainConfig(max_grad_norm=None).max_grad_norm is None  # null disables clipping
+
+
+class _LinearTask(training.Task):
+    """Regression of y = 2x with a one-weight model; ``nan_at`` poisons the loss of one batch."""
+
+    def __init__(self, n, nan_at=None):
+        self.x = torch.linspace(-1, 1, n)[:, None]
+        self.nan_at, self.calls = nan_at, 0
+
+    def batch(self, module, indices, training):
+        if training:
+            self.calls += 1
+        prediction = module(self.x[indices])
+        loss = ((prediction - 2 * self.x[indices]) ** 2).mean()
+        if training and self.calls == self.nan_at:
+            loss = loss * float("nan")
+        return _BatchResult(loss=loss, n_items=len(indices))
+
+
+_BatchResult = training.BatchResult  # Task.batch's argument ``training`` hides the module name
+
+
+def _train(task, n, **config):
+    torch.manual_seed(0)
+    module = torch.nn.Linear(1, 1, bias=False)
+    return training.train(
+        module,
+        task,
+        train_idx=np.arange(n),
+        val_idx=np.zeros(0, dtype=np.int64),
+        config=training.TrainConfig(batch_size=4, device="cpu", **config),
+        context=None,
+        rng=np.random.default_rng(0),
+        device=torch.device("cpu"),
+    )
+
+
+def test_a_nan_loss_stops_training_with_the_epoch_and_batch():
+    history = _train(_LinearTask(16), 16, epochs=2, learning_rate=0.1)
+    assert len(history) == 2 and np.isfinite(history[-1]["train/loss"])  # the control trains
+    with pytest.raises(GrnxError, match=r"loss is nan at epoch 2, batch 3 of 4.*Lower train.learning_rate"):
+        _train(_LinearTask(16, nan_at=7), 16, epochs=2, learning_rate=0.1)
+
+
+def test_weights_that_overflow_stop_training():
+    """A finite but huge learning rate without clipping: the next batch's loss overflows."""
+    with pytest.raises(GrnxError, match=r"loss is inf at epoch 1, batch 2 of 4"):
+        _train(_LinearTask(16), 16, epochs=3, learning_rate=1e30, max_grad_norm=None, optimizer="adam")
+
+
+def test_non_finite_weights_after_the_last_batch_stop_training():
+    """No later batch would see them: the epoch's end checks the weights themselves."""
+    config = training.TrainConfig(batch_size=4, device="cpu", epochs=1, max_grad_norm=None)
+    config.learning_rate = float("inf")  # past validation, as a model's own override could
+    module = torch.nn.Linear(1, 1, bias=False)
+    with pytest.raises(GrnxError, match=r"weights are no longer finite at epoch 1, its last batch"):
+        training.train(
+            module,
+            _LinearTask(4),
+            train_idx=np.arange(4),
+            val_idx=np.zeros(0, dtype=np.int64),
+            config=config,
+            context=None,
+            rng=np.random.default_rng(0),
+            device=torch.device("cpu"),
+        )

@@ -384,7 +384,10 @@ def test_cells_without_counts_are_rejected():
     matrix = random_counts(50, 30, seed=1).toarray()
     matrix[23] = 0
     adata = ad.AnnData(X=sp.csr_matrix(matrix), obs=pd.DataFrame(index=[f"c{i}" for i in range(50)]))
-    with pytest.raises(DataError, match=r"'c23' \(row 23\) has no non-zero expression.*filter_cells"):
+    with pytest.raises(
+        DataError,
+        match=r"'c23' \(row 23\) has no non-zero expression.*qc_filter preprocessor with min_genes: 1",
+    ):
         WeightedDiversifiedSampler(fraction=0.1, n_hashes=4).sample(adata, np.random.default_rng(0))
 
 

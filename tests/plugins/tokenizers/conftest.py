@@ -21,7 +21,9 @@ def geneformer_dir(shared_data: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def pbmc3k(shared_data: Path) -> ad.AnnData:
-    """200 PBMCs x 1,000 genes, integer UMIs, var_names = Ensembl ids (10x PBMC 3k via Dino)."""
+    """200 PBMCs x 1,000 genes, integer UMIs, var_names = Ensembl ids (10x PBMC 3k via Dino), and obs
+    ``cell_type``, ``donor`` (random) and ``n_counts`` (the total over a whole transcriptome, here 2.5x
+    the subset's row sum)."""
     import scanpy as sc
 
     folder = shared_data / "scrna" / "pbmc3k_small"
@@ -34,6 +36,8 @@ def pbmc3k(shared_data: Path) -> ad.AnnData:
     rng = np.random.default_rng(0)
     adata.obs["cell_type"] = pd.Categorical(rng.choice(["B", "T", "NK"], adata.n_obs))
     adata.obs["donor"] = rng.integers(0, 4, adata.n_obs)
+    # Geneformer's required total per cell: counts of genes outside this 1,000-gene subset included.
+    adata.obs["n_counts"] = np.round(np.asarray(adata.X.sum(axis=1), dtype=np.float64).ravel() * 2.5)
     return adata
 
 

@@ -675,7 +675,13 @@ def main() -> None:
         import anndata as ad
         import pandas as pd
 
-        ours_tokens = tokenizer.transform(ad.AnnData(counts, var=pd.DataFrame(index=gene_ids)))
+        # The references take each cell's total as its row sum (the writer's obs["n_counts"]).
+        totals = pd.DataFrame({"n_counts": np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()})
+        ours_tokens = tokenizer.transform(
+            ad.AnnData(
+                counts, obs=totals.set_axis(totals.index.astype(str)), var=pd.DataFrame(index=gene_ids)
+            )
+        )
         ours = [ours_tokens.cell(i)[0] for i in range(ours_tokens.n_cells)]
         print(f"\nrank_value references on the first {counts.shape[0]:,} cells (one process each):")
         style, style_seconds = geneformer_style(counts, gene_ids, loaded)

@@ -240,7 +240,8 @@ def _row_entries(
     n_touched = 0
     for p in range(indptr[r], indptr[r + 1]):
         x = data[p]
-        if check_counts:
+        # One comparison chain for the common case (a finite non-negative integer); NaN fails it.
+        if check_counts and not (x >= 0 and x < np.inf and x == np.floor(x)):
             flags = _check_value(x, flagged[0])
             if flags != flagged[0]:
                 _flag(flagged, bad_value, flags, r, x)

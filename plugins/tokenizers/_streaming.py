@@ -400,7 +400,8 @@ class TokenSink:
 
     def finish(
         self, obs: pd.DataFrame, vocabulary: list[str], metadata: dict[str, Any]
-    ) -> TokenizedCells | None:
+    ) -> TokenizedCells | np.ndarray:
+        """The tokens in memory, or (a folder sink) the files written and the offsets returned."""
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         if self.folder is None:
@@ -422,10 +423,11 @@ class TokenSink:
             self.values_file.finish()
         np.save(self.folder / "offsets.npy", offsets)
         obs.to_parquet(self.folder / "obs.parquet")
+        _release_arrow_memory()
         (self.folder / "meta.json").write_text(
             json.dumps({"vocabulary": vocabulary, "metadata": metadata}), encoding="utf-8"
         )
-        return None
+        return offsets
 
     def abort(self) -> None:
         if self.folder is not None:
@@ -492,16 +494,16 @@ def tokenize_rows(
             kept_rows.append(rows if chunk.keep is None else rows[chunk.keep])
             sink.add(chunk.input_ids, chunk.values, chunk.lengths, chunk.spilled)
 
-    def finish(sink: TokenSink) -> TokenizedCells | None:
+    def finish(sink: TokenSink) -> tuple[Any, pd.DataFrame, dict[str, Any]]:
         kept = np.concatenate(kept_rows) if kept_rows else np.zeros(0, dtype=np.int64)
         obs = carried_obs(adata, kept, obs_columns, who)
         meta = {**metadata, **{k: int(v) for k, v in counters.items()}, "n_cells": int(len(kept))}
-        return sink.finish(obs, vocabulary, meta)
+        return sink.finish(obs, vocabulary, meta), obs, meta
 
     if path is None:
         sink = TokenSink(None, with_values)
         consume(sink)
-        return finish(sink)
+        return finish(sink)[0]
     path = Path(path)
     with atomic_path(path, directory=True) as folder:
         sink = TokenSink(folder, with_values)
@@ -510,11 +512,29 @@ def tokenize_rows(
         try:
             consume(sink, str(spill))
             spill.rmdir()
-            finish(sink)
+            offsets, obs, meta = finish(sink)
         except BaseException:
             sink.abort()
             raise
-    return TokenizedCells.load(path, mmap=True)
+    # Built from what is in memory, the ids memory-mapped, rather than loaded back: reading
+    # obs.parquet again would cost memory in proportion to the cells.
+    values = path / "values.npy"
+    return TokenizedCells(
+        input_ids=np.load(path / "input_ids.npy", mmap_mode="r", allow_pickle=False),
+        offsets=offsets,
+        obs=obs,
+        values=np.load(values, mmap_mode="r", allow_pickle=False) if values.exists() else None,
+        vocabulary=vocabulary,
+        metadata=meta,
+    )
+
+
+def _release_arrow_memory() -> None:
+    """Hand the memory Arrow's allocator keeps after a parquet write back to the system: it grows
+    with the rows written, and would otherwise stay part of the process's peak."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def cell_seeds(names: pd.Index, seed: int) -> np.ndarray:

@@ -54,8 +54,7 @@ sys.path.insert(0, str(BENCHMARKS))
 from bench_engine import run_measured  # noqa: E402
 from bench_tokenizers import (  # noqa: E402
     DEFAULT_DICTIONARIES,
-    agreement,
-    load_reference_inputs,
+    compare_token_sets,
     read_dataset_tokens,
     run_measurement,
     write_counts_h5ad,
@@ -167,33 +166,15 @@ def exported_dataset(cache: Path) -> Path:
 
 def compare(ours: Path, theirs: Path, h5ad: Path, dictionaries: Path) -> str:
     """Cells identical in the two ``.dataset`` folders, and identical outside tied values."""
-    import anndata as ad
 
     our_offsets, our_ids, our_donors = read_dataset_tokens(ours)
     their_offsets, their_ids, their_donors = read_dataset_tokens(theirs)
     n = len(our_offsets) - 1
     if n != len(their_offsets) - 1:
         return f"DISAGREE: {n:,} cells from grnx, {len(their_offsets) - 1:,} from Geneformer"
-    differing = [
-        i
-        for i in range(n)
-        if not np.array_equal(
-            our_ids[our_offsets[i] : our_offsets[i + 1]], their_ids[their_offsets[i] : their_offsets[i + 1]]
-        )
-    ]
-    outside = 0
-    if differing:
-        _, loaded, _, genes = load_reference_inputs(h5ad, dictionaries, 0)
-        backed = ad.read_h5ad(h5ad, backed="r")
-        counts = backed.X[np.asarray(differing)]
-        backed.file.close()
-        _, outside = agreement(
-            [our_ids[our_offsets[i] : our_offsets[i + 1]] for i in differing],
-            [their_ids[their_offsets[i] : their_offsets[i + 1]] for i in differing],
-            counts,
-            genes,
-            loaded,
-        )
+    differing, outside = compare_token_sets(
+        h5ad, dictionaries, (our_offsets, our_ids), (their_offsets, their_ids)
+    )
     dtypes = f"input_ids {our_ids.dtype} / {their_ids.dtype}"
     donors = "identical" if our_donors == their_donors else "DIFFER"
     return (

@@ -460,6 +460,38 @@ def read_dataset_tokens(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return offsets, flat, [str(d) for d in table.column("donor").to_pylist()]
 
 
+def compare_token_sets(
+    h5ad: Path, dictionaries: Path, ours: tuple[np.ndarray, np.ndarray], theirs: tuple[np.ndarray, np.ndarray]
+) -> tuple[list[int], int]:
+    """Cells whose token ids differ between two (offsets, ids) sets of the same cells, and how many
+    of those are identical outside runs of tied values (checked against the h5ad's counts)."""
+    import anndata as ad
+
+    (our_offsets, our_ids), (their_offsets, their_ids) = ours, theirs
+    differing = [
+        i
+        for i in range(len(our_offsets) - 1)
+        if not np.array_equal(
+            our_ids[our_offsets[i] : our_offsets[i + 1]],
+            their_ids[their_offsets[i] : their_offsets[i + 1]],
+        )
+    ]
+    outside = 0
+    if differing:
+        _, loaded, _, genes = load_reference_inputs(h5ad, dictionaries, 0)
+        backed = ad.read_h5ad(h5ad, backed="r")
+        counts = backed.X[np.asarray(differing)]
+        backed.file.close()
+        _, outside = agreement(
+            [our_ids[our_offsets[i] : our_offsets[i + 1]] for i in differing],
+            [their_ids[their_offsets[i] : their_offsets[i + 1]] for i in differing],
+            counts,
+            genes,
+            loaded,
+        )
+    return differing, outside
+
+
 def compare_with_geneformer(
     source: str, path: Path, dictionaries: Path, args: argparse.Namespace, scratch: Path
 ) -> None:
@@ -534,27 +566,9 @@ def compare_with_geneformer(
             f"  outputs DISAGREE: {len(our_offsets) - 1:,} cells from grnx, {len(their_offsets) - 1:,} from Geneformer"
         )
     else:
-        differing = [
-            i
-            for i in range(len(our_offsets) - 1)
-            if not np.array_equal(
-                our_ids[our_offsets[i] : our_offsets[i + 1]],
-                their_ids[their_offsets[i] : their_offsets[i + 1]],
-            )
-        ]
-        outside = 0
-        if differing:
-            _, loaded, _, genes = load_reference_inputs(path, dictionaries, 0)
-            backed = ad.read_h5ad(path, backed="r")
-            counts = backed.X[np.asarray(differing)]
-            backed.file.close()
-            _, outside = agreement(
-                [our_ids[our_offsets[i] : our_offsets[i + 1]] for i in differing],
-                [their_ids[their_offsets[i] : their_offsets[i + 1]] for i in differing],
-                counts,
-                genes,
-                loaded,
-            )
+        differing, outside = compare_token_sets(
+            path, dictionaries, (our_offsets, our_ids), (their_offsets, their_ids)
+        )
         n = len(our_offsets) - 1
         print(
             f"  outputs: cells identical {n - len(differing):,}/{n:,}, equal outside tied values "

@@ -396,8 +396,8 @@ class _Leaf:
             cached = True
         elif (hit := self.cache.lookup(cache_stage, key)) is not None:
             value = Lazy(load=lambda: load(hit))
-            replay(hit, self.logger)
             events, folder, cached = _recorded(hit), hit, True
+            replay_events(events, hit, self.logger)
         else:
             self.x.say(f"{stage}: running")  # long stages are announced when they start, not only when done
             stored = True
@@ -634,7 +634,8 @@ class _Leaf:
                 for artifact_dir, file in write_artifacts(folder / "tokens", folder / "exports").items():
                     recorder.log_artifact(file, artifact_dir)
                 shutil.rmtree(folder / "exports", ignore_errors=True)  # the recorder keeps its copy
-            lengths = (tokens or TokenizedCells.load(folder / "tokens")).lengths
+            # Streamed tokens are not read back whole just to count them: only their offsets.
+            lengths = tokens.lengths if tokens is not None else TokenizedCells.load_lengths(folder / "tokens")
             recorder.log_metrics(
                 {
                     "tokens/n_cells": len(lengths),

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from grnx_core.components import Model, Tokenizer
     from grnx_core.data_types import CellSample, GroundTruth, Interactions, TokenizedCells
-    from grnx_core.recipe import TrainSettings
+    from grnx_core.recipe import ExecutionSettings, TrainSettings
 
 
 class RunLogger(Protocol):
@@ -88,6 +88,8 @@ class RunContext:
     roles: DataRoles = field(default_factory=DataRoles)
     #: the recipe's ``train`` section (components never see the whole recipe)
     train_settings: TrainSettings | None = None
+    #: the recipe's ``execution`` section: Ray address, workers, threads (speed, never results)
+    execution: ExecutionSettings | None = None
     adata: anndata.AnnData | None = None
     ground_truth: GroundTruth | None = None
     sample: CellSample | None = None
@@ -115,6 +117,13 @@ class RunContext:
         from grnx_core.recipe import TrainSettings
 
         return self.train_settings if self.train_settings is not None else TrainSettings()
+
+    @property
+    def execute(self) -> ExecutionSettings:
+        """Where work runs: the recipe's ``execution`` section, defaults outside a recipe."""
+        from grnx_core.recipe import ExecutionSettings
+
+        return self.execution if self.execution is not None else ExecutionSettings()
 
     def require_adata(self, who: str) -> anndata.AnnData:
         if self.adata is None:

@@ -240,6 +240,7 @@ class _Leaf:
             seed=self.recipe.seed,
             roles=self.roles,
             train_settings=self.recipe.train,
+            execution=self.recipe.execution,
             logger=logger,
             extras={"recipe_name": self.recipe.name},
         )
@@ -733,6 +734,7 @@ class _Leaf:
             seed=self.recipe.seed,
             roles=copy.copy(self.roles),
             train_settings=self.recipe.train,
+            execution=self.recipe.execution,
             logger=logger,
         )
         chosen = self.cells(cells) if "cells" in needs or needs & {"data", "tokens"} else None
@@ -760,7 +762,10 @@ class _Leaf:
 
     def full_context(self) -> RunContext:
         context = RunContext(
-            seed=self.recipe.seed, roles=copy.copy(self.roles), train_settings=self.recipe.train
+            seed=self.recipe.seed,
+            roles=copy.copy(self.roles),
+            train_settings=self.recipe.train,
+            execution=self.recipe.execution,
         )
         meta = self.data()
         context.adata = self.prepared().get()

@@ -142,6 +142,24 @@ class TrainSettings(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses a GPU when one is present")
 
 
+class ExecutionSettings(_Strict):
+    """Where and how the work runs. Never part of a cache key: it changes speed, not results."""
+
+    ray_address: str | None = Field(
+        None,
+        description="address of an existing Ray cluster (e.g. ray://head:10001 or 127.0.0.1:6379) for "
+        "parallel work; None starts a local Ray when a step needs one",
+    )
+    num_workers: int | None = Field(
+        None, ge=1, description="parallel workers for steps that split their work; all local CPUs when None"
+    )
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads; the GRNX_NUM_THREADS variable when None, else torch's default",
+    )
+
+
 class TrackingSpec(_Strict):
     experiment: str = Field("grnx", min_length=1, description="MLflow experiment name")
     run_name: str | None = Field(None, description="MLflow run name; defaults to the recipe name")
@@ -162,6 +180,7 @@ class Recipe(_Strict):
     tokenizer: ComponentSpec | None = None
     model: ModelSpec | None = None
     train: TrainSettings = Field(default_factory=TrainSettings)
+    execution: ExecutionSettings = Field(default_factory=ExecutionSettings)
     extractors: list[NamedSpec] = Field(default_factory=list)
     evaluators: list[NamedSpec] = Field(default_factory=list)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)

@@ -158,7 +158,11 @@ class Runner:
             self.tracker.fail_orphaned_runs(found_by=run.run_id)
         logger: RunLogger = run if run is not None else NullLogger()
         context = RunContext(
-            seed=recipe.seed, train_settings=recipe.train, logger=logger, extras={"recipe_name": recipe.name}
+            seed=recipe.seed,
+            train_settings=recipe.train,
+            execution=recipe.execution,
+            logger=logger,
+            extras={"recipe_name": recipe.name},
         )
         result = RunResult(run_id=run.run_id if run else None, status="RUNNING")
         try:

@@ -247,6 +247,14 @@ class Extractor(Component):
 
     kind = Kind.EXTRACTOR
     needs: ClassVar[tuple[str, ...] | None] = None
+    #: what the orientation of the output means: ``UNDIRECTED`` (each pair once, no direction
+    #: claimed) or the meaning of source -> target, e.g. ``"regulator -> target"``. Extractors
+    #: whose orientation depends on their params override ``output_direction``.
+    direction: ClassVar[str] = "undirected"
+
+    def output_direction(self) -> str:
+        """``"undirected"``, or what source -> target means for this extractor as configured."""
+        return self.direction
 
     def extract(self, context: RunContext) -> Interactions:
         raise NotImplementedError

@@ -705,11 +705,20 @@ class _Leaf:
 
         def compute(folder: Path, recorder: RecordingLogger) -> Interactions:
             context = self.context_for(step, self._cells_of(step), recorder)
-            interactions = _build(step, Extractor).extract(context)
+            extractor = _build(step, Extractor)
+            interactions = extractor.extract(context)
             if not isinstance(interactions, Interactions):
                 raise GrnxError(
                     f"extractor {step.spec.name!r} returned {type(interactions).__name__}, not Interactions."
                 )
+            direction = extractor.output_direction()
+            if interactions.directed != (direction != "undirected"):
+                raise GrnxError(
+                    f"extractor {step.spec.name!r} declares its output {direction!r} but returned "
+                    f"{'directed' if interactions.directed else 'undirected'} interactions."
+                )
+            # Evaluators and exports read what source -> target means from the saved pairs.
+            interactions.metadata["direction"] = direction
             interactions.extractor = step_id
             # Written once, where the stage's record keeps its artifacts: the cache entry holds one copy.
             named = recorder.artifact_file(f"interactions/{step_id}.parquet")

@@ -56,7 +56,9 @@ def read_gene_list(path: str, where: str) -> list[str]:
     return names
 
 
-def universe_indices(genes: list[str] | str | None, available: Sequence[str], where: str) -> np.ndarray | None:
+def universe_indices(
+    genes: list[str] | str | None, available: Sequence[str], where: str
+) -> np.ndarray | None:
     """Positions in ``available`` of the explicit universe, in the data's gene order; None when unset.
 
     Refuses duplicated names, fewer than 2 genes found, and genes absent from the data: a

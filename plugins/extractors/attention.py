@@ -67,6 +67,10 @@ class AttentionExtractor(Extractor):
             8.0, gt=0, description="refuse gene universes whose matrices exceed this"
         )
 
+    def output_direction(self) -> str:
+        # A[a, b]: the attention query gene a pays to key gene b; not a regulatory claim.
+        return "query -> key (attention from source to target)" if self.directed else "undirected"
+
     # -- inputs ------------------------------------------------------------------------------
 
     def _model(self, context: RunContext) -> Any:

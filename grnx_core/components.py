@@ -93,6 +93,20 @@ class Component:
         for field in type(validated).model_fields:
             setattr(self, field, getattr(validated, field))
 
+    def input_files(self) -> list[Path]:
+        """Files this component reads, as named by its params: validated to exist before any stage
+        runs, and their content digests key the cache.
+
+        By default, the files of every param value that declares its own ``input_files()`` (e.g. a
+        ground-truth spec); components that read files through plain string params override it.
+        """
+        files: list[Path] = []
+        for field in self.Params.model_fields:
+            declared = getattr(getattr(self, field, None), "input_files", None)
+            if callable(declared):
+                files.extend(declared())
+        return files
+
     @classmethod
     def from_params(cls, params: ComponentParams) -> Component:
         """Build the component from an already validated ``Params`` instance."""
@@ -132,10 +146,6 @@ class DataSource(Component):
 
     def ground_truth_directed(self) -> bool:
         return True
-
-    def input_files(self) -> list[Path]:
-        """Files the data is read from; their content digest keys the cache."""
-        return []
 
 
 class Preprocessor(Component):
@@ -235,6 +245,29 @@ class AttentionModel(Protocol):
         max_length: int | None = None,
         include_special: bool = False,
     ) -> Iterator[CellAttention]: ...
+
+
+@runtime_checkable
+class GeneEmbeddingModel(Protocol):
+    """A fitted token model that exposes its genes' embeddings (celluformer, geneformer, scgpt).
+
+    ``input_gene_embeddings`` gives rows of the input gene-embedding table for token ids, (n, d)
+    float64, each model saying what a row is. ``contextual_gene_embeddings`` yields, per cell,
+    ``(cell, token_ids, hidden)``: hidden state ``layer`` (0 = the embedding layer's output, k =
+    the output of block k, negative from the end) at each of the cell's gene tokens, (m, d),
+    special tokens and padding dropped.
+    """
+
+    def input_gene_embeddings(self, tokens: TokenizedCells, token_ids: np.ndarray) -> np.ndarray: ...
+
+    def contextual_gene_embeddings(
+        self,
+        tokens: TokenizedCells,
+        *,
+        cells: np.ndarray | None = None,
+        layer: int = -1,
+        batch_size: int = 8,
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]: ...
 
 
 class Extractor(Component):

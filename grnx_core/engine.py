@@ -286,7 +286,7 @@ class _Leaf:
         self.tokenizer_step = resolved.step("tokenizer")
         if self.tokenizer_step is not None:
             component = self.tokenizer_step.build()
-            files = self._files(component) if hasattr(component, "input_files") else []
+            files = self._files(component)
             self.keys["tokens"] = step_key(
                 stage="tokenize",
                 input=key,
@@ -322,6 +322,7 @@ class _Leaf:
                     if need not in ("cells", "interactions")
                 },
                 cells=self._cells_key(self._cells_of(step)),
+                files=self._files(step.build()),
                 seed=self.recipe.seed,
                 roles=self.roles.__dict__,
             )

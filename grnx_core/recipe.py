@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from grnx_core.components import Component, ComponentParams, Kind
-from grnx_core.errors import PluginError, Problem, RecipeError
+from grnx_core.errors import GrnxError, PluginError, Problem, RecipeError
 
 SCHEMA_VERSION = 1
 
@@ -915,6 +915,43 @@ def _cross_checks(recipe: Recipe, steps: list[ResolvedStep], origins: Origins) -
             )
         )
     problems.extend(_unmet_needs(recipe, steps, origins))
+    problems.extend(_missing_files(steps, origins))
+    return problems
+
+
+def _missing_files(steps: list[ResolvedStep], origins: Origins) -> list[Problem]:
+    """Every file a component names, checked before any stage runs.
+
+    Without this, a misspelt ground-truth path is first read after preprocessing and training.
+    """
+    problems = []
+    for step in steps:
+        try:
+            files = step.build().input_files()
+        except GrnxError as error:
+            problems.append(Problem(step.path + ".params", str(error), source=origins.of(step.path)))
+            continue
+        named = flatten(step.params.model_dump(), step.path + ".params")
+        for file in files:
+            if file.exists():
+                continue
+            path = next(
+                (
+                    key
+                    for key, value in named.items()
+                    if isinstance(value, str) and Path(value).expanduser() == file
+                ),
+                step.path + ".params",
+            )
+            problems.append(
+                Problem(
+                    path,
+                    f"file {str(file)!r} not found (resolved to {file.resolve()})",
+                    source=origins.of(path),
+                    hint="Relative paths resolve from the current directory (run grnx from the "
+                    "repository root for the recipes in recipes/); fix the path or fetch the file.",
+                )
+            )
     return problems
 
 

@@ -126,6 +126,13 @@ class GroundTruthSpec(BaseModel):
     )
     name: str | None = Field(None, description="name of the ground truth in logs; defaults to the file name")
 
+    def input_files(self) -> list[Path]:
+        """The files this spec reads (checked before a run starts; their content keys the cache)."""
+        if self.source != "file":
+            return []
+        named = [self.path, self.disease_genes.path if self.disease_genes else None, self.gencode]
+        return [Path(name).expanduser() for name in named if name]
+
 
 # ---------------------------------------------------------------------------------------------
 # Building

@@ -26,7 +26,7 @@ from grnx_core.context import NullLogger, RunContext, RunLogger
 from grnx_core.data_types import EvaluationResult, Interactions
 from grnx_core.engine import Executor, LeafResult, SampleValue
 from grnx_core.expansion import ChildRecipe, Group, Plan, expand
-from grnx_core.recipe import ResolvedRecipe, flatten
+from grnx_core.recipe import Recipe, ResolvedRecipe, flatten
 
 log = logging.getLogger("grnx")
 
@@ -63,6 +63,34 @@ class RunResult:
     def context(self) -> RunContext | None:
         """Every value of the (last) leaf, the data included: for the Python API and tests."""
         return self.leaf.context if self.leaf is not None else None
+
+
+def describe_run(recipe: Recipe, overrides: list[str]) -> str:
+    """``wds_pearson · wds 5% · seed 1 · extractors.0.params.top_k=100``: name, sampler, seed, overrides."""
+    swept = set(recipe.sweep.grid) if recipe.sweep is not None else set()
+    parts = [recipe.name]
+    sampler = recipe.sampler
+    if sampler is not None and not any(path.startswith("sampler") for path in swept):
+        size = sampler.params.get("fraction")
+        if isinstance(size, (int, float)) and not isinstance(size, bool):
+            parts.append(f"{sampler.name} {size * 100:g}%")
+        elif sampler.params.get("n_cells") is not None:
+            parts.append(f"{sampler.name} {sampler.params['n_cells']} cells")
+        else:
+            parts.append(sampler.name)
+        if sampler.repeats > 1:
+            parts.append(f"{sampler.repeats} repeats")
+    if "seed" not in swept:
+        parts.append(f"seed {recipe.seed}")
+    described = (
+        "seed",
+        "sampler.name",
+        "sampler.params.fraction",
+        "sampler.params.n_cells",
+        "sampler.repeats",
+    )
+    parts.extend(override for override in overrides if override.split("=", 1)[0].strip() not in described)
+    return " · ".join(parts)
 
 
 def _log_recipe(run: Any, resolved: ResolvedRecipe) -> None:
@@ -141,6 +169,17 @@ class Runner:
 
         return default_registry()
 
+    def run_name(self) -> str:
+        """The recipe's ``tracking.run_name``, else its name and what tells its runs apart.
+
+        Runs of one recipe differ by sampler, seed and overrides; naming them all after the
+        recipe makes WDS and uniform runs of one experiment look alike in the MLflow UI.
+        """
+        recipe = self.recipe
+        if recipe.tracking.run_name:
+            return recipe.tracking.run_name
+        return describe_run(recipe, self.resolved.source.overrides if self.resolved.source else [])
+
     # -- the run ------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
@@ -150,7 +189,7 @@ class Runner:
         if self.tracker is not None:
             run = self.tracker.start_run(
                 recipe.tracking.experiment,
-                recipe.tracking.run_name or recipe.name,
+                self.run_name(),
                 self._tags(),
                 parent=self.parent_run,
             )
@@ -251,7 +290,7 @@ class Runner:
                 tags["grnx.seed"] = str(child.sampler_seed)
             child_run = self.tracker.start_run(
                 recipe.tracking.experiment,
-                f"{recipe.tracking.run_name or recipe.name}: {child.name}",
+                f"{self.run_name()}: {child.name}",
                 tags,
                 parent=run,
             )

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from grnx_core import __version__
+from grnx_core import __version__, progress
 from grnx_core.cache import Cache
 from grnx_core.components import Component, Kind
 from grnx_core.context import NullLogger, RunContext, RunLogger
@@ -136,7 +135,7 @@ class Runner:
         self.executor = Executor(self.cache, plugin_manager, self._say if show_progress else None)
 
     def _say(self, message: str) -> None:
-        print(f"[grnx] {message}", file=sys.stderr, flush=True)
+        progress.say(f"[grnx] {message}")
 
     def _hook(self, name: str, **kwargs: Any) -> None:
         self.executor.hook(name, **kwargs)
@@ -183,6 +182,15 @@ class Runner:
     # -- the run ------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        if not self.show_progress:
+            return self._run()
+        previous = progress.set_enabled(True)
+        try:
+            return self._run()
+        finally:
+            progress.set_enabled(previous)
+
+    def _run(self) -> RunResult:
         recipe = self.recipe
         plan = expand(self.resolved, self._registry())
         run = None

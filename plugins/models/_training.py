@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from grnx_core.errors import DataError, GrnxError
+from grnx_core.progress import progress
 
 if TYPE_CHECKING:
     from grnx_core.context import RunContext
@@ -345,51 +346,60 @@ def train(
     logger = context.logger if context is not None else None
     history: list[dict[str, float]] = []
     best_loss, best_state, stale = math.inf, None, 0
-    for epoch in range(1, config.epochs + 1):
-        started = time.perf_counter()
-        module.train()
-        total, count = 0.0, 0
-        batches = bucketed_batches(train_idx, task.lengths, config.batch_size, rng)
-        for number, batch in enumerate(batches, start=1):
-            result = task.batch(module, batch, training=True)
-            loss = float(result.loss.detach())
-            if not math.isfinite(loss):
-                raise diverged(
-                    f"the training loss is {loss}", epoch, f"batch {number} of {len(batches)}", config
-                )
-            optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            total += loss * result.n_items
-            count += result.n_items
-        if not all(bool(torch.isfinite(p).all()) for p in parameters):
-            raise diverged("the model's weights are no longer finite", epoch, "its last batch", config)
-        metrics = {
-            f"{prefix}/loss": total / max(count, 1),
-            f"{prefix}/learning_rate": float(scheduler.get_last_lr()[0]),
-        }
-        if len(val_idx):
-            for name, value in evaluate(module, task, val_idx, config.batch_size).items():
-                metrics[f"{prefix}/val_{name}"] = value
-            if not math.isfinite(metrics[f"{prefix}/val_loss"]):
-                loss = metrics[f"{prefix}/val_loss"]
-                raise diverged(f"the validation loss is {loss}", epoch, "validation", config)
-        metrics[f"{prefix}/epoch_seconds"] = time.perf_counter() - started
-        history.append(metrics)
-        if logger is not None:
-            logger.log_metrics(metrics, step=epoch)
-        monitored = metrics.get(f"{prefix}/val_loss", metrics[f"{prefix}/loss"])
-        if config.early_stopping_patience is not None:
-            if monitored < best_loss - 1e-12:
-                best_loss, stale = monitored, 0
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in module.state_dict().items()})
-            else:
-                stale += 1
-                if stale >= config.early_stopping_patience:
-                    break
+    with progress(total=config.epochs, desc=prefix, unit="epoch") as epochs_bar:
+        for epoch in range(1, config.epochs + 1):
+            started = time.perf_counter()
+            module.train()
+            total, count = 0.0, 0
+            batches = bucketed_batches(train_idx, task.lengths, config.batch_size, rng)
+            with progress(
+                total=len(train_idx), desc=f"{prefix} epoch {epoch}/{config.epochs}", unit="cell"
+            ) as bar:
+                for number, batch in enumerate(batches, start=1):
+                    result = task.batch(module, batch, training=True)
+                    loss = float(result.loss.detach())
+                    if not math.isfinite(loss):
+                        raise diverged(
+                            f"the training loss is {loss}", epoch, f"batch {number} of {len(batches)}", config
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    result.loss.backward()
+                    if config.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    total += loss * result.n_items
+                    count += result.n_items
+                    bar.update(result.n_items, loss=total / max(count, 1))
+            if not all(bool(torch.isfinite(p).all()) for p in parameters):
+                raise diverged("the model's weights are no longer finite", epoch, "its last batch", config)
+            metrics = {
+                f"{prefix}/loss": total / max(count, 1),
+                f"{prefix}/learning_rate": float(scheduler.get_last_lr()[0]),
+            }
+            if len(val_idx):
+                for name, value in evaluate(module, task, val_idx, config.batch_size).items():
+                    metrics[f"{prefix}/val_{name}"] = value
+                if not math.isfinite(metrics[f"{prefix}/val_loss"]):
+                    loss = metrics[f"{prefix}/val_loss"]
+                    raise diverged(f"the validation loss is {loss}", epoch, "validation", config)
+            metrics[f"{prefix}/epoch_seconds"] = time.perf_counter() - started
+            history.append(metrics)
+            if logger is not None:
+                logger.log_metrics(metrics, step=epoch)
+            shown = {"loss": metrics[f"{prefix}/loss"]}
+            if f"{prefix}/val_loss" in metrics:
+                shown["val_loss"] = metrics[f"{prefix}/val_loss"]
+            epochs_bar.update(1, **shown)
+            monitored = metrics.get(f"{prefix}/val_loss", metrics[f"{prefix}/loss"])
+            if config.early_stopping_patience is not None:
+                if monitored < best_loss - 1e-12:
+                    best_loss, stale = monitored, 0
+                    best_state = copy.deepcopy({k: v.detach().cpu() for k, v in module.state_dict().items()})
+                else:
+                    stale += 1
+                    if stale >= config.early_stopping_patience:
+                        break
     if best_state is not None:
         module.load_state_dict(best_state)
     module.eval()

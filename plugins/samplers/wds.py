@@ -36,6 +36,7 @@ from pydantic import Field
 
 from grnx_core import CellSample, Sampler
 from grnx_core.errors import DataError
+from grnx_core.progress import progress
 from grnx_plugins.samplers._sample_size import SampleSizeParams, sample_size
 
 if TYPE_CHECKING:
@@ -111,15 +112,19 @@ class WeightedDiversifiedSampler(Sampler):
         sketch = np.zeros((tables.n_hashes, tables.n_buckets), dtype=np.int32)
 
         started, started_cpu = time.perf_counter(), time.process_time()
-        for _, chunk in iter_row_chunks(adata, self.layer, self.chunk_size, who):
-            hashing.count_into_sketch(sketch, hashing.hash_chunk(chunk, tables))
+        with progress(total=n_obs, desc=f"{who}: hash cells into the sketch", unit="cell") as bar:
+            for _, chunk in iter_row_chunks(adata, self.layer, self.chunk_size, who):
+                hashing.count_into_sketch(sketch, hashing.hash_chunk(chunk, tables))
+                bar.update(chunk.shape[0])
         pass1, pass1_cpu = time.perf_counter() - started, time.process_time() - started_cpu
 
         started, started_cpu = time.perf_counter(), time.process_time()
         density = np.empty(n_obs, dtype=np.float64)
-        for start, chunk in iter_row_chunks(adata, self.layer, self.chunk_size, who):
-            buckets = hashing.hash_chunk(chunk, tables)
-            density[start : start + chunk.shape[0]] = hashing.query_sketch(sketch, buckets)
+        with progress(total=n_obs, desc=f"{who}: query each cell's density", unit="cell") as bar:
+            for start, chunk in iter_row_chunks(adata, self.layer, self.chunk_size, who):
+                buckets = hashing.hash_chunk(chunk, tables)
+                density[start : start + chunk.shape[0]] = hashing.query_sketch(sketch, buckets)
+                bar.update(chunk.shape[0])
         pass2, pass2_cpu = time.perf_counter() - started, time.process_time() - started_cpu
 
         log_probabilities = inclusion_log_probabilities(density, self.temperature, self.weighting)

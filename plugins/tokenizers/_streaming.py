@@ -30,6 +30,7 @@ import scipy.sparse as sp
 from grnx_core.atomic import atomic_path
 from grnx_core.data_types import TokenizedCells
 from grnx_core.errors import DataError
+from grnx_core.progress import progress
 
 if TYPE_CHECKING:
     import anndata
@@ -485,14 +486,16 @@ def tokenize_rows(
 
     def consume(sink: TokenSink, spill_dir: str | None = None) -> None:
         chunks = run_chunks(kernel, plan, reader, positions, per_row, chunk_size, n_workers, spill_dir)
-        for rows, chunk in chunks:
-            if chunk.problem is not None:
-                cell = adata.obs_names[rows[chunk.problem_row]]
-                raise DataError(chunk.problem.format(cell=cell, value=chunk.problem_value))
-            for name, count in (chunk.counters or {}).items():
-                counters[name] += int(count)
-            kept_rows.append(rows if chunk.keep is None else rows[chunk.keep])
-            sink.add(chunk.input_ids, chunk.values, chunk.lengths, chunk.spilled)
+        with progress(total=len(positions), desc=f"{who}: tokenise", unit="cell") as bar:
+            for rows, chunk in chunks:
+                if chunk.problem is not None:
+                    cell = adata.obs_names[rows[chunk.problem_row]]
+                    raise DataError(chunk.problem.format(cell=cell, value=chunk.problem_value))
+                for name, count in (chunk.counters or {}).items():
+                    counters[name] += int(count)
+                kept_rows.append(rows if chunk.keep is None else rows[chunk.keep])
+                sink.add(chunk.input_ids, chunk.values, chunk.lengths, chunk.spilled)
+                bar.update(len(rows))
 
     def finish(sink: TokenSink) -> tuple[Any, pd.DataFrame, dict[str, Any]]:
         kept = np.concatenate(kept_rows) if kept_rows else np.zeros(0, dtype=np.int64)

@@ -215,6 +215,7 @@ CASES: dict[str, Case | list[Case]] = {
         Case({"group_key": "label", "case": "case", "control": "control"}, name="grouped"),
     ],
     "extractor:spearman": Case({}),
+    "extractor:nid": Case({"tile_size": 7}, model=TINY_MLP),
     "evaluator:nes": Case({"permutations": 50}),
     "evaluator:nes_stability": Case({"permutations": 50}),
     "evaluator:auprc": Case({"stability_top_k": 5}),

@@ -532,9 +532,97 @@ def _run_tokens(tracker: Any, run_id: str) -> Path:
     return folder
 
 
+def _run_interactions(tracker: Any, run_id: str, extractor: str | None) -> tuple[Any, Any]:
+    """The MLflow run and the ``Interactions`` it logged (``interactions/<extractor>.parquet``)."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    from grnx_core.data_types import Interactions
+
+    try:
+        run = tracker.client.get_run(run_id)
+    except MlflowException:
+        raise GrnxError(
+            f"no run {run_id!r} in the tracking store {tracker.tracking_uri}. `grnx ui` lists the runs; "
+            "pass --tracking-uri for another store."
+        ) from None
+    logged = {
+        Path(item.path).stem: item.path
+        for item in tracker.client.list_artifacts(run_id, "interactions")
+        if item.path.endswith(".parquet")
+    }
+    if not logged:
+        children = tracker.client.search_runs(
+            [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'"
+        )
+        with_pairs = [
+            child.info.run_id
+            for child in children
+            if tracker.client.list_artifacts(child.info.run_id, "interactions")
+        ]
+        if with_pairs:
+            raise GrnxError(
+                f"run {run_id} logged no interactions itself; its child runs did ({', '.join(with_pairs[:5])}"
+                f"{', ...' if len(with_pairs) > 5 else ''}): export one of them."
+            )
+        raise GrnxError(
+            f"run {run_id} logged no interactions: its recipe has no extractors, or it failed before "
+            f"them (status {run.info.status})."
+        )
+    if extractor is None:
+        if len(logged) > 1:
+            raise GrnxError(
+                f"run {run_id} has interactions from several extractors ({', '.join(sorted(logged))}); "
+                "choose one with --extractor ID."
+            )
+        extractor = next(iter(logged))
+    elif extractor not in logged:
+        raise GrnxError(
+            f"run {run_id} has no interactions from extractor {extractor!r}; it has "
+            f"{', '.join(sorted(logged))}."
+        )
+    with tempfile.TemporaryDirectory() as scratch:
+        local = tracker.client.download_artifacts(run_id, logged[extractor], scratch)
+        return run, Interactions.load(Path(local))
+
+
+def _export_interactions(args: argparse.Namespace) -> int:
+    """``grnx export interactions RUN_ID OUT --format F``: a run's ranked pairs for another tool."""
+    from grnx_core.exports import export_interactions
+    from grnx_core.tracking import Tracker
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise GrnxError(f"{out} exists; pass --force to replace it, or name another OUT.")
+    if args.top_k is not None and args.top_k < 1:
+        raise GrnxError(f"--top-k must be at least 1, got {args.top_k}.")
+    run, interactions = _run_interactions(Tracker(args.tracking_uri), args.run_id, args.extractor)
+    dataset_id = args.dataset_id or run.data.tags.get("grnx.recipe") or run.info.run_name
+    written = export_interactions(
+        interactions,
+        out,
+        args.format,
+        top_k=args.top_k,
+        method_id=args.method_id,
+        dataset_id=dataset_id,
+    )
+    kept = min(len(interactions), args.top_k) if args.top_k is not None else len(interactions)
+    kind = "directed" if interactions.directed else "undirected"
+    print(
+        f"wrote {written} ({args.format} format): {kept} {kind} pairs from extractor "
+        f"{interactions.extractor!r} of run {args.run_id}"
+    )
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    """``grnx export tokens RUN_ID OUT``: a run's tokens written in another format."""
+    """``grnx export tokens RUN_ID OUT``: a run's tokens written in another format; ``grnx export
+    interactions RUN_ID OUT``: its ranked pairs."""
     import json
+
+    if args.export_what == "interactions":
+        return _export_interactions(args)
 
     from grnx_core.registry import default_registry
     from grnx_core.tracking import Tracker
@@ -699,6 +787,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tokens.add_argument("--force", action="store_true", help="replace OUT when it exists")
     tokens.add_argument(
+        "--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or mlflow/mlflow.db)"
+    )
+    interactions = export_what.add_parser(
+        "interactions",
+        parents=[common],
+        help="a run's ranked gene pairs, for BEELINE, AnnData (varp) or openproblems",
+    )
+    interactions.add_argument("run_id", metavar="RUN_ID", help="the run that logged the interactions")
+    interactions.add_argument("out", metavar="OUT", help="file to write, e.g. rankedEdges.csv or grn.h5ad")
+    interactions.add_argument(
+        "--format",
+        choices=["beeline", "varp", "openproblems"],
+        required=True,
+        help="beeline: rankedEdges.csv (Gene1, Gene2, EdgeWeight; undirected pairs both ways); varp: "
+        ".h5ad with the genes x genes scores in varp['grnx_<extractor>']; openproblems: .h5ad with "
+        "uns['prediction'] (source, target, weight), method_id and dataset_id",
+    )
+    interactions.add_argument(
+        "--extractor", default=None, metavar="ID", help="which extractor's pairs, when the run has several"
+    )
+    interactions.add_argument(
+        "--top-k", type=int, default=None, metavar="N", help="write only the best N pairs (default: all)"
+    )
+    interactions.add_argument(
+        "--method-id", default=None, help="openproblems method_id (default: grnx_<extractor>)"
+    )
+    interactions.add_argument(
+        "--dataset-id", default=None, help="openproblems dataset_id (default: the run's recipe name)"
+    )
+    interactions.add_argument("--force", action="store_true", help="replace OUT when it exists")
+    interactions.add_argument(
         "--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or mlflow/mlflow.db)"
     )
     export.set_defaults(handler=cmd_export)

@@ -14,7 +14,6 @@ from grnx_core.atomic import atomic_path
 from grnx_core.errors import DataError
 
 if TYPE_CHECKING:
-    import anndata
     import matplotlib.figure
 
 
@@ -348,30 +347,6 @@ class Interactions:
             genes=meta["genes"],
             metadata=meta["metadata"],
         )
-
-    def to_beeline(self, path: Path) -> None:
-        """BEELINE ``rankedEdges.csv``: tab-separated Gene1, Gene2, EdgeWeight."""
-        edges = self.table.rename(columns={"source": "Gene1", "target": "Gene2", "score": "EdgeWeight"})
-        with atomic_path(path) as temporary:
-            edges[["Gene1", "Gene2", "EdgeWeight"]].to_csv(temporary, sep="\t", index=False)
-
-    def to_varp(self, adata: anndata.AnnData, key: str | None = None, top_k: int = 10_000) -> None:
-        """Store the top pairs as a sparse gene x gene matrix in ``adata.varp[key]``."""
-        import scipy.sparse as sp
-
-        key = key or f"grnx_{self.extractor}"
-        index = pd.Index(adata.var_names)
-        top = self.table.head(top_k)
-        rows, cols = index.get_indexer(top["source"]), index.get_indexer(top["target"])
-        known = (rows >= 0) & (cols >= 0)
-        if not known.any():
-            raise DataError(
-                f"None of the top {len(top)} pairs from {self.extractor!r} use genes in adata.var_names."
-            )
-        rows, cols, scores = rows[known], cols[known], top["score"].to_numpy()[known]
-        if not self.directed:
-            rows, cols, scores = np.r_[rows, cols], np.r_[cols, rows], np.r_[scores, scores]
-        adata.varp[key] = sp.csr_matrix((scores, (rows, cols)), shape=(adata.n_vars, adata.n_vars))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from grnx_core import DataError, GroundTruth, Interactions, RunContext
 from grnx_plugins.evaluators.ground_truth import normalise_gene, overlap_error
 
 DirectedMode = Literal["auto", "directed", "undirected"]
+#: Which genes' pairs are the candidates: see ``prepare``.
+Universe = Literal["truth_genes", "all_genes"]
 
 
 #: The overlap counts every pair evaluator reports with its scores (``report``): informational,
@@ -46,7 +48,20 @@ class PairProblem:
     truth_codes: np.ndarray  # sorted unique int64
     truth_signs: np.ndarray | None  # int8 aligned with truth_codes, or None
     n_candidates: int
+    #: ``all_genes`` or ``truth_genes`` (see ``prepare``), and how many genes the extractor scored
+    universe: Universe = "all_genes"
+    n_extractor_genes: int = 0
     report: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def universe_description(self) -> str:
+        """The gene set the candidate pairs are drawn from, in words, e.g. for tables and titles."""
+        if self.universe == "truth_genes":
+            return (
+                f"ground-truth genes scored by {self.extractor} ({self.n_genes} of "
+                f"{self.n_extractor_genes} genes)"
+            )
+        return f"all genes scored by {self.extractor} ({self.n_genes} genes)"
 
     @property
     def n_genes(self) -> int:
@@ -86,6 +101,8 @@ class PairProblem:
             truth_codes=self.truth_codes[known],
             truth_signs=self.truth_signs[known],
             n_candidates=2 * self.n_candidates,
+            universe=self.universe,
+            n_extractor_genes=self.n_extractor_genes,
             report={**self.report, "gt_signed_pairs_in_universe": float(known.sum())},
         )
 
@@ -147,41 +164,41 @@ def prepare(
     extractor: str,
     who: str,
     mode: DirectedMode = "auto",
+    universe: Universe = "all_genes",
     case_sensitive: bool = True,
     tf_genes: set[str] | None = None,
     top_n: int | None = None,
 ) -> PairProblem:
-    """Encode the ranked list and the ground truth of one extractor as pair codes in its universe."""
+    """Encode the ranked list and the ground truth of one extractor as pair codes in a gene universe.
+
+    ``universe``: ``all_genes``, every gene the extractor scored (``interactions.genes``);
+    ``truth_genes``, those of them the ground truth names (BEELINE's candidates are the pairs of
+    the ground truth's genes: ``computeScores`` in BLEval/computeAUC.py, Murali-group/Beeline).
+    Scored directed, an undirected prediction A|B predicts both A -> B and B -> A with its score
+    (BEELINE's Pearson runner writes both orientations), so the figures do not depend on the
+    order the genes were stored in. Scored undirected, a directed list keeps the better-ranked of
+    A -> B and B -> A (BEELINE's undirected mode takes the larger weight of the two).
+    """
     directed = evaluation_directed(mode, truth, interactions)
-    genes = [str(g) for g in interactions.genes]
-    n_genes = len(genes)
-    index = pd.Index(genes)
-    table = interactions.table
-    scores = table["score"].to_numpy(dtype=np.float64)
-    source = _column_indices(table["source"], index)
-    target = _column_indices(table["target"], index)
-    keep = (source >= 0) & (target >= 0) & (source != target) & ~np.isnan(scores)
-    codes = _pair_codes(source, target, n_genes, directed)
-    signs = table["sign"].to_numpy(dtype=np.int8) if "sign" in table.columns else None
-    if not keep.all():
-        codes, scores, source = codes[keep], scores[keep], source[keep]
-        target = target[keep]
-        signs = signs[keep] if signs is not None else None
-    if interactions.directed != directed or not directed:
-        # A directed list scored undirected holds A|B twice: keep the better-ranked copy.
-        _, first = np.unique(codes, return_index=True)
-        if len(first) < len(codes):
-            first.sort()
-            codes, scores, source, target = codes[first], scores[first], source[first], target[first]
-            signs = signs[first] if signs is not None else None
+    all_genes = [str(g) for g in interactions.genes]
 
     # Ground truth: match on normalised names (Ensembl versions dropped, optional case folding).
     keys: dict[str, int] = {}
-    for position, gene in enumerate(genes):
+    for position, gene in enumerate(all_genes):
         keys.setdefault(normalise_gene(gene, case_sensitive), position)
     edges = truth.edges
     gt_source = _mapped(edges["source"], keys, case_sensitive)
     gt_target = _mapped(edges["target"], keys, case_sensitive)
+    if universe == "truth_genes":
+        named = np.union1d(gt_source[gt_source >= 0], gt_target[gt_target >= 0])
+        renumber = np.full(len(all_genes), -1, dtype=np.int64)
+        renumber[named] = np.arange(len(named))
+        gt_source = np.where(gt_source >= 0, renumber[gt_source], -1)
+        gt_target = np.where(gt_target >= 0, renumber[gt_target], -1)
+        genes = [all_genes[i] for i in named]
+    else:
+        genes = all_genes
+    n_genes = len(genes)
     inside = (gt_source >= 0) & (gt_target >= 0) & (gt_source != gt_target)
     truth_signs = edges["sign"].to_numpy(dtype=np.int8)[inside] if "sign" in edges.columns else None
     gt_source, gt_target = gt_source[inside], gt_target[inside]
@@ -190,14 +207,39 @@ def prepare(
         truth_signs = np.r_[truth_signs, truth_signs] if truth_signs is not None else None
     truth_codes = _pair_codes(gt_source, gt_target, n_genes, directed)
 
+    # The ranked list, inside the universe.
+    index = pd.Index(genes)
+    table = interactions.table
+    scores = table["score"].to_numpy(dtype=np.float64)
+    source = _column_indices(table["source"], index)
+    target = _column_indices(table["target"], index)
+    signs = table["sign"].to_numpy(dtype=np.int8) if "sign" in table.columns else None
+    keep = (source >= 0) & (target >= 0) & (source != target) & ~np.isnan(scores)
+    if not keep.all():
+        source, target, scores = source[keep], target[keep], scores[keep]
+        signs = signs[keep] if signs is not None else None
+    if directed and not interactions.directed:
+        # Each pair followed by its reverse, at the same score: the ranking is unchanged.
+        source, target = np.column_stack([source, target]).ravel(), np.column_stack([target, source]).ravel()
+        scores = np.repeat(scores, 2)
+        signs = np.repeat(signs, 2) if signs is not None else None
+    codes = _pair_codes(source, target, n_genes, directed)
+    # A pair listed twice (A -> B and B -> A scored undirected, or a repeated row): keep the
+    # better-ranked copy, as BEELINE keeps the first row of a repeated edge.
+    _, first = np.unique(codes, return_index=True)
+    if len(first) < len(codes):
+        first.sort()
+        codes, scores, source, target = codes[first], scores[first], source[first], target[first]
+        signs = signs[first] if signs is not None else None
+
     n_candidates = n_genes * (n_genes - 1) if directed else n_genes * (n_genes - 1) // 2
     if tf_genes is not None:
-        tf_mask = np.array([normalise_gene(g, case_sensitive) in tf_genes for g in genes])
+        tf_mask = np.array([normalise_gene(g, case_sensitive) in tf_genes for g in genes], dtype=bool)
         n_tf = int(tf_mask.sum())
         if n_tf == 0:
             raise DataError(
-                f"{who}: none of the {n_genes} genes scored by {extractor!r} is in the TF list "
-                f"(e.g. genes {genes[:4]}). Check tf_list and gene naming (case_sensitive)."
+                f"{who}: none of the {n_genes} genes of the universe of {extractor!r} ({universe}) is in "
+                f"the TF list (e.g. genes {genes[:4]}). Check tf_list and gene naming (case_sensitive)."
             )
         if directed:
             n_candidates = n_tf * (n_genes - 1)
@@ -219,7 +261,7 @@ def prepare(
         signs = signs[:top_n] if signs is not None else None
 
     if len(truth_codes) == 0:
-        raise overlap_error(who, truth, genes, extractor)
+        raise overlap_error(who, truth, all_genes, extractor)
     truth_genes_in = np.union1d(truth_codes // n_genes, truth_codes % n_genes)
     problem = PairProblem(
         extractor=extractor,
@@ -231,6 +273,8 @@ def prepare(
         truth_codes=truth_codes,
         truth_signs=truth_signs,
         n_candidates=int(n_candidates),
+        universe=universe,
+        n_extractor_genes=len(all_genes),
     )
     problem.report = {
         "gt_edges": float(len(truth.edges)),
@@ -257,6 +301,8 @@ def overlap_table(problems: dict[str, PairProblem], truth: GroundTruth) -> pd.Da
                 "extractor": extractor,
                 "ground_truth": truth.name,
                 "directed": problem.directed,
+                "universe": problem.universe,
+                "universe_description": problem.universe_description,
                 **{k: int(v) for k, v in problem.report.items()},
             }
         )

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from grnx_core import ComponentParams, DataError, EvaluationResult, Evaluator, RunContext
+from grnx_core import ComponentParams, DataError, EvaluationResult, Evaluator, GroundTruth, RunContext
 from grnx_plugins.evaluators._pairs import OVERLAP_COUNTS
 from grnx_plugins.evaluators.ground_truth import GroundTruthSpec, normalise_gene, resolve_ground_truth
 
@@ -17,17 +17,32 @@ from grnx_plugins.evaluators.ground_truth import GroundTruthSpec, normalise_gene
 class AuprcEvaluator(Evaluator):
     """Graph metrics of each ranked pair list over all candidate pairs of its gene universe.
 
-    Pustejovsky et al. BEELINE (Nat Methods 2020, https://doi.org/10.1038/s41592-019-0690-6):
-    candidates are every ordered (directed) or unordered pair of the extractor's genes; pairs absent
-    from the ranked list count as scored lowest (one tied threshold). ``auprc`` is average precision
-    (scikit-learn's definition), ``auprc_trapezoid`` the trapezoidal area BEELINE reports; ``auroc``;
+    Pratapa et al. BEELINE (Nat Methods 2020, https://doi.org/10.1038/s41592-019-0690-6), as its
+    code computes them (Murali-group/Beeline, BLEval/computeAUC.py ``computeScores`` and
+    BLEval/computeEarlyPrec.py ``EarlyPrec``): candidates are every ordered (directed) or unordered
+    (undirected) pair of distinct genes of the universe; ``universe: truth_genes`` (default) takes the
+    genes the ground truth names that the extractor scored (BEELINE: the ground truth's genes),
+    ``all_genes`` every gene the extractor scored. Pairs absent from the ranked list count as scored
+    lowest (one tied threshold, BEELINE's weight 0). Scored directed, an undirected pair A|B predicts
+    both A -> B and B -> A with its score; scored undirected, a directed list keeps the better of the
+    two orientations. ``auprc`` is average precision (scikit-learn's definition),
+    ``auprc_trapezoid`` the trapezoidal area BEELINE reports as AUPRC; ``auroc``;
     ``early_precision`` = precision of the top-k pairs (ties at the k-th score included), k = number of
-    true pairs in the universe; ``epr`` = early precision / edge density. Each has its random baseline
-    (``*_random``). Options: TF-restricted universe (pairs whose source, or for undirected pairs either
-    gene, is a TF), signed edges (candidates are (pair, sign) combinations, twice as many as pairs; a
-    listed pair predicts its own sign and is true only when that matches the ground truth), and top-k stability
-    across repeats (``aggregate``: Jaccard and Spearman of the top-k pairs between repeats and against
-    the reference run).
+    true pairs in the universe; ``epr`` = early precision / edge density (a ratio already). Each has
+    its random baseline (``*_random``) and ``auprc_ratio`` / ``auprc_trapezoid_ratio`` divide by it.
+    ``universe_genes`` counts the universe, ``extractor_genes`` the genes the extractor scored.
+
+    Options: TF-restricted universe (pairs whose source, or for undirected pairs either gene, is a
+    TF: from ``tf_list``, or the ground truth's source genes with ``tf_edges``, which is BEELINE's
+    EPR on experimental data), signed edges (candidates are (pair, sign) combinations, twice as many
+    as pairs; a listed pair predicts its own sign and is true only when that matches the ground
+    truth), and top-k stability across repeats (``aggregate``: Jaccard and Spearman of the top-k pairs
+    between repeats and against the reference run).
+
+    Where BEELINE differs: it scores |EdgeWeight| (grnx ranks by ``score``, which extractors set to
+    |r| with ``rank_by: abs``), rounds weights to 6 decimals and leaves weight-0 edges out of the
+    top k in EPR, and keeps ground-truth genes the data lacks in the universe (grnx counts them in
+    ``gt_edges`` but not in ``gt_pairs_in_universe``).
     """
 
     name = "auprc"
@@ -44,12 +59,25 @@ class AuprcEvaluator(Evaluator):
         )
         extractors: list[str] | None = Field(None, description="extractor ids to score; all when None")
         directed: Literal["auto", "directed", "undirected"] = Field(
-            "auto", description="auto: directed only when both the ground truth and the interactions are"
+            "auto",
+            description="auto: directed only when both the ground truth and the interactions are "
+            "directed; directed: ordered pairs (an undirected pair predicts both orientations); "
+            "undirected: unordered pairs (a directed list keeps the better orientation)",
+        )
+        universe: Literal["truth_genes", "all_genes"] = Field(
+            "truth_genes",
+            description="candidate pairs are those of truth_genes: the ground truth's genes the "
+            "extractor scored (BEELINE), or all_genes: every gene the extractor scored",
         )
         tf_list: str | None = Field(
             None,
             description="TF list file (one per line, or a CSV with a TF column): restrict candidates "
             "to pairs whose source is a TF, e.g. ../shared/data/ground_truth/tf_lists/human-tfs.csv",
+        )
+        tf_edges: bool = Field(
+            False,
+            description="restrict candidates to pairs whose source is a source gene of the ground "
+            "truth (BEELINE's TFEdges, its EPR on experimental data); not with tf_list",
         )
         signed: bool = Field(
             False,
@@ -64,10 +92,19 @@ class AuprcEvaluator(Evaluator):
         )
         plot: bool = Field(True, description="draw PR and ROC curves per extractor")
 
+        @model_validator(mode="after")
+        def _one_source_of_tfs(self) -> AuprcEvaluator.Params:
+            if self.tf_edges and self.tf_list is not None:
+                raise ValueError(
+                    "tf_edges takes the TFs from the ground truth and tf_list from a file; set one of them"
+                )
+            return self
+
     higher_is_better: ClassVar[dict[str, bool]] = {
         "auprc": True,
         "auprc_ratio": True,
         "auprc_trapezoid": True,
+        "auprc_trapezoid_ratio": True,
         "auroc": True,
         "early_precision": True,
         "epr": True,
@@ -79,7 +116,14 @@ class AuprcEvaluator(Evaluator):
     }
     #: random baselines and counts: no direction
     informational: ClassVar[frozenset[str]] = frozenset(
-        {"auprc_random", "auroc_random", "early_precision_random", "epr_random", "n_candidates"}
+        {
+            "auprc_random",
+            "auroc_random",
+            "early_precision_random",
+            "epr_random",
+            "n_candidates",
+            "extractor_genes",
+        }
         | OVERLAP_COUNTS
     )
 
@@ -92,6 +136,8 @@ class AuprcEvaluator(Evaluator):
         truth = resolve_ground_truth(self.ground_truth, context, who)
         case_sensitive = self.ground_truth.case_sensitive
         tf_genes = read_tf_list(self.tf_list, case_sensitive, who) if self.tf_list else None
+        if self.tf_edges:
+            tf_genes = truth_sources(truth, case_sensitive, who)
         metrics: dict[str, float] = {}
         figures = {}
         problems = {}
@@ -103,6 +149,7 @@ class AuprcEvaluator(Evaluator):
                 extractor=extractor,
                 who=who,
                 mode=self.directed,
+                universe=self.universe,
                 case_sensitive=case_sensitive,
                 tf_genes=tf_genes,
             )
@@ -115,6 +162,12 @@ class AuprcEvaluator(Evaluator):
                     )
             labels = problem.labels(signed=self.signed)
             n_true = len(problem.truth_codes)
+            if n_true == problem.n_candidates:
+                raise DataError(
+                    f"{who}: every one of the {n_true} candidate pairs of {extractor!r} "
+                    f"({problem.universe_description}) is a ground-truth pair, so no ranking can be "
+                    "better or worse than another. Use universe: all_genes, or a sparser ground truth."
+                )
             density = n_true / problem.n_candidates
             curve = _curves.curves(labels, problem.scores, n_true, problem.n_candidates)
             auprc = curve.average_precision()
@@ -124,6 +177,7 @@ class AuprcEvaluator(Evaluator):
                 "auprc_random": density,
                 "auprc_ratio": auprc / density,
                 "auprc_trapezoid": curve.auprc_trapezoid(),
+                "auprc_trapezoid_ratio": curve.auprc_trapezoid() / density,
                 "auroc": curve.auroc(),
                 "auroc_random": 0.5,
                 "early_precision": ep,
@@ -131,6 +185,7 @@ class AuprcEvaluator(Evaluator):
                 "epr": ep / density,
                 "epr_random": 1.0,
                 "n_candidates": float(problem.n_candidates),
+                "extractor_genes": float(problem.n_extractor_genes),
                 **problem.report,
             }
             if self.stability_top_k is not None:
@@ -145,7 +200,8 @@ class AuprcEvaluator(Evaluator):
                     fpr,
                     tpr,
                     density,
-                    title=f"{extractor} vs {truth.name}: AUPRC {auprc:.3g} (random {density:.3g}), "
+                    title=f"{extractor} vs {truth.name} ({'directed' if problem.directed else 'undirected'}, "
+                    f"{problem.universe_description}): AUPRC {auprc:.3g} (random {density:.3g}), "
                     f"AUROC {values['auroc']:.3f}, EPR {values['epr']:.2f}",
                 )
         return EvaluationResult(
@@ -214,6 +270,16 @@ def top_k_spearman(a: list[str], b: list[str]) -> float:
         return float("nan")
     x, y = zip(*shared)
     return float(spearmanr(x, y).statistic)
+
+
+def truth_sources(truth: GroundTruth, case_sensitive: bool, who: str) -> set[str]:
+    """The regulators of a directed ground truth: its source genes (BEELINE's TFs with TFEdges)."""
+    if not truth.directed:
+        raise DataError(
+            f"{who}: tf_edges takes the TFs from the sources of the ground truth, but {truth.name!r} is "
+            "undirected, so its pairs have no source. Give the TFs in tf_list instead."
+        )
+    return {normalise_gene(str(g), case_sensitive) for g in truth.edges["source"]}
 
 
 def read_tf_list(path: str, case_sensitive: bool, who: str) -> set[str]:

@@ -39,8 +39,53 @@ def metric_labels(labels: list[str]) -> dict[str, str]:
     return names
 
 
+#: metrics reported next to their majority-class and chance baselines
+_BASELINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auroc")
+
+
+def baselines(truth: np.ndarray, train_labels: np.ndarray, present: list[str]) -> dict[str, float]:
+    """What a classifier that learned nothing from the cells scores on ``truth``.
+
+    ``majority``: always the most frequent training label (ties: the first in sorted order),
+    scored exactly with scikit-learn. ``chance``: labels drawn at random with the training label
+    frequencies q, in expectation: accuracy sum_c p_c q_c (p: the held-out frequencies), balanced
+    accuracy sum_c q_c / K over the K held-out classes, per-class F1 ``2 p_c q_c / (p_c + q_c)``
+    (precision q-independent p_c, recall q_c; the expectation of F1 for large n), averaged
+    unweighted (macro) or by p (weighted). AUROC 0.5 for both: scores carry no information.
+    Held-out accuracy below ``accuracy_majority`` means the model does worse than not looking.
+    When no labelled cell is outside the held-out set, the held-out frequencies stand in for q.
+    """
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    train_labels = np.asarray(train_labels).astype(str)
+    if len(train_labels) == 0:  # every labelled cell is held out: the held-out frequencies stand in
+        train_labels = np.asarray(truth).astype(str)
+    counts = pd.Series(train_labels).value_counts()
+    majority = sorted(counts[counts == counts.max()].index)[0]
+    always = np.full(len(truth), majority, dtype=object)
+    result = {
+        "accuracy_majority": accuracy_score(truth, always),
+        "balanced_accuracy_majority": balanced_accuracy_score(truth, always),
+        "macro_f1_majority": f1_score(truth, always, labels=present, average="macro", zero_division=0),
+        "weighted_f1_majority": f1_score(truth, always, labels=present, average="weighted", zero_division=0),
+    }
+    p = pd.Series(truth).value_counts(normalize=True).reindex(present, fill_value=0.0).to_numpy()
+    q = (counts / counts.sum()).reindex(present, fill_value=0.0).to_numpy()
+    f1 = np.divide(2 * p * q, p + q, out=np.zeros_like(p), where=(p + q) > 0)
+    result.update(
+        {
+            "accuracy_chance": float(np.sum(p * q)),
+            "balanced_accuracy_chance": float(q.sum() / len(present)),
+            "macro_f1_chance": float(f1.mean()),
+            "weighted_f1_chance": float(np.sum(p * f1)),
+        }
+    )
+    return {key: float(value) for key, value in result.items()}
+
+
 class ClassificationEvaluator(Evaluator):
-    """Accuracy, macro-/weighted-F1, balanced accuracy and per-class F1 of ``context.model.predict``.
+    """Accuracy, macro-/weighted-F1, balanced accuracy, per-class F1 (and AUROC for two classes) of
+    ``context.model``, each next to its majority-class and chance baselines (see ``baselines``).
 
     Cells: those whose split column (``context.roles.split_key``, "split") equals ``split_value``
     ("test"), or every cell when the data has no split. Token models (``input_kind == "tokens"``) are
@@ -74,8 +119,13 @@ class ClassificationEvaluator(Evaluator):
         "macro_f1": True,
         "weighted_f1": True,
         "f1": True,
+        "auroc": True,
     }
-    informational: ClassVar[frozenset[str]] = frozenset({"n_cells", "n_classes"})
+    #: counts, and what a model that learned nothing scores (see ``baselines``)
+    informational: ClassVar[frozenset[str]] = frozenset(
+        {"n_cells", "n_classes", "n_train_cells"}
+        | {f"{metric}_{baseline}" for metric in _BASELINE_METRICS for baseline in ("majority", "chance")}
+    )
 
     def evaluate(self, context: RunContext) -> EvaluationResult:
         from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
@@ -91,8 +141,9 @@ class ClassificationEvaluator(Evaluator):
             raise DataError(
                 f"{who} needs the true labels: set data.label_key in the recipe or params.label_key."
             )
-        inputs, truth, categories, scope = self._held_out(context, model, label_key, who)
-        predicted = self._labels(np.asarray(model.predict(inputs)), truth, categories, who)
+        inputs, truth, categories, scope, train_labels = self._held_out(context, model, label_key, who)
+        raw = np.asarray(model.predict(inputs))
+        predicted = self._labels(raw, truth, categories, who)
         if len(predicted) != len(truth):
             raise DataError(f"{who}: the model returned {len(predicted)} predictions for {len(truth)} cells.")
         truth, predicted = truth.astype(str), predicted.astype(str)
@@ -106,6 +157,12 @@ class ClassificationEvaluator(Evaluator):
             "n_cells": float(len(truth)),
             "n_classes": float(len(present)),
         }
+        metrics["n_train_cells"] = float(len(train_labels))
+        metrics.update(baselines(truth, train_labels, present))
+        if len(present) == 2:
+            auroc = self._auroc(model, inputs, truth, present)
+            if auroc is not None:
+                metrics.update({"auroc": auroc, "auroc_majority": 0.5, "auroc_chance": 0.5})
         per_class = f1_score(truth, predicted, labels=present, average=None, zero_division=0)
         names = metric_labels(present)
         for label, value in zip(present, per_class):
@@ -128,8 +185,9 @@ class ClassificationEvaluator(Evaluator):
             figures["confusion_matrix"] = confusion_plot(
                 matrix,
                 classes,
-                f"{label_key} on {scope}: accuracy {metrics['accuracy']:.3f}, "
-                f"macro-F1 {metrics['macro_f1']:.3f}",
+                f"{label_key} on {scope}: accuracy {metrics['accuracy']:.3f} (majority class "
+                f"{metrics['accuracy_majority']:.3f}), macro-F1 {metrics['macro_f1']:.3f} "
+                f"(chance {metrics['macro_f1_chance']:.3f})",
             )
         return EvaluationResult(
             metrics={k: float(v) for k, v in metrics.items()},
@@ -170,11 +228,25 @@ class ClassificationEvaluator(Evaluator):
             raise DataError(f"{who}: the data has no {split_key!r} column; add a train/test split step.")
         labels = obs[label_key]
         known = labels.notna().to_numpy()
+        # The baselines learn from the cells the model could learn from: the other split values.
+        train = known & ~mask if split_key in obs.columns else known
         mask &= known
         categories = sorted(map(str, labels[known].unique()))
         indices = np.flatnonzero(mask)
         inputs = adata[indices] if adata is not None else context.tokens.subset(indices)
-        return inputs, labels.to_numpy()[indices], categories, scope
+        return inputs, labels.to_numpy()[indices], categories, scope, labels.to_numpy()[train]
+
+    @staticmethod
+    def _auroc(model, inputs, truth: np.ndarray, present: list[str]) -> float | None:
+        """AUROC of the model's probability of the second class (sorted), when it gives them."""
+        from sklearn.metrics import roc_auc_score
+
+        predict_proba = getattr(model, "predict_proba", None)
+        classes = [str(c) for c in getattr(model, "classes_", [])]
+        if predict_proba is None or present[1] not in classes:
+            return None
+        scores = np.asarray(predict_proba(inputs))[:, classes.index(present[1])]
+        return float(roc_auc_score(np.asarray(truth) == present[1], scores))
 
     @staticmethod
     def _labels(predicted: np.ndarray, truth: np.ndarray, categories: list[str], who: str) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import anndata
 import numpy as np
 import pandas as pd
 import pytest
@@ -62,21 +61,7 @@ def test_interactions_round_trip_and_exports(tmp_path):
         GENES,
         {"n_cells": 7},
     )
-    interactions.to_beeline(tmp_path / "rankedEdges.csv")
-    beeline = pd.read_csv(tmp_path / "rankedEdges.csv", sep="\t")
-    assert list(beeline.columns) == ["Gene1", "Gene2", "EdgeWeight"] and beeline.iloc[0].tolist() == [
-        "a",
-        "b",
-        0.9,
-    ]
-    adata = anndata.AnnData(np.zeros((2, 4)), var=pd.DataFrame(index=GENES))
-    interactions.to_varp(adata, top_k=2)
-    matrix = adata.varp["grnx_x"].toarray()
-    assert (
-        matrix[0, 1] == matrix[1, 0] == 0.9
-        and matrix[2, 3] == matrix[3, 2] == 0.6
-        and matrix.sum() == pytest.approx(3.0)
-    )
+    # Exports to BEELINE, varp and openproblems files: grnx_core.exports (tests/core/test_exports.py).
 
 
 def test_tokenized_cells_subset_pad_and_round_trip(tmp_path):

@@ -196,7 +196,7 @@ def test_overlap_report_counts_pairs_inside_the_universe(gt_dir):
     )
     inside = {p for p in truth.pair_set() if set(p.split("|")) <= set(genes)}
     params = {"ground_truth": ad_spec(gt_dir, "symbol", 0.3).model_dump()}
-    result = AuprcEvaluator(plot=False, **params).evaluate(_context(genes, table))
+    result = AuprcEvaluator(plot=False, universe="all_genes", **params).evaluate(_context(genes, table))
     assert result.metrics["pearson/gt_edges"] == 104
     assert result.metrics["pearson/gt_pairs_in_universe"] == len(inside)
     assert result.metrics["pearson/universe_genes"] == 32
@@ -216,7 +216,7 @@ def test_no_overlap_error_suggests_the_namespace(gt_dir):
     mapped = truth_spec.model_copy(
         update={"gene_ids": "ensembl", "gencode": str(gt_dir / "gencode_human_ensembl_symbol_entrez.tsv")}
     )
-    result = AuprcEvaluator(ground_truth=mapped.model_dump(), plot=False).evaluate(
+    result = AuprcEvaluator(ground_truth=mapped.model_dump(), plot=False, universe="all_genes").evaluate(
         _context(genes + ["ENSG00000000005"], table)
     )
     assert result.metrics["pearson/gt_pairs_in_universe"] >= 1  # APP-PSEN1

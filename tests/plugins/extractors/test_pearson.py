@@ -136,3 +136,207 @@ def test_groups_with_identical_correlations_are_refused():
     extractor = PearsonExtractor(group_key="group", case="AD", control="control")
     with pytest.raises(DataError, match=r"corr\(case\) - corr\(control\) is 0 for every pair"):
         extractor.extract(RunContext(adata=twins))
+
+
+# -- weighted correlation ---------------------------------------------------------------------
+
+
+def _numpy_weighted_correlation(dense: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """numpy's reliability-weighted covariance (``aweights``), scaled to a correlation."""
+    covariance = np.cov(dense, rowvar=False, aweights=weights)
+    std = np.sqrt(np.diag(covariance))
+    return covariance / np.outer(std, std)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_weighted_correlation_equals_numpy_aweights(sparse):
+    adata = _adata(sparse, seed=5)
+    dense = adata.X.toarray() if sparse else adata.X
+    weights = np.random.default_rng(1).gamma(0.5, 2.0, size=300)  # spread-out, WDS-like weights
+    result = correlation_matrix(adata.X, weights=weights)
+    expected = _numpy_weighted_correlation(dense[:, :11], weights)
+    assert np.allclose(result[:11, :11], expected, atol=1e-12)
+    assert not np.allclose(result[:11, :11], np.corrcoef(dense[:, :11], rowvar=False), atol=1e-3)
+    equal = correlation_matrix(adata.X, weights=np.full(300, 3.7))
+    assert np.allclose(equal, correlation_matrix(adata.X), atol=1e-12)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_integer_weights_equal_repeated_cells(sparse):
+    adata = _adata(False, seed=6)
+    weights = np.random.default_rng(2).integers(0, 4, size=300)  # zeros included: those cells drop out
+    repeated = np.repeat(adata.X[:, :11], weights, axis=0)
+    matrix = sp.csr_matrix(adata.X) if sparse else adata.X
+    result = correlation_matrix(matrix, weights=weights.astype(float))
+    assert np.allclose(result[:11, :11], np.corrcoef(repeated, rowvar=False), atol=1e-12)
+
+
+def _weighted_sample(adata: anndata.AnnData, seed: int = 0) -> CellSample:
+    rng = np.random.default_rng(seed)
+    indices = np.sort(rng.choice(adata.n_obs, size=200, replace=False))
+    return CellSample(indices=indices, weights=rng.gamma(0.5, 2.0, size=200), n_cells_total=adata.n_obs)
+
+
+def _matrix_of(table: pd.DataFrame, genes: list[str]) -> np.ndarray:
+    """The signed score of every pair of a ranked table, as a gene x gene matrix."""
+    position = {gene: i for i, gene in enumerate(genes)}
+    matrix = np.full((len(genes), len(genes)), np.nan)
+    signed = table["score"] * table["sign"] if "sign" in table else table["score"]
+    for source, target, value in zip(table["source"], table["target"], signed, strict=True):
+        matrix[position[source], position[target]] = matrix[position[target], position[source]] = value
+    return matrix
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_weighting_sample_uses_the_samplers_weights(sparse):
+    adata = _adata(sparse, seed=7)
+    sample = _weighted_sample(adata)
+    dense = (adata.X.toarray() if sparse else adata.X)[sample.indices]
+    genes, off_diagonal = list(adata.var_names), ~np.eye(11, dtype=bool)
+    weighted = PearsonExtractor(weighting="sample").extract(RunContext(adata=adata, sample=sample))
+    expected = _numpy_weighted_correlation(dense[:, :11], sample.weights)
+    scores = _matrix_of(weighted.table, genes)[:11, :11]
+    assert np.allclose(scores[off_diagonal], expected[off_diagonal], atol=1e-12)
+    assert weighted.metadata["weighting"] == "sample"
+    uniform = PearsonExtractor().extract(RunContext(adata=adata, sample=sample))
+    expected_uniform = np.corrcoef(dense[:, :11], rowvar=False)
+    scores_uniform = _matrix_of(uniform.table, genes)[:11, :11]
+    assert np.allclose(scores_uniform[off_diagonal], expected_uniform[off_diagonal], atol=1e-12)
+    assert not np.allclose(scores_uniform[off_diagonal], scores[off_diagonal], atol=1e-3)
+    # Without a sampler every weight is 1: the plain correlation.
+    no_sample = PearsonExtractor(weighting="sample").extract(RunContext(adata=adata))
+    assert no_sample.metadata["weighting"] == "uniform"
+    plain = PearsonExtractor().extract(RunContext(adata=adata)).table
+    assert np.allclose(no_sample.table["score"], plain["score"], atol=1e-12)
+
+
+def test_weighted_group_difference_weights_each_group_by_its_cells():
+    adata = _adata(True, seed=8)
+    sample = _weighted_sample(adata, seed=3)
+    extractor = PearsonExtractor(
+        group_key="group", case="AD", control="control", weighting="sample", rank_by="value"
+    )
+    table = extractor.extract(RunContext(adata=adata, sample=sample)).table
+    dense = adata.X.toarray()[sample.indices][:, :11]
+    case = adata.obs["group"].to_numpy()[sample.indices] == "AD"
+    expected = _numpy_weighted_correlation(dense[case], sample.weights[case]) - _numpy_weighted_correlation(
+        dense[~case], sample.weights[~case]
+    )
+    for _, row in table.head(15).iterrows():
+        i, j = int(row["source"][1:]), int(row["target"][1:])
+        assert row["score"] == pytest.approx(expected[i, j], abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (np.nan, r"1 of the 200 cell weights are NaN, infinite or negative \(c\d+: nan\)"),
+        (np.inf, r"NaN, infinite or negative \(c\d+: inf\)"),
+        (-0.5, r"NaN, infinite or negative \(c\d+: -0.5\).*weighting: uniform"),
+    ],
+)
+def test_degenerate_weights_are_refused(bad, message):
+    adata = _adata(False)
+    sample = _weighted_sample(adata)
+    sample.weights[17] = bad
+    with pytest.raises(DataError, match=r"extractor 'pearson' \(weighting: sample\).*" + message):
+        PearsonExtractor(weighting="sample").extract(RunContext(adata=adata, sample=sample))
+    # The same weights are harmless when the extractor does not weight.
+    PearsonExtractor().extract(RunContext(adata=adata, sample=sample))
+
+
+def test_all_zero_or_single_cell_weights_are_refused():
+    adata = _adata(False)
+    sample = _weighted_sample(adata)
+    sample.weights[:] = 0.0
+    with pytest.raises(DataError, match=r"all 200 cell weights are 0, so no cell would count"):
+        PearsonExtractor(weighting="sample").extract(RunContext(adata=adata, sample=sample))
+    sample.weights[5] = 1.0
+    with pytest.raises(DataError, match=r"at least 2 cells of positive weight, got 1"):
+        PearsonExtractor(weighting="sample").extract(RunContext(adata=adata, sample=sample))
+    with pytest.raises(DataError, match=r"Pearson correlation: 3 cell weights for 300 cells"):
+        correlation_matrix(adata.X, weights=np.ones(3))
+
+
+# -- gene universe ----------------------------------------------------------------------------
+
+
+def _two_halves() -> anndata.AnnData:
+    """Genes 0-3 high in the first half, 4-7 in the second, 8-11 moderately high in both."""
+    rng = np.random.default_rng(11)
+    means = np.ones((400, 16))
+    means[:200, 0:4] = 6.0
+    means[200:, 4:8] = 6.0
+    means[:, 8:12] = 4.0
+    counts = rng.poisson(means).astype(np.float64)
+    return anndata.AnnData(
+        X=sp.csr_matrix(counts),
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(400)]),
+        var=pd.DataFrame(index=[f"g{i}" for i in range(16)]),
+    )
+
+
+def _genes_of(interactions) -> set[str]:
+    return set(interactions.table["source"]) | set(interactions.table["target"])
+
+
+def test_universe_on_all_cells_is_the_same_for_every_sample():
+    adata = _two_halves()
+    first = CellSample(indices=np.arange(0, 200, 2), weights=np.ones(100), n_cells_total=400)
+    second = CellSample(indices=np.arange(200, 400, 2), weights=np.ones(100), n_cells_total=400)
+    overall = np.asarray(adata.X.mean(axis=0)).ravel()
+    expected = {f"g{i}" for i in np.argsort(-overall)[:4]}
+    for universe_cells, same in (("all", True), ("sample", False)):
+        extractor = PearsonExtractor(n_top_genes=4, universe_cells=universe_cells)
+        universes = [_genes_of(extractor.extract(RunContext(adata=adata, sample=s))) for s in (first, second)]
+        assert (universes[0] == universes[1]) is same, universe_cells
+    # the default: the universe chosen on every cell, as the full-data run chooses it
+    default = PearsonExtractor(n_top_genes=4)
+    for sample in (first, second, None):
+        interactions = default.extract(RunContext(adata=adata, sample=sample))
+        assert _genes_of(interactions) == expected
+        assert interactions.metadata["universe"] == "top_genes_of_all_cells"
+    assert expected == {"g8", "g9", "g10", "g11"}
+    sampled = PearsonExtractor(n_top_genes=4, universe_cells="sample").extract(
+        RunContext(adata=adata, sample=first)
+    )
+    assert _genes_of(sampled) == {"g0", "g1", "g2", "g3"}
+
+
+def test_universe_on_all_cells_refuses_nan_outside_the_sample():
+    adata = _two_halves()
+    adata.X = adata.X.toarray()
+    adata.X[300, 2] = np.nan
+    sample = CellSample(indices=np.arange(0, 200), weights=np.ones(200), n_cells_total=400)
+    with pytest.raises(
+        DataError, match=r"NaN or infinite values for 1 genes \(e.g. 'g2'\).*universe_cells: all"
+    ):
+        PearsonExtractor(n_top_genes=4).extract(RunContext(adata=adata, sample=sample))
+
+
+@pytest.mark.parametrize("extractor", [PearsonExtractor, SpearmanExtractor])
+def test_explicit_gene_universe_from_a_list_or_a_file(extractor, tmp_path):
+    adata = _adata(False, seed=4)
+    named = ["g7", "g2", "g3", "g5"]
+    listed = extractor(genes=named, n_top_genes=2).extract(RunContext(adata=adata))
+    assert _genes_of(listed) == set(named) and len(listed.table) == 6
+    assert listed.metadata["universe"] == "genes" and extractor(genes=named).input_files() == []
+    full = extractor().extract(RunContext(adata=adata)).table
+    inside = full[full["source"].isin(named) & full["target"].isin(named)].reset_index(drop=True)
+    assert np.allclose(listed.table["score"], inside["score"], atol=1e-12)
+    file = tmp_path / "universe.txt"
+    file.write_text("# the planted pair and two more\ng2\ng3\n\ng5  # a comment\ng7\n")
+    from_file = extractor(genes=str(file))
+    assert from_file.input_files() == [file]
+    assert from_file.extract(RunContext(adata=adata)).table.equals(listed.table)
+
+
+def test_a_gene_universe_with_genes_not_in_the_data_is_refused(tmp_path):
+    adata = _adata(False)
+    with pytest.raises(
+        DataError,
+        match=r"extractor 'pearson': 1 of the 3 genes of params.genes are not in the data \(e.g. 'TP53'",
+    ):
+        PearsonExtractor(genes=["g1", "g2", "TP53"]).extract(RunContext(adata=adata))
+    with pytest.raises(DataError, match=r"gene list file .*missing.txt' not found"):
+        PearsonExtractor(genes=str(tmp_path / "missing.txt")).extract(RunContext(adata=adata))

@@ -147,6 +147,12 @@ class DataSource(Component):
     def ground_truth_directed(self) -> bool:
         return True
 
+    def obs_columns(self) -> list[str] | None:
+        """The obs columns ``load`` will give, when the source can tell without loading the
+        matrix (a file header, a fixed simulation); None when it cannot. Validation uses it to
+        refuse a data role that names no column before any stage runs."""
+        return None
+
 
 class Preprocessor(Component):
     """AnnData in, AnnData out; writes only the keys listed in ``writes``."""

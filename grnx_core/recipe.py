@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from grnx_core.components import Component, ComponentParams, Kind
+from grnx_core.components import Component, ComponentParams, DataSource, Kind
 from grnx_core.errors import GrnxError, PluginError, Problem, RecipeError
 
 SCHEMA_VERSION = 1
@@ -916,6 +916,76 @@ def _cross_checks(recipe: Recipe, steps: list[ResolvedStep], origins: Origins) -
         )
     problems.extend(_unmet_needs(recipe, steps, origins))
     problems.extend(_missing_files(steps, origins))
+    if not any(problem.path.startswith("data") for problem in problems):
+        problems.extend(_unknown_role_columns(recipe, steps, origins))
+    return problems
+
+
+#: the data roles that name obs columns of the source
+_ROLE_FIELDS = ("label_key", "donor_key", "batch_key", "cell_type_key")
+
+
+def _written_obs_columns(step: ResolvedStep) -> set[str] | None:
+    """obs columns a preprocessor declares it writes (``obs/<param>`` resolved from its params);
+    None when a declaration cannot be resolved, so any column might appear."""
+    columns: set[str] = set()
+    for entry in getattr(step.component_class, "writes", ()):
+        if not entry.startswith("obs/"):
+            continue
+        name = entry[len("obs/") :]
+        if not (name.startswith("<") and name.endswith(">")):
+            columns.add(name)
+            continue
+        value = getattr(step.params, name[1:-1], None)
+        if isinstance(value, str):
+            columns.add(value)
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            columns.update(value)
+        elif isinstance(value, dict) and all(isinstance(v, str) for v in value):
+            columns.update(value)
+        else:
+            return None
+    return columns
+
+
+def _unknown_role_columns(recipe: Recipe, steps: list[ResolvedStep], origins: Origins) -> list[Problem]:
+    """A data role (label_key, donor_key, ...) naming a column neither the source nor a
+    preprocessor provides, when the source can list its columns cheaply."""
+    source = next((step for step in steps if step.section == "data"), None)
+    if source is None:
+        return []
+    component = source.build()
+    if not isinstance(component, DataSource):
+        return []
+    try:
+        columns = component.obs_columns()
+    except GrnxError as error:
+        return [Problem("data.params", str(error), source=origins.of("data.params"))]
+    if columns is None:
+        return []
+    available = set(columns)
+    for step in steps:
+        if step.section == "preprocess":
+            written = _written_obs_columns(step)
+            if written is None:
+                return []
+            available |= written
+    problems = []
+    for role in _ROLE_FIELDS:
+        column = getattr(recipe.data, role)
+        if column is None or column in available:
+            continue
+        close = difflib.get_close_matches(column, sorted(available), n=1)
+        problems.append(
+            Problem(
+                f"data.{role}",
+                f"obs column {column!r} is not in the data of source {recipe.data.name!r} (its columns: "
+                f"{', '.join(sorted(columns)[:15]) or 'none'}) and no preprocessor writes it",
+                source=origins.of(f"data.{role}"),
+                hint=(f"Did you mean {close[0]!r}? " if close else "")
+                + "Name one of the data's columns, join a metadata table (params.metadata), or remove the role.",
+            )
+        )
     return problems
 
 

@@ -216,6 +216,10 @@ CASES: dict[str, Case | list[Case]] = {
     ],
     "extractor:spearman": Case({}),
     "extractor:nid": Case({"tile_size": 7}, model=TINY_MLP),
+    "extractor:embedding_similarity": [
+        Case({}, tokenizer=SCALED_TOKENS, model=TINY_CELLUFORMER),
+        Case({"source": "contextual"}, name="contextual", tokenizer=SCALED_TOKENS, model=TINY_CELLUFORMER),
+    ],
     "evaluator:nes": Case({"permutations": 50}),
     "evaluator:nes_stability": Case({"permutations": 50}),
     "evaluator:auprc": Case({"stability_top_k": 5}),

@@ -2,33 +2,178 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from grnx_core import ComponentParams, DataError, Extractor, Interactions, RunContext
+from grnx_core import DataError, Extractor, GrnxError, Interactions, RunContext, TokenizedCells
 from grnx_core.components import AttentionModel
+from grnx_plugins.extractors._universe import UniverseParams, universe_file, universe_indices
+
+
+def cell_weights(context: RunContext, weighting: str, who: str) -> np.ndarray:
+    """Per-cell weights of ``context.tokens``: the sampler's (WDS inverse density) or all 1."""
+    n_cells = context.tokens.n_cells
+    if weighting == "uniform" or context.sample is None:
+        return np.ones(n_cells)
+    weights = np.asarray(context.sample.weights, dtype=np.float64)
+    if len(weights) != n_cells:
+        raise DataError(
+            f"extractor {who!r}: the sample has {len(weights)} weights but the tokens hold "
+            f"{n_cells} cells; the tokens must be the sampled cells in sample order."
+        )
+    return weights
+
+
+def token_universe(
+    tokens: TokenizedCells,
+    cells: np.ndarray,
+    special_ids: list[int],
+    *,
+    n_genes: int | None,
+    genes: list[str] | str | None,
+    who: str,
+) -> np.ndarray:
+    """Token ids (sorted) of the genes a token extractor's pairs span.
+
+    ``genes`` (an explicit universe of gene ids, mapped through the tokens' vocabulary) overrides
+    the rule: the genes present in ``cells``, or the ``n_genes`` present in most of them (ties:
+    the smaller token id). Special tokens are never genes.
+    """
+    where = f"extractor {who!r}"
+    if genes is not None:
+        ids = universe_indices(genes, [str(name) for name in tokens.vocabulary], where)
+        named_special = [str(tokens.vocabulary[i]) for i in ids[np.isin(ids, special_ids)]]
+        if named_special:
+            raise DataError(
+                f"{where}: params.genes names special tokens ({', '.join(map(repr, named_special[:5]))}), "
+                "which are not genes; list gene ids only."
+            )
+        return ids.astype(np.int64)
+    cells = np.asarray(cells, dtype=np.int64)
+    lengths = tokens.lengths[cells]
+    gather = (
+        np.concatenate([np.arange(tokens.offsets[c], tokens.offsets[c + 1]) for c in cells])
+        if len(cells)
+        else np.zeros(0, dtype=np.int64)
+    )
+    ids = np.asarray(tokens.input_ids[gather], dtype=np.int64)
+    # each (cell, gene) once, so counts are numbers of cells
+    cell_of = np.repeat(np.arange(len(cells), dtype=np.int64), lengths)
+    width = int(ids.max()) + 1 if len(ids) else 1
+    present = np.unique(cell_of * width + ids) % width
+    ids, counts = np.unique(present, return_counts=True)
+    keep = ~np.isin(ids, special_ids)
+    ids, counts = ids[keep], counts[keep]
+    if n_genes is not None and n_genes < len(ids):
+        ids = np.sort(ids[np.argsort(-counts, kind="stable")[:n_genes]])
+    return ids.astype(np.int64)
+
+
+def keep_most_expressed(tokens: TokenizedCells, max_length: int, special_ids: list[int]) -> TokenizedCells:
+    """Each cell cut to ``max_length`` tokens: its special tokens and its most expressed genes.
+
+    With values (expression-scaled, binned tokens) the genes with the highest values are kept
+    (ties: the earlier token); without values (rank-value tokens, written most expressed first)
+    the first genes. Kept tokens stay in their order, so positional models see a prefix-like cell.
+    """
+    lengths = tokens.lengths
+    long_cells = np.flatnonzero(lengths > max_length)
+    if not len(long_cells):
+        return tokens
+    keep = np.ones(len(tokens.input_ids), dtype=bool)
+    for cell in long_cells:
+        start, stop = int(tokens.offsets[cell]), int(tokens.offsets[cell + 1])
+        special = np.isin(tokens.input_ids[start:stop], special_ids)
+        n_kept_genes = max_length - int(special.sum())
+        if n_kept_genes < 1:
+            raise DataError(
+                f"extractor 'attention': max_length={max_length} leaves no gene in cell "
+                f"{str(tokens.obs.index[cell])!r} after its {int(special.sum())} special tokens; "
+                "raise max_length."
+            )
+        gene_positions = np.flatnonzero(~special)
+        if tokens.values is None:
+            chosen = gene_positions[:n_kept_genes]
+        else:
+            values = np.asarray(tokens.values[start:stop])[gene_positions]
+            chosen = gene_positions[np.argsort(-values, kind="stable")[:n_kept_genes]]
+        kept = special.copy()
+        kept[chosen] = True
+        keep[start:stop] = kept
+    new_lengths = np.minimum(lengths, max_length)
+    return TokenizedCells(
+        input_ids=np.asarray(tokens.input_ids)[keep],
+        offsets=np.concatenate([[0], np.cumsum(new_lengths)]),
+        obs=tokens.obs,
+        values=None if tokens.values is None else np.asarray(tokens.values)[keep],
+        vocabulary=tokens.vocabulary,
+        metadata=dict(tokens.metadata),
+    )
+
+
+def remove_gene_means(score: np.ndarray, how: str, where: str) -> np.ndarray:
+    """Remove each gene's average score from a gene x gene matrix (NaN entries: pairs not scored).
+
+    Means are over the finite off-diagonal entries: ``r[a]`` of row a, ``c[b]`` of column b,
+    ``s`` of all. ``apc``: ``S - r[a] c[b] / s``, the average product correction of Dunn, Wahl
+    and Gloor (Bioinformatics 2008, doi:10.1093/bioinformatics/btm604), which removes the part
+    of a pair's score explained by how much each gene scores with everyone. ``center``:
+    ``S - r[a] - c[b] + s``, double centring (exactly zero row and column means when no entry is
+    missing).
+    """
+    finite = np.isfinite(score)
+    np.fill_diagonal(finite, False)
+    values = np.where(finite, score, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        row_mean = values.sum(axis=1) / finite.sum(axis=1)
+        column_mean = values.sum(axis=0) / finite.sum(axis=0)
+    overall = float(values.sum() / max(int(finite.sum()), 1))
+    if how == "apc":
+        if not overall > 0:
+            raise DataError(
+                f"{where}: normalize 'apc' divides by the mean score, which is {overall:.3g}; it needs "
+                "positive scores (attention). Use normalize 'center' or 'none'."
+            )
+        corrected = score - np.outer(row_mean, column_mean) / overall
+    else:
+        corrected = score - row_mean[:, None] - column_mean[None, :] + overall
+    corrected[~finite] = np.nan
+    return corrected
 
 
 class AttentionExtractor(Extractor):
     """Weighted attention aggregation (Wu et al., NeurIPS 2024, section 3; ALGORITHMS.md section 5).
 
     For every cell ``c`` the model gives ``E_c``, its attention over its genes averaged over the
-    chosen ``layers`` and ``heads`` (each layer from its own input). With the diagonal removed,
-    for every ordered pair (a, b) of genes present in the cell:
-    ``Z[a, b] += w_c * E_c[a, b]`` and ``M[a, b] += w_c``; the score is ``Z / M`` (float64),
+    chosen ``layers`` and ``heads`` (each layer from its own input; negative indices count from
+    the end). With the diagonal removed, for every ordered pair (a, b) of genes present in the
+    cell: ``Z[a, b] += w_c * E_c[a, b]`` and ``M[a, b] += w_c``; the score is ``Z / M`` (float64),
     symmetrised for undirected output, and pairs never seen together are dropped. ``w_c`` is the
     sampler's weight of the cell (WDS: the inverse-density weight) or 1 (``weighting: uniform``,
     or when no sampler ran). Variants: ``all`` cells, ``case`` cells only (``group_key == case``),
     ``case_minus_control`` (score over case cells minus score over control cells, for the pairs
     seen in both groups; control = the ``control`` value, or every other labelled cell when None).
 
-    The matrices span only the gene universe (genes present in the cells used, or the ``n_genes``
-    most frequent of them), never the whole vocabulary. Gene names come from the tokens'
-    vocabulary (token id -> gene id). Reads ``context.model`` (a model with ``attention``, e.g.
-    celluformer, geneformer, scgpt), ``context.tokens`` and ``context.sample``.
+    A gene's mean attention follows its mean expression, so the raw score ranks expression hubs
+    first. ``normalize`` removes each gene's average score from the (symmetrised) score matrix
+    of each group before any difference: ``apc``, the average product correction of protein
+    contact prediction (Dunn, Wahl and Gloor 2008), or ``center`` (double centring); ``none`` is
+    the paper's score. ``rank_by: abs`` ranks by magnitude and keeps the sign (the default for
+    ``case_minus_control``, whose sign says which group attends more), ``value`` by the score.
+
+    ``max_length`` keeps each cell's special tokens and its most expressed genes: the highest
+    token values (expression-scaled, binned tokens; ties: the earlier token), or the first genes
+    of rank-value tokens, which are written most expressed first.
+
+    The matrices span only the gene universe (``genes``: an explicit list or file of gene ids;
+    else the genes present in the cells used, or the ``n_genes`` most frequent of them), never
+    the whole vocabulary. Gene names come from the tokens' vocabulary (token id -> gene id).
+    Reads ``context.model`` (a model with ``attention``, e.g. celluformer, geneformer, scgpt),
+    ``context.tokens`` and ``context.sample``.
     """
 
     name = "attention"
@@ -36,7 +181,7 @@ class AttentionExtractor(Extractor):
     reference = "https://arxiv.org/abs/2410.15616"
     needs: ClassVar[tuple[str, ...]] = ("tokens", "model", "cells")
 
-    class Params(ComponentParams):
+    class Params(UniverseParams):
         variant: Literal["all", "case", "case_minus_control"] = Field(
             "all", description="cells to aggregate: all, case cells only, or case minus control"
         )
@@ -53,15 +198,30 @@ class AttentionExtractor(Extractor):
         layers: list[int] | None = Field(
             None, description="layers to average (negative from the end); all when None"
         )
-        heads: list[int] | None = Field(None, description="heads to average; all when None")
+        heads: list[int] | None = Field(
+            None, description="heads to average (negative from the end); all when None"
+        )
         directed: bool = Field(False, description="keep A[a,b] and A[b,a] apart; undirected symmetrises")
+        normalize: Literal["none", "apc", "center"] = Field(
+            "none",
+            description="remove each gene's average score: none (the paper), apc (average product "
+            "correction, Dunn et al. 2008) or center (double centring)",
+        )
+        rank_by: Literal["abs", "value"] | None = Field(
+            None,
+            description="rank by |score| (sign kept) or by score; None: abs for case_minus_control, else value",
+        )
         n_genes: int | None = Field(
             None,
             ge=2,
             description="gene universe: the genes present in most cells; all present genes when None",
         )
         batch_size: int = Field(8, ge=1, description="cells per forward pass")
-        max_length: int | None = Field(None, ge=2, description="use each cell's first tokens only")
+        max_length: int | None = Field(
+            None,
+            ge=2,
+            description="keep each cell's special tokens and most expressed genes, this many in all",
+        )
         top_k: int | None = Field(None, ge=1, description="keep only the best pairs; all pairs when None")
         max_memory_gb: float = Field(
             8.0, gt=0, description="refuse gene universes whose matrices exceed this"
@@ -70,6 +230,15 @@ class AttentionExtractor(Extractor):
     def output_direction(self) -> str:
         # A[a, b]: the attention query gene a pays to key gene b; not a regulatory claim.
         return "query -> key (attention from source to target)" if self.directed else "undirected"
+
+    def input_files(self) -> list[Path]:
+        return universe_file(self.genes)
+
+    def ranking(self) -> str:
+        """How pairs are ranked: ``rank_by``, or its default for the variant."""
+        if self.rank_by is not None:
+            return self.rank_by
+        return "abs" if self.variant == "case_minus_control" else "value"
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -86,16 +255,7 @@ class AttentionExtractor(Extractor):
         return model
 
     def _weights(self, context: RunContext) -> np.ndarray:
-        n_cells = context.tokens.n_cells
-        if self.weighting == "uniform" or context.sample is None:
-            return np.ones(n_cells)
-        weights = np.asarray(context.sample.weights, dtype=np.float64)
-        if len(weights) != n_cells:
-            raise DataError(
-                f"extractor 'attention': the sample has {len(weights)} weights but the tokens hold "
-                f"{n_cells} cells; the tokens must be the sampled cells in sample order."
-            )
-        return weights
+        return cell_weights(context, self.weighting, self.name)
 
     def _groups(self, context: RunContext) -> list[np.ndarray]:
         tokens = context.tokens
@@ -125,44 +285,66 @@ class AttentionExtractor(Extractor):
                 )
         return [case] if self.variant == "case" else [case, control]
 
-    def _universe(self, model: Any, context: RunContext, cells: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _special_ids(model: Any) -> list[int]:
+        return [int(i) for i in getattr(model, "token_info_", {}).get("special_ids", [])]
+
+    def _tokens(self, model: Any, context: RunContext) -> TokenizedCells:
+        """The tokens the maps are computed from: each cell cut to its most expressed genes."""
+        if self.max_length is None:
+            return context.tokens
+        return keep_most_expressed(context.tokens, self.max_length, self._special_ids(model))
+
+    def _universe(
+        self, model: Any, context: RunContext, cells: np.ndarray, tokens: TokenizedCells | None = None
+    ) -> np.ndarray:
         """Token ids of the genes the matrices span (sorted), excluding special tokens."""
-        tokens = context.tokens
-        special = set(getattr(model, "token_info_", {}).get("special_ids", []))
-        per_cell = [
-            np.unique(tokens.input_ids[tokens.offsets[c] : tokens.offsets[c + 1]][: self.max_length or None])
-            for c in cells
-        ]
-        ids, counts = (
-            np.unique(np.concatenate(per_cell), return_counts=True) if per_cell else (np.zeros(0), 0)
+        return token_universe(
+            tokens if tokens is not None else self._tokens(model, context),
+            cells,
+            self._special_ids(model),
+            n_genes=self.n_genes,
+            genes=self.genes,
+            who=self.name,
         )
-        keep = ~np.isin(ids, list(special))
-        ids, counts = ids[keep], np.asarray(counts)[keep]
-        if self.n_genes is not None and self.n_genes < len(ids):
-            chosen = np.argsort(-counts, kind="stable")[: self.n_genes]
-            ids = np.sort(ids[chosen])
-        return ids.astype(np.int64)
 
     # -- aggregation -------------------------------------------------------------------------
 
+    def _maps(self, model: Any, tokens: TokenizedCells, cells: np.ndarray) -> Any:
+        """The model's maps, with a bad layer or head selection reported as this step's error."""
+        maps = model.attention(
+            tokens, cells=cells, layers=self.layers, heads=self.heads, batch_size=self.batch_size
+        )
+        try:
+            first = next(maps, None)
+        except GrnxError as error:
+            if isinstance(error, DataError):
+                raise
+            raise DataError(
+                f"extractor 'attention': params.layers={self.layers}, params.heads={self.heads} do not "
+                f"fit the model: {error} Negative indices count from the end (-1: the last)."
+            ) from None
+        if first is not None:
+            yield first
+            yield from maps
+
     def aggregate(
-        self, model: Any, context: RunContext, cells: np.ndarray, weights: np.ndarray, universe: np.ndarray
+        self,
+        model: Any,
+        context: RunContext,
+        cells: np.ndarray,
+        weights: np.ndarray,
+        universe: np.ndarray,
+        tokens: TokenizedCells | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(Z, M) over ``universe`` for ``cells``: Z[a,b] = sum_c w_c E_c[a,b], M[a,b] = sum_c w_c."""
+        tokens = tokens if tokens is not None else self._tokens(model, context)
         n_genes = len(universe)
         lookup = np.full(int(universe.max()) + 1 if n_genes else 1, -1, dtype=np.int64)
         lookup[universe] = np.arange(n_genes)
         z = np.zeros((n_genes, n_genes))
         m = np.zeros((n_genes, n_genes))
-        maps = model.attention(
-            context.tokens,
-            cells=cells,
-            layers=self.layers,
-            heads=self.heads,
-            batch_size=self.batch_size,
-            max_length=self.max_length,
-        )
-        for cell_map in maps:
+        for cell_map in self._maps(model, tokens, cells):
             ids = cell_map.token_ids.astype(np.int64)
             positions = np.where(ids < len(lookup), lookup[np.minimum(ids, len(lookup) - 1)], -1)
             inside = positions >= 0
@@ -172,7 +354,7 @@ class AttentionExtractor(Extractor):
             weight = float(weights[cell_map.cell])
             attention = cell_map.attention[np.ix_(inside, inside)] if not inside.all() else cell_map.attention
             if not np.isfinite(attention).all():
-                name = str(context.tokens.obs.index[cell_map.cell])
+                name = str(tokens.obs.index[cell_map.cell])
                 raise DataError(
                     f"extractor 'attention': the model's attention over cell {name!r} (row {cell_map.cell}) "
                     "holds NaN or inf values, so the model's weights are not usable. Train it again with "
@@ -192,11 +374,14 @@ class AttentionExtractor(Extractor):
         return z, m
 
     def score(self, z: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """Z / M (symmetrised when undirected), then ``normalize``; NaN where M is 0."""
         if not self.directed:
             z, m = z + z.T, m + m.T
         with np.errstate(invalid="ignore", divide="ignore"):
             score = np.where(m > 0, z / np.where(m > 0, m, 1.0), np.nan)
         np.fill_diagonal(score, np.nan)
+        if self.normalize != "none":
+            score = remove_gene_means(score, self.normalize, "extractor 'attention'")
         return score
 
     def _require_scored_pairs(self, score: np.ndarray, groups: list[np.ndarray]) -> None:
@@ -221,7 +406,8 @@ class AttentionExtractor(Extractor):
         model = self._model(context)
         weights = self._weights(context)
         groups = self._groups(context)
-        universe = self._universe(model, context, np.concatenate(groups))
+        tokens = self._tokens(model, context)
+        universe = self._universe(model, context, np.concatenate(groups), tokens)
         n_genes = len(universe)
         if n_genes < 2:
             raise DataError(f"extractor 'attention': only {n_genes} gene(s) in the cells; need 2 or more.")
@@ -231,7 +417,7 @@ class AttentionExtractor(Extractor):
                 f"extractor 'attention': {n_genes} genes need about {needed / 2**30:.1f} GB, over "
                 f"max_memory_gb={self.max_memory_gb}. Set params.n_genes (e.g. 5000) and/or params.top_k."
             )
-        vocabulary = context.tokens.vocabulary
+        vocabulary = tokens.vocabulary
         if not vocabulary or int(universe.max()) >= len(vocabulary):
             raise DataError(
                 "extractor 'attention': the tokens carry no vocabulary for their ids, so genes cannot "
@@ -240,13 +426,15 @@ class AttentionExtractor(Extractor):
         genes = [str(vocabulary[i]) for i in universe]
         scores = []
         for cells in groups:
-            z, m = self.aggregate(model, context, cells, weights, universe)
+            z, m = self.aggregate(model, context, cells, weights, universe, tokens)
             scores.append(self.score(z, m))
         score = scores[0] if len(scores) == 1 else scores[0] - scores[1]
         self._require_scored_pairs(score, groups)
         metadata = {
             "variant": self.variant,
             "weighting": self.weighting if context.sample is not None else "uniform",
+            "normalize": self.normalize,
+            "rank_by": self.ranking(),
             "n_cells": int(sum(len(c) for c in groups)),
             "n_genes": n_genes,
             "model": getattr(model, "name", type(model).__name__),
@@ -256,6 +444,7 @@ class AttentionExtractor(Extractor):
             genes,
             directed=self.directed,
             extractor=self.name,
+            rank_by=self.ranking(),
             top_k=self.top_k,
             metadata=metadata,
         )

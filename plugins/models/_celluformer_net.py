@@ -75,3 +75,13 @@ class CelluFormerNet(nn.Module):
         heads: list[int] | None,
     ) -> torch.Tensor:
         return self.encoder.attention(self.embed_tokens(ids, values, mask), mask, layers, heads)
+
+    def input_gene_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the gene-embedding table: each gene's embedding before scaling by its value."""
+        return self.embedding(ids)
+
+    def hidden_states(
+        self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, layer: int
+    ) -> torch.Tensor:
+        """Output of block ``layer`` (0 = the value-scaled embeddings) at every position, (B, L, d)."""
+        return self.encoder(self.embed_tokens(ids, values, mask), mask, n_layers=layer)

@@ -180,6 +180,16 @@ class GeneformerNet(nn.Module):
         n_heads = self.n_heads if heads is None else len(heads)
         return total.div_(float(len(wanted) * n_heads))
 
+    def input_gene_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """BERT's word-embedding rows (before position embeddings and the embedding LayerNorm)."""
+        return self.bert.embeddings.word_embeddings(ids)
+
+    def hidden_states(
+        self, ids: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, layer: int
+    ) -> torch.Tensor:
+        """Hugging Face ``hidden_states[layer]`` at every position, (B, L, d); values are unused."""
+        return self.hidden_state(ids, mask, layer)
+
 
 class MaskedLMTask(Task):
     """BERT masked-language-model pretraining on the user's cells (Geneformer: 15% of gene tokens).

@@ -183,6 +183,16 @@ class ScGPTNet(nn.Module):
     ) -> torch.Tensor:
         return self.transformer_encoder.attention(self.embed_tokens(ids, values, mask), mask, layers, heads)
 
+    def input_gene_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """``encoder(ids)``: gene-token embedding then its LayerNorm, no value (scGPT's GRN tutorial)."""
+        return self.encoder(ids)
+
+    def hidden_states(
+        self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, layer: int
+    ) -> torch.Tensor:
+        """Output of block ``layer`` (0 = gene + value embeddings) at every position, (B, L, d)."""
+        return self.encode(ids, values, mask, layer)
+
 
 def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename flash-attention keys (``Wqkv``) and strip a ``module.`` prefix (DataParallel)."""

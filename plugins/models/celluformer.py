@@ -9,6 +9,7 @@ from pydantic import Field
 
 from grnx_core.components import ComponentParams
 from grnx_plugins.models._base import TokenModel
+from grnx_plugins.models._gene_embeddings import GeneEmbeddings
 
 if TYPE_CHECKING:
     from grnx_core.data_types import TokenizedCells
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 WEIGHTS_FILE = "model.safetensors"
 
 
-class CelluFormer(TokenModel):
+class CelluFormer(GeneEmbeddings, TokenModel):
     """CelluFormer (Wu et al., NeurIPS 2024, "Weighted Diversified Sampling").
 
     Reads expression-scaled tokens (``expression_scaled`` tokenizer): gene ids with expression
@@ -33,6 +34,8 @@ class CelluFormer(TokenModel):
 
     ``embed(tokens, layer=None)``: mean over genes of encoder block ``layer``'s output (default
     the last block, i.e. the classifier's input; 0 = the scaled embeddings).
+    ``input_gene_embeddings``: rows of the gene-embedding table, before scaling by the value;
+    ``contextual_gene_embeddings``: each gene token's output of block ``layer`` in its cell.
     """
 
     name = "celluformer"

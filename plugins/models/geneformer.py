@@ -11,6 +11,7 @@ from pydantic import Field
 from grnx_core.components import ComponentParams
 from grnx_core.errors import DataError, GrnxError
 from grnx_plugins.models._base import TokenModel
+from grnx_plugins.models._gene_embeddings import GeneEmbeddings
 
 if TYPE_CHECKING:
     from grnx_core.context import RunContext
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 HF_FOLDER = "hf"
 
 
-class Geneformer(TokenModel):
+class Geneformer(GeneEmbeddings, TokenModel):
     """Geneformer (Theodoris et al., Nature 2023; V2: Chen et al., bioRxiv 2024).
 
     Hugging Face ``BertForSequenceClassification`` on rank-value tokens (``rank_value``
@@ -41,6 +42,9 @@ class Geneformer(TokenModel):
     Attention maps: the ``BertLayer``s run one at a time and a chosen layer's self-attention is
     computed from its weights block by block (no layer's full head maps are held; equal to
     Hugging Face's eager ``output_attentions``).
+    ``input_gene_embeddings``: rows of BERT's word-embedding table (before position embeddings and
+    the embedding LayerNorm); ``contextual_gene_embeddings``: each gene token's
+    ``hidden_states[layer]`` in its cell (Geneformer's own gene embeddings use the penultimate, -2).
     """
 
     name = "geneformer"

@@ -11,6 +11,7 @@ from pydantic import Field
 from grnx_core.components import ComponentParams
 from grnx_core.errors import DataError, GrnxError
 from grnx_plugins.models._base import TokenModel
+from grnx_plugins.models._gene_embeddings import GeneEmbeddings
 
 if TYPE_CHECKING:
     from grnx_core.data_types import TokenizedCells
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 ARGS_FILE, WEIGHTS_FILE, VOCAB_FILE = "args.json", "best_model.pt", "vocab.json"
 
 
-class ScGPT(TokenModel):
+class ScGPT(GeneEmbeddings, TokenModel):
     """scGPT (Cui et al., Nature Methods 2024) for cell classification.
 
     Input: ``binned`` tokens (``<cls>`` first, per-cell quantile bins as values). Gene-token
@@ -36,6 +37,9 @@ class ScGPT(TokenModel):
     path, the ``w-pool`` cell embedding. ``avg-pool`` excludes padding (scGPT averages it in).
     ``embed(tokens, layer=None)``: cell embedding from the output of block ``layer`` (default the
     last; negative counts from the end).
+    ``input_gene_embeddings``: ``encoder(ids)``, the gene-token embedding after its LayerNorm, as
+    scGPT's GRN tutorial reads gene embeddings; ``contextual_gene_embeddings``: each gene token's
+    output of block ``layer`` in its cell (0 = gene + value embedding).
     """
 
     name = "scgpt"

@@ -1,4 +1,5 @@
-"""Attention extractor: its Z/M aggregation equals a brute-force loop over cells and gene pairs."""
+"""Attention extractor: its Z/M aggregation, the APC / centring corrections and the top-expressed
+cut equal brute-force loops over cells, gene pairs and hand-built cells."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 
 from grnx_core import CellSample, DataError, DataRoles, RunContext, TokenizedCells
-from grnx_plugins.extractors.attention import AttentionExtractor
+from grnx_plugins.extractors.attention import AttentionExtractor, keep_most_expressed
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -115,9 +116,14 @@ def test_case_only_and_case_minus_control_match_brute_force(run):
     assert got.keys() == expected.keys()
     for pair, value in expected.items():
         assert got[pair] == pytest.approx(value, rel=1e-9)
-    difference = _as_dict(
-        AttentionExtractor(variant="case_minus_control", case="AD", batch_size=1).extract(run), False
-    )
+    ranked = AttentionExtractor(variant="case_minus_control", case="AD", batch_size=1).extract(run)
+    # a difference ranks by magnitude by default and keeps the sign
+    assert ranked.metadata["rank_by"] == "abs" and (ranked.table["score"] >= 0).all()
+    table = ranked.table
+    difference = {
+        frozenset((s, t)): score * sign
+        for s, t, score, sign in table[["source", "target", "score", "sign"]].itertuples(index=False)
+    }
     in_case = _brute_force(run, case, weights, directed=False)
     in_control = _brute_force(run, control, weights, directed=False)
     shared = in_case.keys() & in_control.keys()
@@ -211,3 +217,179 @@ def test_case_and_control_attending_alike_is_refused():
         match=r"every pair scores 0 over the 16 cells of both groups \(case and control attend alike\)",
     ):
         extractor.extract(context)
+
+
+# -- corrections for each gene's average attention ---------------------------------------------
+
+
+def _loop_corrected(scores, how, directed):
+    """APC (Dunn et al. 2008) or double centring of a dict of pair scores, by plain loops."""
+    full = {}
+    for pair, value in scores.items():
+        if directed:
+            full[pair] = value
+        else:
+            a, b = tuple(pair)
+            full[a, b] = full[b, a] = value
+    genes = {gene for pair in full for gene in pair}
+    row = {g: np.mean([v for (a, _), v in full.items() if a == g]) for g in genes}
+    column = {g: np.mean([v for (_, b), v in full.items() if b == g]) for g in genes}
+    overall = np.mean(list(full.values()))
+    corrected = {}
+    for (a, b), value in full.items():
+        if how == "apc":
+            corrected[a, b] = value - row[a] * column[b] / overall
+        else:
+            corrected[a, b] = value - row[a] - column[b] + overall
+    return corrected
+
+
+@pytest.mark.parametrize("how", ["apc", "center"])
+@pytest.mark.parametrize("directed", [False, True])
+def test_normalize_matches_loop_over_pairs(run, how, directed):
+    result = AttentionExtractor(normalize=how, directed=directed, batch_size=1).extract(run)
+    raw = _brute_force(run, range(run.tokens.n_cells), run.sample.weights, directed)
+    expected = _loop_corrected(raw, how, directed)
+    got = _as_dict(result, directed)
+    assert len(got) == len(raw)
+    for pair, value in got.items():
+        key = pair if directed else tuple(pair)
+        assert value == pytest.approx(expected[key], rel=1e-9, abs=1e-12)
+    assert result.metadata["normalize"] == how and result.metadata["rank_by"] == "value"
+
+
+def test_normalize_each_group_before_the_difference(run):
+    labels = run.tokens.obs["label"].to_numpy()
+    case, control = np.flatnonzero(labels == "AD"), np.flatnonzero(labels != "AD")
+    result = AttentionExtractor(
+        variant="case_minus_control", case="AD", normalize="apc", rank_by="value", batch_size=1
+    ).extract(run)
+    in_case = _loop_corrected(_brute_force(run, case, run.sample.weights, False), "apc", False)
+    in_control = _loop_corrected(_brute_force(run, control, run.sample.weights, False), "apc", False)
+    got = _as_dict(result, False)
+    assert got.keys() == {frozenset(p) for p in in_case.keys() & in_control.keys()}
+    for pair, value in got.items():
+        a, b = tuple(pair)
+        assert value == pytest.approx(in_case[a, b] - in_control[a, b], rel=1e-9, abs=1e-12)
+
+
+def test_apc_refuses_scores_without_positive_mean():
+    context = RunContext(tokens=_tokens(), model=_FixedAttention(0.0))
+    with pytest.raises(DataError, match="normalize 'apc' divides by the mean score"):
+        AttentionExtractor(normalize="apc").extract(context)
+
+
+# -- layers, heads, universe ---------------------------------------------------------------
+
+
+def test_negative_layer_and_head_indices_count_from_the_end(run):
+    from_end = _as_dict(AttentionExtractor(layers=[-1], heads=[-2]).extract(run), False)
+    explicit = _as_dict(AttentionExtractor(layers=[1], heads=[0]).extract(run), False)
+    assert from_end == explicit
+    other_head = _as_dict(AttentionExtractor(layers=[1], heads=[1]).extract(run), False)
+    assert other_head != explicit  # the selection is applied
+
+
+@pytest.mark.parametrize(
+    "selection, message",
+    [({"layers": [2]}, r"params.layers=\[2\].*layers must be in \[-2, 2\)"), ({"heads": [-3]}, "heads")],
+)
+def test_out_of_range_layers_and_heads_are_refused(run, selection, message):
+    with pytest.raises(DataError, match=message):
+        AttentionExtractor(**selection).extract(run)
+
+
+def test_explicit_gene_universe(run):
+    result = AttentionExtractor(genes=["G3", "G1", "G5"], batch_size=1).extract(run)
+    assert result.genes == ["G1", "G3", "G5"]
+    full = _brute_force(run, range(run.tokens.n_cells), run.sample.weights, False)
+    # the universe only restricts the pairs: Z/M of a pair does not depend on the other genes
+    for pair, value in _as_dict(result, False).items():
+        assert value == pytest.approx(full[pair], rel=1e-9)
+    with pytest.raises(DataError, match="special tokens"):
+        AttentionExtractor(genes=["G1", "<pad>"]).extract(run)
+    with pytest.raises(DataError, match="not in the data"):
+        AttentionExtractor(genes=["G1", "G99"]).extract(run)
+
+
+# -- max_length keeps the most expressed genes -----------------------------------------------
+
+
+class _RecordingAttention(_FixedAttention):
+    """Uniform maps; remembers the tokens (ids and values) each cell was given."""
+
+    def __init__(self, special_ids):
+        super().__init__(0.5)
+        self.token_info_ = {"special_ids": special_ids}
+        self.seen = {}
+
+    def attention(self, tokens, *, cells=None, **options):
+        for cell in cells:
+            self.seen[int(cell)] = tokens.cell(int(cell))
+        yield from super().attention(tokens, cells=cells, **options)
+
+
+def _hand_built(values):
+    """Cell 0: G1..G6 written in gene order with these values; cell 1: G1, G2."""
+    return TokenizedCells(
+        np.array([1, 2, 3, 4, 5, 6, 1, 2]),
+        np.array([0, 6, 8]),
+        pd.DataFrame(index=["long", "short"]),
+        values=np.r_[values, 1.0, 1.0],
+        vocabulary=["<pad>"] + [f"G{i}" for i in range(1, 7)],
+        metadata={"pad_id": 0},
+    )
+
+
+def test_max_length_keeps_the_highest_values_in_token_order():
+    tokens = _hand_built([0.5, 3.0, 1.0, 5.0, 2.0, 3.0])
+    model = _RecordingAttention([0])
+    result = AttentionExtractor(max_length=3, weighting="uniform").extract(
+        RunContext(tokens=tokens, model=model)
+    )
+    ids, values = model.seen[0]
+    # G4 (5.0) then the tie G2 / G6 (3.0): the earlier token wins; order of the cell kept
+    assert ids.tolist() == [2, 4, 6] and values.tolist() == [3.0, 5.0, 3.0]
+    assert model.seen[1][0].tolist() == [1, 2]  # short cells untouched
+    assert set(result.genes) == {"G1", "G2", "G4", "G6"}  # G3, G5 were cut from the only cell
+
+
+def test_max_length_keeps_special_tokens_and_first_rank_value_genes():
+    # rank-value cells are written most expressed first: <cls> G5 G2 G6 G1 <eos>
+    vocabulary = ["<pad>", "<cls>", "<eos>"] + [f"G{i}" for i in range(1, 7)]
+    tokens = TokenizedCells(
+        np.array([1, 7, 4, 8, 3, 2]),
+        np.array([0, 6]),
+        pd.DataFrame(index=["cell"]),
+        vocabulary=vocabulary,
+        metadata={"pad_id": 0},
+    )
+    kept = keep_most_expressed(tokens, 4, [0, 1, 2])
+    assert kept.cell(0)[0].tolist() == [1, 7, 4, 2]
+    with pytest.raises(DataError, match="max_length=2 leaves no gene"):
+        keep_most_expressed(tokens, 2, [0, 1, 2])
+
+
+def test_max_length_on_a_trained_model_equals_cells_cut_by_hand(run):
+    tokens = run.tokens
+    cut_ids, cut_values, offsets = [], [], [0]
+    for cell in range(tokens.n_cells):
+        ids, values = tokens.cell(cell)
+        top = np.sort(np.argsort(-values, kind="stable")[:3])
+        cut_ids += ids[top].tolist()
+        cut_values += values[top].tolist()
+        offsets.append(len(cut_ids))
+    cut = TokenizedCells(
+        np.array(cut_ids),
+        np.array(offsets),
+        tokens.obs,
+        values=np.array(cut_values),
+        vocabulary=tokens.vocabulary,
+        metadata=tokens.metadata,
+    )
+    by_hand = RunContext(tokens=cut, model=run.model, sample=run.sample)
+    expected = _brute_force(by_hand, range(cut.n_cells), run.sample.weights, directed=False)
+    got = _as_dict(AttentionExtractor(max_length=3, batch_size=3).extract(run), False)
+    assert got.keys() == expected.keys()
+    for pair, value in expected.items():
+        assert got[pair] == pytest.approx(value, rel=1e-6)

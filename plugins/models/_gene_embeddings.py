@@ -1,0 +1,104 @@
+"""Gene embeddings of the token models: input-table rows and per-cell contextual hidden states.
+
+:class:`GeneEmbeddings` is mixed into CelluFormer, Geneformer and scGPT (the contract is
+``grnx_core.components.GeneEmbeddingModel``). Each network supplies ``input_gene_embeddings(ids)``
+(what its "input embedding of a gene" is) and ``hidden_states(ids, values, mask, layer)`` (the
+output of encoder block ``layer`` at every position, 0 = the embedding layer's output); the
+batching, the layer check and the removal of special tokens and padding are written once here.
+Nothing here imports torch at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from grnx_core.errors import DataError
+
+if TYPE_CHECKING:
+    from grnx_core.data_types import TokenizedCells
+
+
+def hidden_layer_index(layer: int, n_layers: int, who: str) -> int:
+    """``layer`` as a block count: 0 = embeddings, k = output of block k, negative from the end."""
+    index = layer if layer >= 0 else n_layers + 1 + layer
+    if not 0 <= index <= n_layers:
+        raise DataError(
+            f"{who}: layer {layer} is outside [-{n_layers + 1}, {n_layers}] for a model with {n_layers} "
+            "blocks (0 = the embedding layer's output, k = the output of block k, -1 = the last block)."
+        )
+    return index
+
+
+class GeneEmbeddings:
+    """Gene embeddings of a fitted :class:`~grnx_plugins.models._base.TokenModel`."""
+
+    name: str
+    network_: Any
+    token_info_: dict[str, Any]
+
+    def input_gene_embeddings(self, tokens: TokenizedCells, token_ids: np.ndarray) -> np.ndarray:
+        """Rows of the model's input gene-embedding table for ``token_ids``, (n, d) float64.
+
+        What a row is depends on the model (see its docstring); no cell and no value enters it.
+        """
+        import torch
+
+        from grnx_plugins.models._token_tasks import device_of
+
+        self._require_fitted()
+        self._check_vocabulary(tokens)
+        ids = np.asarray(token_ids, dtype=np.int64)
+        vocab_size = int(self.token_info_["vocab_size"])
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise DataError(
+                f"{self.name}: token ids must lie in [0, {vocab_size}) (the model's vocabulary); got "
+                f"{int(ids.min())}..{int(ids.max())}."
+            )
+        network = self.network_
+        network.eval()
+        with torch.no_grad():
+            rows = network.input_gene_embeddings(torch.from_numpy(ids).to(device_of(network)))
+        return rows.double().cpu().numpy()
+
+    def contextual_gene_embeddings(
+        self,
+        tokens: TokenizedCells,
+        *,
+        cells: np.ndarray | None = None,
+        layer: int = -1,
+        batch_size: int = 8,
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Per cell ``(cell, token_ids, hidden)``: hidden state ``layer`` at each of its gene tokens.
+
+        ``hidden`` is (m, d) float32 for the cell's m gene tokens in sequence order (special tokens
+        and padding dropped); ``layer`` 0 is the embedding layer's output, k the output of block k,
+        negative counts from the end (-1: the last block). Cells come in batches of similar
+        length, not in input order: use the yielded ``cell`` (a row of ``tokens``).
+        """
+        import torch
+
+        from grnx_plugins.models._token_tasks import device_of, make_batch
+        from grnx_plugins.models._training import bucketed_batches
+
+        self._require_fitted()
+        self._check_vocabulary(tokens)
+        network = self.network_
+        index = hidden_layer_index(layer, int(network.n_layers), self.name)
+        network.eval()
+        device = device_of(network)
+        chosen = np.arange(tokens.n_cells) if cells is None else np.asarray(cells, dtype=np.int64)
+        for indices in bucketed_batches(chosen, tokens.lengths, batch_size, None):
+            # no_grad only around the computation: a generator must not leave grad mode off for
+            # the caller's code between yields
+            with torch.no_grad():
+                batch = make_batch(self, tokens, indices, device)
+                hidden = network.hidden_states(batch.ids, batch.values, batch.mask, index)
+                hidden = hidden.float().cpu().numpy()
+                keep = batch.keep.cpu().numpy()
+                ids = batch.ids.cpu().numpy()
+            for row, cell in enumerate(indices):
+                positions = np.flatnonzero(keep[row])
+                yield int(cell), ids[row, positions], hidden[row, positions]

@@ -804,6 +804,13 @@ class ComponentChecker:
         for path in source.input_files():
             if not Path(path).exists():
                 raise self.fail(check, f"input_files() lists {path}, which does not exist")
+        listed = source.obs_columns()
+        if listed is not None and set(listed) != set(map(str, adata.obs.columns)):
+            raise self.fail(
+                check,
+                f"obs_columns() says {sorted(listed)} but load() gives {sorted(map(str, adata.obs.columns))}: "
+                "validation would refuse a data role that works (or pass one that fails)",
+            )
         truth = source.ground_truth()
         if truth is not None:
             if not isinstance(truth, pd.DataFrame) or not {"source", "target"} <= set(truth.columns):

@@ -58,6 +58,11 @@ class CsvMatrix(DataSource):
     def input_files(self) -> list[Path]:
         return [Path(p) for p in (self.path, self.metadata) if p]
 
+    def obs_columns(self) -> list[str] | None:
+        from grnx_plugins.data._obs_columns import metadata_columns
+
+        return metadata_columns(self.metadata, self.metadata_cell_column)
+
     def load(self) -> anndata.AnnData:
         import anndata as ad
 

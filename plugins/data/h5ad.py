@@ -64,6 +64,13 @@ class H5ad(DataSource):
             files.append(Path(self.metadata))
         return files
 
+    def obs_columns(self) -> list[str] | None:
+        from grnx_plugins.data._obs_columns import h5ad_obs_columns, metadata_columns
+
+        stored = h5ad_obs_columns(self.path, self.rename_obs)
+        joined = metadata_columns(self.metadata, self.metadata_cell_column)
+        return None if stored is None or joined is None else stored + joined
+
     def load(self) -> anndata.AnnData:
         import anndata
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from pathlib import Path
@@ -40,6 +41,17 @@ def krumsiek11_network() -> pd.DataFrame:
     return pd.DataFrame(edges, columns=["source", "target", "sign"])
 
 
+@functools.lru_cache(maxsize=2)
+def _bundled_obs_columns(dataset: str) -> tuple[str, ...]:
+    """obs columns of a dataset bundled with scanpy (small files read once per process)."""
+    import scanpy as sc
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = sc.datasets.krumsiek11() if dataset == "krumsiek11" else sc.datasets.pbmc68k_reduced()
+    return tuple(map(str, loaded.obs.columns))
+
+
 class ScanpyBuiltin(DataSource):
     name = "scanpy_builtin"
     description = "scanpy's bundled krumsiek11 (with its true network) or pbmc68k_reduced (counts rebuilt)."
@@ -52,6 +64,9 @@ class ScanpyBuiltin(DataSource):
         )
 
     dataset: str
+
+    def obs_columns(self) -> list[str] | None:
+        return list(_bundled_obs_columns(self.dataset))
 
     def load(self):
         import scanpy as sc

@@ -133,6 +133,10 @@ def plant_network(
     return PlantedNetwork(genes, n_regulators, weights, disease, levels, disease_edges)
 
 
+#: the obs columns every simulated dataset has (see the module docstring)
+OBS_COLUMNS = ("cell_type", "disease", "donor", "batch", "depth")
+
+
 class Synthetic(DataSource):
     """Counts simulated from a planted network (the model is in the module docstring)."""
 
@@ -252,6 +256,9 @@ class Synthetic(DataSource):
     def ground_truth_directed(self) -> bool:
         return True
 
+    def obs_columns(self) -> list[str] | None:
+        return list(OBS_COLUMNS)
+
     def load(self) -> anndata.AnnData:
         import anndata as ad
 
@@ -317,7 +324,7 @@ class Synthetic(DataSource):
 
         width = len(str(max(self.n_donors, self.n_groups, self.n_batches) - 1))
         obs = pd.DataFrame(
-            {
+            {  # the columns of OBS_COLUMNS, in that order
                 "cell_type": pd.Categorical.from_codes(group, [f"group{i}" for i in range(self.n_groups)]),
                 "disease": pd.Categorical.from_codes(is_disease.astype(np.int8), ["control", "disease"]),
                 "donor": pd.Categorical.from_codes(

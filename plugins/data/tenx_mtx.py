@@ -178,6 +178,11 @@ class TenxMtx(DataSource):
             files.append(Path(self.metadata))
         return files
 
+    def obs_columns(self) -> list[str] | None:
+        from grnx_plugins.data._obs_columns import metadata_columns
+
+        return metadata_columns(self.metadata, self.metadata_cell_column)
+
     def load(self) -> anndata.AnnData:
         who = f"data source '10x_mtx' ({self.path})"
         folder = existing_path(self.path, who, "folder")

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from grnx_core import DataError, Extractor, GrnxError, Interactions, RunContext, TokenizedCells
 from grnx_core.components import AttentionModel
+from grnx_core.progress import progress
 from grnx_plugins.extractors._universe import UniverseParams, universe_file, universe_indices
 
 
@@ -324,9 +325,14 @@ class AttentionExtractor(Extractor):
                 f"extractor 'attention': params.layers={self.layers}, params.heads={self.heads} do not "
                 f"fit the model: {error} Negative indices count from the end (-1: the last)."
             ) from None
-        if first is not None:
+        if first is None:
+            return
+        with progress(total=len(cells), desc="extractor 'attention': attention maps", unit="cell") as bar:
             yield first
-            yield from maps
+            bar.update(1)
+            for cell_map in maps:
+                yield cell_map
+                bar.update(1)
 
     def aggregate(
         self,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from grnx_core.errors import DataError
+from grnx_core.progress import progress
 
 if TYPE_CHECKING:
     from grnx_core.data_types import TokenizedCells
@@ -90,15 +91,17 @@ class GeneEmbeddings:
         network.eval()
         device = device_of(network)
         chosen = np.arange(tokens.n_cells) if cells is None else np.asarray(cells, dtype=np.int64)
-        for indices in bucketed_batches(chosen, tokens.lengths, batch_size, None):
-            # no_grad only around the computation: a generator must not leave grad mode off for
-            # the caller's code between yields
-            with torch.no_grad():
-                batch = make_batch(self, tokens, indices, device)
-                hidden = network.hidden_states(batch.ids, batch.values, batch.mask, index)
-                hidden = hidden.float().cpu().numpy()
-                keep = batch.keep.cpu().numpy()
-                ids = batch.ids.cpu().numpy()
-            for row, cell in enumerate(indices):
-                positions = np.flatnonzero(keep[row])
-                yield int(cell), ids[row, positions], hidden[row, positions]
+        with progress(total=len(chosen), desc=f"{self.name}: contextual gene embeddings", unit="cell") as bar:
+            for indices in bucketed_batches(chosen, tokens.lengths, batch_size, None):
+                # no_grad only around the computation: a generator must not leave grad mode off for
+                # the caller's code between yields
+                with torch.no_grad():
+                    batch = make_batch(self, tokens, indices, device)
+                    hidden = network.hidden_states(batch.ids, batch.values, batch.mask, index)
+                    hidden = hidden.float().cpu().numpy()
+                    keep = batch.keep.cpu().numpy()
+                    ids = batch.ids.cpu().numpy()
+                for row, cell in enumerate(indices):
+                    positions = np.flatnonzero(keep[row])
+                    yield int(cell), ids[row, positions], hidden[row, positions]
+                bar.update(len(indices))

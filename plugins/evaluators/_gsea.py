@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from grnx_core.progress import progress
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -51,7 +53,12 @@ def _kernels() -> dict[str, object]:
     if not _KERNELS:
         from grnx_plugins.evaluators import _gsea_kernels as k
 
-        _KERNELS.update(walk_es=k.walk_es, gseapy_null=k.gseapy_null, random_subsets=k.random_subsets)
+        _KERNELS.update(
+            walk_es=k.walk_es,
+            hit_bits=k.hit_bits,
+            gseapy_null_into=k.gseapy_null_into,
+            random_subsets=k.random_subsets,
+        )
     return _KERNELS
 
 
@@ -109,15 +116,32 @@ def null_enrichment_scores(
     kernels = _kernels()
     if n_permutations <= 0:
         return np.zeros(0, dtype=np.float64)
-    if stream == "gseapy":
-        return kernels["gseapy_null"](weights, hits, int(n_permutations), splitmix_seed(int(seed)))
-    if stream != "fast":
+    if stream not in ("fast", "gseapy"):
         raise ValueError(f"stream must be 'fast' or 'gseapy', got {stream!r}")
-    state = _fast_state(seed, rng)
     out = np.empty(n_permutations, dtype=np.float64)
-    kernels["random_subsets"](
-        n_items, k, int(n_permutations), state, weights, out, np.empty((0, k), np.int64)
-    )
+    # Both kernels carry their random state (and gseapy's shuffled hit set) across calls, so the
+    # permutations run in slices for progress without changing a single draw.
+    if stream == "gseapy":
+        state = splitmix_seed(int(seed))
+        bits = kernels["hit_bits"](hits, n_items)
+
+        def fill(block: np.ndarray) -> None:
+            kernels["gseapy_null_into"](weights, bits, k, state, block)
+    else:
+        state = _fast_state(seed, rng)
+        no_positions = np.empty((0, k), np.int64)
+
+        def fill(block: np.ndarray) -> None:
+            kernels["random_subsets"](n_items, k, len(block), state, weights, block, no_positions)
+
+    step = max(1, -(-n_permutations // 50))
+    with progress(
+        total=n_permutations, desc=f"NES null: {n_items:,} ranked items", unit="permutation"
+    ) as bar:
+        for start in range(0, n_permutations, step):
+            block = out[start : start + step]
+            fill(block)
+            bar.update(len(block))
     return out
 
 

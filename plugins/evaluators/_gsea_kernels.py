@@ -182,14 +182,30 @@ def random_subsets(n_items, k, n_subsets, state, weights, out_es, out_positions)
 @numba.njit(cache=True, nogil=True)
 def gseapy_null(weights, hits, n_permutations, state):
     n_items = weights.shape[0]
+    bits = hit_bits(hits, n_items)
+    out = np.empty(n_permutations, dtype=np.float64)
+    gseapy_null_into(weights, bits, hits.shape[0], state, out)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def hit_bits(hits, n_items):
+    """The hit set as an n-bit set (the array gseapy's permutations shuffle in turn)."""
     bits = np.zeros((n_items + 63) // 64, dtype=np.uint64)
     for h in hits:
         bits[h >> 6] |= np.uint64(1) << np.uint64(h & 63)
-    positions = np.empty(hits.shape[0], dtype=np.int64)
-    out = np.empty(n_permutations, dtype=np.float64)
-    for p in range(n_permutations):
+    return bits
+
+
+@numba.njit(cache=True, nogil=True)
+def gseapy_null_into(weights, bits, k, state, out):
+    """Fill ``out`` with the next ``len(out)`` permutations' ES. gseapy shuffles one array in
+    place, permutation after permutation, so ``bits`` and ``state`` carry the stream from one call
+    to the next: calls on consecutive slices of ``out`` give the sequence of one call."""
+    n_items = weights.shape[0]
+    positions = np.empty(k, dtype=np.int64)
+    for p in range(out.shape[0]):
         if n_items > 1:
             shuffle_bits(state, bits, n_items)
         bits_to_positions(bits, positions, False, n_items)
         out[p] = walk_es(weights, positions, n_items)
-    return out

@@ -189,6 +189,10 @@ CASES: dict[str, Case | list[Case]] = {
     "sampler:wds": Case({"fraction": 0.5, "n_hashes": 16, "n_buckets": 16}),
     "sampler:uniform": Case({"fraction": 0.5}),
     "sampler:stratified": Case({"fraction": 0.5, "key": "cell_type"}),
+    "sampler:wds#sharp": Case({"fraction": 0.5, "n_hashes": 16, "kernel_power": 2, "weighting": "inverse_power", "power": 1.0}),
+    "sampler:geosketch": Case({"fraction": 0.5}),
+    "sampler:scsampler": Case({"fraction": 0.5}),
+    "sampler:kernel_herding": Case({"fraction": 0.5}),
     "tokenizer:rank_value": [Case(_rank_value_params), GENEFORMER_DICTIONARIES],
     "tokenizer:expression_scaled": Case({"max_length": 16}),
     "tokenizer:binned": Case({"max_length": 17, "n_bins": 11}),
@@ -216,6 +220,10 @@ CASES: dict[str, Case | list[Case]] = {
     ],
     "extractor:spearman": Case({}),
     "extractor:nid": Case({"tile_size": 7}, model=TINY_MLP),
+    "extractor:cscore": [
+        Case({}),
+        Case({"group_key": "label", "case": "case", "control": "control"}, name="grouped"),
+    ],
     "extractor:embedding_similarity": [
         Case({}, tokenizer=SCALED_TOKENS, model=TINY_CELLUFORMER),
         Case({"source": "contextual"}, name="contextual", tokenizer=SCALED_TOKENS, model=TINY_CELLUFORMER),
@@ -223,6 +231,7 @@ CASES: dict[str, Case | list[Case]] = {
     "evaluator:nes": Case({"permutations": 50}),
     "evaluator:nes_stability": Case({"permutations": 50}),
     "evaluator:auprc": Case({"stability_top_k": 5}),
+    "evaluator:sampler_diversity": Case({"rare_values": ["NK"]}),
     "evaluator:classification": [
         Case({}, model=TINY_MLP),
         Case({}, name="tokens", tokenizer=SCALED_TOKENS, model=TINY_CELLUFORMER),

@@ -7,6 +7,7 @@ from grnx_core.hookspecs import Register, hookimpl
 #: name -> "module:Class"; each module holds one component.
 COMPONENTS: dict[str, str] = {
     "attention": "grnx_plugins.extractors.attention:AttentionExtractor",
+    "cscore": "grnx_plugins.extractors.cscore:CscoreExtractor",
     "embedding_similarity": "grnx_plugins.extractors.embedding_similarity:EmbeddingSimilarityExtractor",
     "nid": "grnx_plugins.extractors.nid:NIDExtractor",
     "pearson": "grnx_plugins.extractors.pearson:PearsonExtractor",

@@ -85,3 +85,14 @@ def universe_indices(
     if len(names) < 2:
         raise DataError(f"{where}: params.genes names {len(names)} gene; pairs need at least 2.")
     return np.sort(np.fromiter((position[name] for name in names), dtype=np.int64, count=len(names)))
+
+
+def universe_name(
+    genes: list[str] | str | None, universe_cells: str, n_universe: int, n_data_genes: int
+) -> str:
+    """How the gene universe was chosen, for the interactions' metadata."""
+    if genes is not None:
+        return "genes"
+    if n_universe < n_data_genes:
+        return f"top_genes_of_{universe_cells}_cells"
+    return "all_genes"

@@ -11,7 +11,8 @@ import scipy.sparse as sp
 from pydantic import Field
 
 from grnx_core import DataError, Extractor, Interactions, RunContext
-from grnx_plugins.extractors._universe import UniverseParams, universe_file, universe_indices
+from grnx_plugins.extractors._groups import case_control_masks
+from grnx_plugins.extractors._universe import UniverseParams, universe_file, universe_indices, universe_name
 
 #: rows read at a time when the universe is chosen on every cell (backed data stays on disk)
 _MEAN_CHUNK_CELLS = 20_000
@@ -274,28 +275,15 @@ class PearsonExtractor(Extractor):
         who = f"extractor {self.name!r}"
         info = {
             "n_genes": len(genes),
-            "universe": self._universe_name(len(genes), adata.n_vars),
+            "universe": universe_name(self.genes, self.universe_cells, len(genes), adata.n_vars),
             "weighting": self.weighting if context.sample is not None else "uniform",
         }
         if self.group_key is None:
             scores = self.correlate(matrix, weights, f"{who} on {self._where()}")
             return scores, list(genes), info
-        key = context.require_obs(self.group_key, "group_key", f"extractor {self.name!r}")
-        groups = adata.obs[key].astype(str).to_numpy()
-        found = sorted(set(groups))
-        if self.case is None or self.control is None:
-            raise DataError(
-                f"{self.name}: with group_key {key!r}, set params.case and params.control to two of its "
-                f"values ({', '.join(found[:10])})."
-            )
-        masks = {}
-        for role, value in (("case", self.case), ("control", self.control)):
-            masks[role] = groups == str(value)
-            if masks[role].sum() < 2:
-                raise DataError(
-                    f"{self.name}: {role} group {value!r} of obs[{key!r}] has {int(masks[role].sum())} cells "
-                    f"(needs 2 or more). Values present: {', '.join(found[:10])}."
-                )
+        key, masks = case_control_masks(
+            context, adata, self.group_key, self.case, self.control, who, min_cells=2
+        )
         correlations = {
             role: self.correlate(
                 matrix[masks[role]],
@@ -314,13 +302,6 @@ class PearsonExtractor(Extractor):
             )
         info |= {"n_case_cells": int(masks["case"].sum()), "n_control_cells": int(masks["control"].sum())}
         return difference, list(genes), info
-
-    def _universe_name(self, n_universe: int, n_data_genes: int) -> str:
-        if self.genes is not None:
-            return "genes"
-        if n_universe < n_data_genes:
-            return f"top_genes_of_{self.universe_cells}_cells"
-        return "all_genes"
 
     def extract(self, context: RunContext) -> Interactions:
         scores, genes, info = self.scores(context)

@@ -1,0 +1,44 @@
+"""The case and control cells of an extractor's two-group comparison (``group_key``, ``case``, ``control``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from grnx_core import DataError, RunContext
+
+if TYPE_CHECKING:
+    import anndata
+
+
+def case_control_masks(
+    context: RunContext,
+    adata: anndata.AnnData,
+    group_key: str,
+    case: str | None,
+    control: str | None,
+    who: str,
+    min_cells: int = 1,
+) -> tuple[str, dict[str, np.ndarray]]:
+    """``(key, {"case": mask, "control": mask})`` over the cells of ``adata`` (e.g. the sample);
+    refuses a missing case/control value or a group with fewer than ``min_cells`` cells, naming
+    the values present."""
+    key = context.require_obs(group_key, "group_key", who)
+    groups = adata.obs[key].astype(str).to_numpy()
+    found = sorted(set(groups))
+    if case is None or control is None:
+        raise DataError(
+            f"{who}: with group_key {key!r}, set params.case and params.control to two of its values "
+            f"({', '.join(found[:10])})."
+        )
+    masks = {}
+    for role, value in (("case", case), ("control", control)):
+        masks[role] = groups == str(value)
+        count = int(masks[role].sum())
+        if count < min_cells:
+            raise DataError(
+                f"{who}: {role} group {value!r} of obs[{key!r}] has {count} cells (needs {min_cells} or "
+                f"more). Values present: {', '.join(found[:10])}."
+            )
+    return key, masks

@@ -220,6 +220,8 @@ CASES: dict[str, Case | list[Case]] = {
     ],
     "extractor:spearman": Case({}),
     "extractor:nid": Case({"tile_size": 7}, model=TINY_MLP),
+    # arboreto's default 1,000 trees per target take minutes on 2 cores
+    "extractor:genie3": Case({"n_estimators": 20}),
     "extractor:cscore": [
         Case({}),
         Case({"group_key": "label", "case": "case", "control": "control"}, name="grouped"),

@@ -9,6 +9,8 @@ COMPONENTS: dict[str, str] = {
     "attention": "grnx_plugins.extractors.attention:AttentionExtractor",
     "cscore": "grnx_plugins.extractors.cscore:CscoreExtractor",
     "embedding_similarity": "grnx_plugins.extractors.embedding_similarity:EmbeddingSimilarityExtractor",
+    "genie3": "grnx_plugins.extractors.genie3:GENIE3Extractor",
+    "grnboost2": "grnx_plugins.extractors.grnboost2:GRNBoost2Extractor",
     "nid": "grnx_plugins.extractors.nid:NIDExtractor",
     "pearson": "grnx_plugins.extractors.pearson:PearsonExtractor",
     "spearman": "grnx_plugins.extractors.spearman:SpearmanExtractor",

@@ -10,7 +10,7 @@ import lzma
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -134,14 +134,17 @@ def require_columns(table: pd.DataFrame, columns: Sequence[str], who: str, table
         )
 
 
+def _are_counts(values: np.ndarray) -> bool:
+    """Non-negative integers only; NaN and inf are not counts (checked first: np.mod warns on them)."""
+    if np.issubdtype(values.dtype, np.integer):
+        return bool((values >= 0).all())
+    return bool(np.isfinite(values).all() and (values >= 0).all() and (np.mod(values, 1) == 0).all())
+
+
 def rows_are_integer(matrix, start: int, stop: int) -> bool:
     block = matrix[start:stop]
     values = block.data if sp.issparse(block) else np.asarray(block)
-    if values.size == 0:
-        return True
-    if np.issubdtype(values.dtype, np.integer):
-        return bool((values >= 0).all())
-    return bool(np.all(values >= 0) and np.all(np.mod(values, 1) == 0))
+    return values.size == 0 or _are_counts(values)
 
 
 def is_count_matrix(matrix, max_rows: int | None = None) -> bool:
@@ -149,13 +152,8 @@ def is_count_matrix(matrix, max_rows: int | None = None) -> bool:
     n_rows = matrix.shape[0] if max_rows is None else min(max_rows, matrix.shape[0])
     if sp.issparse(matrix) and max_rows is None:
         values = matrix.data
-        if np.issubdtype(values.dtype, np.integer):
-            return bool((values >= 0).all())
-        for start in range(0, values.size, _CHECK_ROWS * 64):
-            chunk = values[start : start + _CHECK_ROWS * 64]
-            if not (np.all(chunk >= 0) and np.all(np.mod(chunk, 1) == 0)):
-                return False
-        return True
+        step = _CHECK_ROWS * 64
+        return all(_are_counts(values[start : start + step]) for start in range(0, values.size, step))
     return all(
         rows_are_integer(matrix, start, min(start + _CHECK_ROWS, n_rows))
         for start in range(0, n_rows, _CHECK_ROWS)
@@ -165,8 +163,62 @@ def is_count_matrix(matrix, max_rows: int | None = None) -> bool:
 def describe_non_counts(matrix, where: str) -> str:
     """A short description of the first entries that are not non-negative integers."""
     values = matrix.data if sp.issparse(matrix) else np.asarray(matrix[: min(matrix.shape[0], 1000)]).ravel()
-    bad = values[(values < 0) | (np.mod(values, 1) != 0)][:5]
+    with np.errstate(invalid="ignore"):  # NaN and inf are reported, not warned about
+        bad = values[~np.isfinite(values) | (values < 0) | (np.mod(values, 1) != 0)][:5]
     return f"{where} holds values such as {', '.join(f'{v:g}' for v in bad)}"
+
+
+def find_entries(matrix, is_bad) -> tuple[int, tuple[int, int, Any] | None]:
+    """How many entries of ``matrix`` ``is_bad`` flags, and the first as (row, column, value).
+
+    ``is_bad`` maps an array of values to a boolean mask; implicit zeros of sparse matrices are
+    never passed to it. Dense matrices are read in row blocks to bound the temporary memory.
+    """
+    if sp.issparse(matrix):
+        csr = sp.csr_matrix(matrix)
+        positions = np.flatnonzero(is_bad(csr.data))
+        if not len(positions):
+            return 0, None
+        row = int(np.searchsorted(csr.indptr, positions[0], side="right")) - 1
+        return len(positions), (row, int(csr.indices[positions[0]]), csr.data[positions[0]].item())
+    n_bad, first = 0, None
+    for start in range(0, matrix.shape[0], _CHECK_ROWS):
+        block = np.asarray(matrix[start : start + _CHECK_ROWS])
+        bad = is_bad(block)
+        if bad.any():
+            n_bad += int(bad.sum())
+            if first is None:
+                row, column = np.argwhere(bad)[0]
+                first = (start + int(row), int(column), block[row, column].item())
+    return n_bad, first
+
+
+#: What to do about non-finite values read from a file.
+FIX_THE_FILE = (
+    "Fix the file: a count matrix holds non-negative integers, with 0 where a gene was not detected "
+    "(an empty entry of a table reads as NaN)."
+)
+
+
+def require_finite(
+    matrix, who: str, where: str, cells: Sequence[str], genes: Sequence[str], fix: str = FIX_THE_FILE
+) -> None:
+    """Refuse NaN and infinite entries, naming how many and the first cell and gene holding one.
+
+    Sources and preprocessors call this before computing on the values, so the user reads this
+    message rather than numpy's RuntimeWarnings followed by a vaguer one.
+    """
+    if not np.issubdtype(matrix.dtype, np.inexact):
+        return  # integers and booleans are always finite
+    n_bad, first = find_entries(matrix, lambda values: ~np.isfinite(values))
+    if first is None:
+        return
+    row, column, value = first
+    raise DataError(
+        f"{who}: {where} holds {n_bad:,} NaN or infinite value{'s' if n_bad != 1 else ''} (the first, "
+        f"{value:g}, for cell {str(cells[row])!r} and gene {str(genes[column])!r}); expression values "
+        f"must be finite numbers. {fix}"
+    )
 
 
 def to_float32_csr(matrix) -> sp.csr_matrix | np.ndarray:
@@ -184,6 +236,8 @@ def set_counts(adata: anndata.AnnData, who: str, check: bool = True) -> None:
     The copy is deliberate: ``sc.pp.normalize_total`` scales float matrices in place, so a layer
     sharing ``X``'s buffer would be normalised with it.
     """
+    if check:
+        require_finite(adata.X, who, "the matrix", adata.obs_names, adata.var_names)
     if check and not is_count_matrix(adata.X):
         raise DataError(
             f"{who}: the matrix was declared to hold raw counts, but "

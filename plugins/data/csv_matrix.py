@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -18,6 +19,7 @@ from grnx_plugins.data._common import (
     existing_path,
     is_count_matrix,
     record_source,
+    require_finite,
     require_unique_cell_names,
     set_counts,
     table_separator,
@@ -90,13 +92,14 @@ class CsvMatrix(DataSource):
             matrix, cells, genes = matrix.T, columns, rows
         else:
             cells, genes = rows, columns
-        if np.isnan(matrix).any():
-            raise DataError(f"{who}: the table has {int(np.isnan(matrix).sum())} empty or NaN entries.")
-        adata = ad.AnnData(
-            X=matrix,
-            obs=pd.DataFrame(index=pd.Index(cells, name=None)),
-            var=pd.DataFrame(index=pd.Index(genes, name=None)),
-        )
+        require_finite(matrix, who, "the table", cells, genes)
+        with warnings.catch_warnings():  # repeated names are refused or made unique below
+            warnings.filterwarnings("ignore", message="(Observation|Variable) names are not unique")
+            adata = ad.AnnData(
+                X=matrix,
+                obs=pd.DataFrame(index=pd.Index(cells, name=None)),
+                var=pd.DataFrame(index=pd.Index(genes, name=None)),
+            )
         if not adata.var_names.is_unique:
             adata.var_names_make_unique()
         require_unique_cell_names(

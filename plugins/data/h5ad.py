@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from grnx_plugins.data._common import (
     existing_path,
     is_count_matrix,
     record_source,
+    require_finite,
     require_unique_cell_names,
     set_counts,
 )
@@ -77,7 +79,9 @@ class H5ad(DataSource):
         who = f"data source 'h5ad' ({self.path})"
         path = existing_path(self.path, who, "h5ad file")
         try:
-            adata = anndata.read_h5ad(path, backed="r" if self.backed else None)
+            with warnings.catch_warnings():  # repeated names are refused below, with what to do
+                warnings.filterwarnings("ignore", message="(Observation|Variable) names are not unique")
+                adata = anndata.read_h5ad(path, backed="r" if self.backed else None)
         except Exception as error:
             raise DataError(
                 f"{who}: could not read the file as h5ad: {type(error).__name__}: {error}"
@@ -112,6 +116,7 @@ class H5ad(DataSource):
                 f"counts to X of the file, or set backed: false."
             )
         head = adata.X[: min(_BACKED_CHECK_ROWS, adata.n_obs)]
+        require_finite(head, who, "X (its first rows)", adata.obs_names, adata.var_names)
         if not is_count_matrix(head):
             raise DataError(
                 f"{who}: X should hold raw integer counts, but {describe_non_counts(head, 'its first rows')}."
@@ -144,6 +149,7 @@ class H5ad(DataSource):
             )
         if counts is None:
             raise DataError(f"{who}: the file has no X matrix; set counts to a layer name.")
+        require_finite(counts, who, repr(self.counts), adata.obs_names, adata.var_names)
         if not is_count_matrix(counts):
             raise DataError(
                 f"{who}: {self.counts!r} should hold raw integer counts, but "

@@ -28,6 +28,7 @@ from grnx_plugins.data._common import (
     read_table,
     record_source,
     require_columns,
+    require_finite,
     set_counts,
 )
 from grnx_plugins.data.tenx_mtx import read_mtx_folder
@@ -190,6 +191,7 @@ class Rosmap(DataSource):
         adata, _ = self._read_counts(who)
         if not adata.obs_names.is_unique:
             raise DataError(f"{who}: cell ids repeat; use the per-batch layout or a unique cell_id_format.")
+        require_finite(adata.X, who, "the counts", adata.obs_names, adata.var_names)
         if not is_count_matrix(adata.X):
             raise DataError(f"{who}: counts should be raw integers, but {describe_non_counts(adata.X, 'X')}.")
         set_counts(adata, who, check=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -123,17 +124,19 @@ def read_mtx_folder(
     if genes.shape[1] > 2:
         var["feature_types"] = genes[2].to_numpy()
     var.index = pd.Index(var[var_names].astype(str), name=None)
-    adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=pd.Index(cells, name=None)), var=var)
-    if feature_type is not None and "feature_types" in var.columns:
-        keep = (var["feature_types"] == feature_type).to_numpy()
-        if not keep.any():
-            raise DataError(
-                f"{who}: no feature has type {feature_type!r}; types present: "
-                f"{', '.join(var['feature_types'].unique())}."
-            )
-        adata = adata[:, keep].copy()
-    if not adata.var_names.is_unique:
-        adata.var_names_make_unique()
+    with warnings.catch_warnings():  # repeated gene names are made unique below, as scanpy does
+        warnings.filterwarnings("ignore", message="Variable names are not unique")
+        adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=pd.Index(cells, name=None)), var=var)
+        if feature_type is not None and "feature_types" in var.columns:
+            keep = (var["feature_types"] == feature_type).to_numpy()
+            if not keep.any():
+                raise DataError(
+                    f"{who}: no feature has type {feature_type!r}; types present: "
+                    f"{', '.join(var['feature_types'].unique())}."
+                )
+            adata = adata[:, keep].copy()
+        if not adata.var_names.is_unique:
+            adata.var_names_make_unique()
     return adata
 
 

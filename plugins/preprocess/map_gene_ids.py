@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -13,6 +12,7 @@ from pydantic import Field
 
 from grnx_core import ComponentParams, Preprocessor
 from grnx_core.errors import DataError
+from grnx_core.safe_pickle import load_plain_pickle
 from grnx_plugins.data._common import existing_path, read_table
 from grnx_plugins.preprocess._common import require_in_memory
 
@@ -21,32 +21,12 @@ if TYPE_CHECKING:
 
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d+", re.IGNORECASE)
 
-#: The only globals a Geneformer dictionary pickle may reference (numpy scalars and their dtypes).
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "dtype"),
-}
-
-
-class _DictionaryUnpickler(pickle.Unpickler):
-    """Admits only plain containers, strings, numbers and numpy scalars (Geneformer's .pkl files)."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a gene dictionary pickle")
-
 
 def load_mapping_table(path: str, symbol_column: str, ensembl_column: str, who: str) -> pd.DataFrame:
     """Two columns, ``symbol`` and ``ensembl``, from a TSV/CSV table or a Geneformer ``.pkl`` dict."""
     resolved = existing_path(path, who, "gene id table")
     if resolved.suffix == ".pkl":
-        with open(resolved, "rb") as handle:
-            try:
-                mapping = _DictionaryUnpickler(handle).load()
-            except pickle.UnpicklingError as error:
-                raise DataError(f"{who}: {path} is not a plain gene dictionary: {error}") from error
+        mapping = load_plain_pickle(resolved, what="map_gene_ids gene id table")
         if not isinstance(mapping, dict):
             raise DataError(
                 f"{who}: {path} holds a {type(mapping).__name__}, expected a dict symbol -> Ensembl ID."

@@ -1,87 +1,24 @@
 """Reading gene dictionaries (token ids, medians, id mappings) from pickle, TSV or JSON files safely.
 
-Geneformer distributes its dictionaries as Python pickles. ``pickle.load`` runs whatever a file
-asks for, so pickles are read here with an unpickler that resolves only the two globals numpy
-scalars need (``numpy.dtype`` and the ``scalar`` constructor); any other global (``os.system``,
-``builtins.eval``, a class, ...) is refused before it is called. The result must be a flat dict of
-str -> str/int/float.
+Geneformer distributes its dictionaries as Python pickles; they are read with
+:func:`grnx_core.safe_pickle.load_plain_pickle`, which runs no code from the file. The result must
+be a flat dict of str -> str/int/float.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
 
+from grnx_core import safe_pickle
 from grnx_core.errors import DataError
 
-#: Globals a plain dictionary of numpy scalars needs, and nothing else.
-_ALLOWED_GLOBALS = {
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-}
 
-#: Pickles larger than this are refused (Geneformer's largest dictionary is about 4 MB).
-_MAX_PICKLE_BYTES = 512 * 1024 * 1024
-
-
-class _PlainDataUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase, source: str) -> None:
-        super().__init__(file)
-        self.source = source
-
-    def find_class(self, module: str, name: str):  # noqa: D102 - pickle hook
-        if (module, name) in _ALLOWED_GLOBALS:
-            if name == "dtype":
-                return np.dtype
-            return _numpy_scalar()
-        raise DataError(
-            f"Refusing to load {self.source}: the pickle asks for {module}.{name}, but a gene "
-            f"dictionary may only hold dict/str/int/float and numpy scalars. Loading it would run "
-            f"code from the file. Use a file from a source you trust, or convert it to TSV/JSON."
-        )
-
-    def persistent_load(self, pid):  # noqa: D102 - pickle hook
-        raise DataError(
-            f"Refusing to load {self.source}: it uses persistent ids, which a plain dictionary never does."
-        )
-
-
-def _numpy_scalar():
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
-
-    def checked_scalar(dtype, *args):
-        if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf":
-            raise DataError(
-                f"Refusing a numpy scalar of dtype {dtype!r} in a gene dictionary (numbers only)."
-            )
-        return scalar(dtype, *args)
-
-    return checked_scalar
-
-
-def load_plain_pickle(path: Path) -> dict:
+def load_plain_pickle(path: Path, what: str = "gene dictionary") -> dict:
     """A pickle holding only a dict of str -> str/int/float (numpy scalars become Python numbers)."""
-    size = path.stat().st_size
-    if size > _MAX_PICKLE_BYTES:
-        raise DataError(f"Refusing to load {path}: {size} bytes is too large for a gene dictionary.")
-    with open(path, "rb") as handle:
-        try:
-            loaded = _PlainDataUnpickler(handle, str(path)).load()
-        except DataError:
-            raise
-        except Exception as error:
-            raise DataError(
-                f"Could not read {path} as a pickled dictionary: {type(error).__name__}: {error}"
-            ) from error
-    return _check_plain_dict(loaded, path)
+    return _check_plain_dict(safe_pickle.load_plain_pickle(path, what=what), path)
 
 
 def _check_plain_dict(loaded: object, path: Path) -> dict:
@@ -115,7 +52,7 @@ def load_dictionary(path: str | Path, what: str) -> dict:
         )
     suffix = path.suffix.lower()
     if suffix in (".pkl", ".pickle"):
-        return load_plain_pickle(path)
+        return load_plain_pickle(path, what)
     if suffix == ".json":
         try:
             loaded = json.loads(path.read_text(encoding="utf-8"))

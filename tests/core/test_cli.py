@@ -113,8 +113,18 @@ def test_ui_binds_to_localhost_by_default():
     assert args.host == "127.0.0.1"
 
 
-def test_console_script_is_installed():
-    completed = subprocess.run(
-        [sys.executable, "-m", "grnx_core.cli", "--version"], capture_output=True, text=True
-    )
-    assert completed.returncode == 0 and completed.stdout.startswith("grnx ")
+def test_console_script_is_installed(tmp_path):
+    """The ``grnx`` executable the install puts beside this Python runs, and passes exit statuses on."""
+    import importlib.metadata
+    import shutil
+    from pathlib import Path
+
+    scripts = Path(sys.executable).parent
+    grnx = shutil.which("grnx", path=str(scripts))
+    assert grnx is not None, f"no grnx console script in {scripts}; install grnx (pip install -e .)"
+    completed = subprocess.run([grnx, "--version"], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == f"grnx {importlib.metadata.version('grnx')}"
+    missing = subprocess.run([grnx, "validate", "missing.yaml"], capture_output=True, text=True, cwd=tmp_path)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "recipe file not found: missing.yaml" in missing.stdout + missing.stderr

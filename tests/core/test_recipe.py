@@ -71,15 +71,16 @@ def test_resolved_recipe_fills_defaults_and_every_key_is_an_override_path(tmp_pa
     path = _write(tmp_path, "base.yaml", BASE)
     resolved = load_recipe(path)
     as_dict = resolved.to_dict()
-    assert as_dict["extractors"][0]["params"] == {
-        "group_key": None,
-        "case": None,
-        "control": None,
-        "layer": None,
-        "n_top_genes": None,
-        "rank_by": "value",
-        "top_k": None,
+    # every parameter pearson declares, at its declared default unless the recipe set it
+    from grnx_plugins.extractors.pearson import PearsonExtractor
+
+    declared = {
+        name: field.get_default(call_default_factory=True)
+        for name, field in PearsonExtractor.Params.model_fields.items()
     }
+    params = as_dict["extractors"][0]["params"]
+    assert params == {**declared, "rank_by": "value"}
+    assert params["rank_by"] == "value" and params["group_key"] is None and params["top_k"] is None
     flat = flatten(as_dict)
     assert flat["extractors.0.params.rank_by"] == "value"
     # Applying every flattened key back as an override reproduces the same resolved recipe.
@@ -106,11 +107,13 @@ def test_problems_name_the_line_and_the_override(tmp_path):
     assert str(error.value) == (
         "override 'train.epochs=0': train.epochs: input should be greater than or equal to 1, got 0."
     )
+    bad = _write(tmp_path, "bad.yaml", BASE.replace("seed: 1", "seed: x"))
     with pytest.raises(RecipeError) as error:
-        load_recipe(_write(tmp_path, "bad.yaml", BASE.replace("seed: 1", "seed: x")))
-    assert str(error.value).startswith(f"{path.parent.name}" if False else "") and ":4: seed:" in str(
-        error.value
-    )
+        load_recipe(bad)
+    # the file and line of the bad value, its path, and the value found
+    message = str(error.value)
+    assert message.startswith(f"{bad}:4: seed: input should be a valid integer"), message
+    assert message.endswith("got 'x'."), message
 
 
 @pytest.mark.parametrize(

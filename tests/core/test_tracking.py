@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from grnx_core.cache import Cache
-from grnx_core.recipe import flatten, load_recipe
+from grnx_core.recipe import load_recipe
 from grnx_core.runner import Runner
 from grnx_core.tracking import Tracker
 
@@ -48,12 +48,35 @@ def test_finished_run_layout(tmp_path, registry):
     client = MlflowClient(tracker.tracking_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    # Every key of the resolved recipe is a param named by its override path.
-    expected = flatten(resolved.to_dict())
-    assert set(run.data.params) == set(expected)
-    assert run.data.params["seed"] == "3"
-    assert run.data.params["extractors.0.params.rank_by"] == "abs"
-    assert run.data.params["extractors.0.params.top_k"] == "null"
+    # Params are named by their override path: what the recipe set and the defaults it got.
+    params = run.data.params
+    expected = {
+        "name": "tracking",
+        "schema_version": "1",
+        "seed": "3",
+        "data.name": "scanpy_builtin",
+        "data.params.dataset": "krumsiek11",
+        "data.label_key": "null",
+        "preprocess": "[]",
+        "sampler": "null",
+        "model": "null",
+        "extractors.0.name": "pearson",
+        "extractors.0.params.rank_by": "abs",
+        "extractors.0.params.top_k": "null",
+        "evaluators.0.name": "top_pair_score",
+        "evaluators.0.params.fail": "false",
+        "tracking.experiment": "tracking-tests",
+        "tracking.tags.purpose": "test",
+        "train.epochs": "3",
+        "train.learning_rate": "0.0001",
+    }
+    assert {key: params.get(key) for key in expected} == expected
+    # Every section of the recipe is there, and each param given back as an override rebuilds the
+    # same recipe ('' is left out: an empty override value reads as null).
+    assert {key.split(".")[0] for key in params} == set(resolved.to_dict())
+    overrides = [f"{key}={value}" for key, value in params.items() if value != ""]
+    rebuilt = load_recipe(tmp_path / "tracking.yaml", overrides, registry=registry)
+    assert rebuilt.to_dict() == resolved.to_dict()
     tags = run.data.tags
     assert tags["purpose"] == "test" and tags["grnx.recipe"] == "tracking"
     assert len(tags["grnx.data_digest"]) == 64

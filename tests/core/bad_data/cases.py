@@ -59,6 +59,41 @@ def _mtx(path: Path, n_genes: int = 3, n_cells: int = 4) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _real_mtx_with(value: str):
+    """A genes x cells Matrix Market file of real values, one of them ``value`` (gene 2, cell 3)."""
+
+    def write(path: Path) -> None:
+        entries = [(1, 1, "1"), (2, 3, value), (3, 4, "2")]
+        lines = [
+            "%%MatrixMarket matrix coordinate real general",
+            f"3 4 {len(entries)}",
+            *(f"{gene} {cell} {text}" for gene, cell, text in entries),
+        ]
+        path.write_text("\n".join(lines) + "\n")
+
+    return write
+
+
+def _h5ad_with_value(value: float, sparse: bool = True):
+    """An h5ad of small counts with ``value`` for cell 'AAAT-1' and gene 'C'."""
+
+    def write(path: Path) -> None:
+        import anndata
+        import pandas as pd
+        import scipy.sparse as sp
+
+        counts = np.arange(12, dtype=np.float32).reshape(4, 3) % 5
+        counts[3, 2] = value
+        adata = anndata.AnnData(
+            X=sp.csr_matrix(counts) if sparse else counts,
+            obs=pd.DataFrame(index=["AAAC-1", "AAAG-1", "AAAA-1", "AAAT-1"]),
+            var=pd.DataFrame(index=["A", "B", "C"]),
+        )
+        adata.write_h5ad(path)
+
+    return write
+
+
 def _gzip(text: str) -> bytes:
     return gzip.compress(text.encode())
 
@@ -100,7 +135,8 @@ TWIN_GROUPS = _csv({f"{g}{i}": cell for g in ("a", "b") for i, cell in enumerate
 TWIN_GROUPS_META = "cell,group\n" + "".join(f"{g}{i},{g}\n" for g in ("a", "b") for i in range(3))
 
 DOROTHEA = "tf\tconfidence\ttarget\tmor\nGata1\tA\tPu.1\t-1\nPu.1\tA\tGata1\t-1\n"
-BEELINE = "Gene1,Gene2,Type\nGata1,Pu.1,-\nPu.1,Gata1,-\n"
+#: Krumsiek11's mutual inhibitions: Gata1 -| Pu.1, Pu.1 -| Gata1, Gata1 -| Fli1
+BEELINE = "Gene1,Gene2,Type\nGata1,Pu.1,-\nPu.1,Gata1,-\nGata1,Fli1,-\n"
 
 
 def _ground_truth(path: str, fmt: str, evaluator: str = "auprc") -> str:
@@ -214,8 +250,62 @@ CASES: list[Case] = [
         "all_zero_counts_normalised",
         "data: {name: csv, params: {path: zeros.csv}}\n"
         "preprocess: [{name: normalize_total}, {name: log1p}]\nextractors: [{name: pearson}]",
-        ("NaN or infinite values in 6 cells", "'c0'", "qc_filter preprocessor with min_counts: 1"),
+        ("preprocessor 'normalize_total'", "all 6 cells have a total of 0", "right file or layer"),
         {"zeros.csv": ZEROS},
+    ),
+    # Non-finite and out-of-domain values: refused where they enter or where a step would turn them
+    # into NaN, with no numpy RuntimeWarning printed first.
+    Case(
+        "csv_infinite_count",
+        "data: {name: csv, params: {path: expr.csv}}\nextractors: [{name: pearson}]",
+        ("data source 'csv'", "1 NaN or infinite value", "inf, for cell 'c2' and gene 'g1'", "Fix the file"),
+        {"expr.csv": ",c1,c2,c3,c4\ng1,1,inf,3,0\ng2,0,1,4,2\ng3,2,2,1,5\n"},
+    ),
+    Case(
+        "csv_empty_entry_normalised",
+        "data: {name: csv, params: {path: expr.csv, values: normalized}}\nextractors: [{name: pearson}]",
+        (
+            "1 NaN or infinite value",
+            "nan, for cell 'c3' and gene 'g2'",
+            "empty entry of a table reads as NaN",
+        ),
+        {"expr.csv": ",c1,c2,c3,c4\ng1,1,0.5,3,0\ng2,0,1,,2\ng3,2,2,1,5\n"},
+    ),
+    Case(
+        "10x_infinite_count",
+        "data: {name: 10x_mtx, params: {path: sample}}\nextractors: [{name: pearson}]",
+        ("data source '10x_mtx'", "the matrix holds 1 NaN or infinite value", "cell 'c3' and gene 'B'"),
+        {
+            "sample/matrix.mtx": _real_mtx_with("inf"),
+            "sample/barcodes.tsv": "c1\nc2\nc3\nc4\n",
+            "sample/features.tsv": FEATURES,
+        },
+    ),
+    Case(
+        "h5ad_nan_count",
+        "data: {name: h5ad, params: {path: cells.h5ad}}\nextractors: [{name: pearson}]",
+        ("data source 'h5ad'", "'X' holds 1 NaN or infinite value", "nan, for cell 'AAAT-1' and gene 'C'"),
+        {"cells.h5ad": _h5ad_with_value(np.nan)},
+    ),
+    Case(
+        "h5ad_backed_infinite_count",
+        "data: {name: h5ad, params: {path: cells.h5ad, backed: true}}\nextractors: [{name: pearson}]",
+        ("X (its first rows) holds 1 NaN or infinite value", "-inf, for cell 'AAAT-1' and gene 'C'"),
+        {"cells.h5ad": _h5ad_with_value(-np.inf, sparse=False)},
+    ),
+    Case(
+        "normalize_total_negative_values",
+        "data: {name: csv, params: {path: expr.csv, values: normalized}}\n"
+        "preprocess: [{name: normalize_total}]\nextractors: [{name: pearson}]",
+        ("preprocessor 'normalize_total'", "1 negative value", "-0.5, for cell 'c2' and gene 'g3'", "scale"),
+        {"expr.csv": ",c1,c2,c3\ng1,1,2,3\ng2,0,1,4\ng3,2,-0.5,1\n"},
+    ),
+    Case(
+        "log1p_below_minus_one",
+        "data: {name: csv, params: {path: expr.csv, values: normalized}}\n"
+        "preprocess: [{name: log1p}]\nextractors: [{name: pearson}]",
+        ("preprocessor 'log1p'", "2 values at or below -1", "-1, for cell 'c1' and gene 'g2'", "-inf or NaN"),
+        {"expr.csv": ",c1,c2,c3\ng1,1,2,3\ng2,-1,1,4\ng3,2,-3,1\n"},
     ),
     Case(
         "pearson_identical_groups",

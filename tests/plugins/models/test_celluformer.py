@@ -154,14 +154,22 @@ def test_embedding_layers(make_tokens, make_context):
 
 
 def test_early_stopping_restores_best_and_stops(make_tokens, make_context):
-    tokens = make_tokens(n_cells=30)
-    context = make_context(
-        tokens, epochs=10, learning_rate=1e-12, validation_fraction=0.3, early_stopping_patience=2
-    )
-    model = CelluFormer(**TINY).fit(context)
-    # with a negligible learning rate (0 is refused) the validation loss never improves after epoch 1: stop after 3
-    assert len(model.history_) == 3
-    assert "train/val_accuracy" in model.history_[0] and "train/val_loss" in model.history_[0]
+    tokens = make_tokens(n_cells=24)
+    # a learning rate large enough to overshoot: the validation loss is best at epoch 5 of this seed,
+    # then rises (0.021 -> 0.049 -> 0.263 -> 0.48)
+    settings = {"learning_rate": 0.03, "validation_fraction": 0.3}
+    stopped = CelluFormer(**TINY).fit(make_context(tokens, epochs=12, early_stopping_patience=3, **settings))
+    val_loss = [epoch["train/val_loss"] for epoch in stopped.history_]
+    best = int(np.argmin(val_loss)) + 1
+    assert 1 < best < len(val_loss) and val_loss[-1] > 2 * val_loss[best - 1], val_loss
+    assert len(val_loss) == best + 3, "stops once the loss has not improved for `patience` epochs"
+    assert "train/val_accuracy" in stopped.history_[0]
+    # Reference: the same run trained for exactly `best` epochs (the best epoch's checkpoint).
+    reference = CelluFormer(**TINY).fit(make_context(tokens, epochs=best, **settings))
+    restored = stopped.network_.state_dict()
+    for name, weights in reference.network_.state_dict().items():
+        assert torch.equal(restored[name], weights), name
+    np.testing.assert_array_equal(stopped.predict_proba(tokens), reference.predict_proba(tokens))
 
 
 def test_trains_only_on_the_train_split(make_tokens, make_context):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -126,6 +125,7 @@ def test_checkpoint_vocabulary(pbmc, tmp_path):
 
 
 def test_bad_input(pbmc, tmp_path):
+    before = pbmc.copy()
     negative = pbmc[:10].copy()
     negative.X = negative.X.toarray() - 1
     with pytest.raises(DataError, match="needs non-negative expression"):
@@ -136,4 +136,8 @@ def test_bad_input(pbmc, tmp_path):
     (tmp_path / "vocab.json").write_text(json.dumps({"<pad>": 0, "<cls>": 1, "TP53": 2}))
     with pytest.raises(DataError, match="none of the 1000 genes .* set gene_key"):
         Binned(vocab_path=str(tmp_path)).fit(pbmc).transform(pbmc)
-    assert isinstance(pd.Index(pbmc.var_names), pd.Index) and isinstance(pbmc, ad.AnnData)
+    # a refused tokenisation leaves the user's data as it was
+    assert (pbmc.X != before.X).nnz == 0 and list(pbmc.var_names) == list(before.var_names)
+    pd.testing.assert_frame_equal(pbmc.var, before.var)
+    pd.testing.assert_frame_equal(pbmc.obs, before.obs)
+    assert pbmc.uns.keys() == before.uns.keys() and pbmc.layers.keys() == before.layers.keys()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -112,4 +111,11 @@ def test_negative_values_are_refused(normalised):
     renamed.var_names = [f"other{i}" for i in range(10)]
     with pytest.raises(DataError, match="none of the 10 genes"):
         ExpressionScaled().fit(normalised).transform(renamed)
-    assert pd.Index(normalised.var_names).is_unique
+    # Genes of new data are matched by name: a fitted list with repeated names cannot be matched.
+    repeated = normalised[:10, :6].copy()
+    with pytest.warns(UserWarning, match="names are not unique"):  # anndata's own warning
+        repeated.var_names = ["A", "B", "A", "C", "D", "E"]
+        reordered = repeated[:, [1, 0, 2, 3, 4, 5]].copy()
+    fitted = ExpressionScaled().fit(repeated)
+    with pytest.raises(DataError, match="fitted gene list has duplicate names.*var_names_make_unique"):
+        fitted.transform(reordered)

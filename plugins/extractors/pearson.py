@@ -250,10 +250,8 @@ class PearsonExtractor(Extractor):
         raise DataError(
             f"extractor {self.name!r}: {self._where()} holds {n_bad} NaN or infinite values in "
             f"{len(bad_cells)} cells (e.g. {', '.join(map(repr, map(str, cells[bad_cells[:3]])))}); their "
-            "genes' correlations would be NaN. normalize_total makes NaN when the median cell has no "
-            "counts (an all-zero or mostly empty matrix): drop empty cells first (the qc_filter "
-            "preprocessor with min_counts: 1) and check the counts; else fix the step that made the "
-            "values, or set params.layer to a layer without them."
+            "genes' correlations would be NaN. Fix the preprocessing step that made them (e.g. a "
+            "custom step dividing by zero), or set params.layer to a layer without them."
         )
 
     def _where(self, group: str | None = None) -> str:

@@ -123,7 +123,7 @@ def test_nan_expression_is_refused(sparse):
     if sparse:
         adata.X = sp.csr_matrix(adata.X)
     with pytest.raises(
-        DataError, match=r"X holds 2 NaN or infinite values in 2 cells \(e.g. 'c4', 'c9'\).*qc_filter"
+        DataError, match=r"X holds 2 NaN or infinite values in 2 cells \(e.g. 'c4', 'c9'\).*set params.layer"
     ):
         PearsonExtractor().extract(RunContext(adata=adata))
 

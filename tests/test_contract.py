@@ -186,10 +186,15 @@ CASES: dict[str, Case | list[Case]] = {
     "preprocessor:split": Case({"donor_key": "donor", "label_key": "label"}),
     "preprocessor:balance": Case({"label_key": "label", "cell_type_key": "cell_type"}),
     "preprocessor:select_cells": Case({"where": {"cell_type": ["T", "B"]}}),
-    "sampler:wds": Case({"fraction": 0.5, "n_hashes": 16, "n_buckets": 16}),
+    "sampler:wds": [
+        Case({"fraction": 0.5, "n_hashes": 16, "n_buckets": 16}),
+        Case(
+            {"fraction": 0.5, "n_hashes": 16, "kernel_power": 2, "weighting": "inverse_power", "power": 1.0},
+            name="sharp",
+        ),
+    ],
     "sampler:uniform": Case({"fraction": 0.5}),
     "sampler:stratified": Case({"fraction": 0.5, "key": "cell_type"}),
-    "sampler:wds#sharp": Case({"fraction": 0.5, "n_hashes": 16, "kernel_power": 2, "weighting": "inverse_power", "power": 1.0}),
     "sampler:geosketch": Case({"fraction": 0.5}),
     "sampler:scsampler": Case({"fraction": 0.5}),
     "sampler:kernel_herding": Case({"fraction": 0.5}),

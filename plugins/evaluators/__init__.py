@@ -10,6 +10,7 @@ COMPONENTS: dict[str, str] = {
     "nes_stability": "grnx_plugins.evaluators.nes_stability:NesStabilityEvaluator",
     "auprc": "grnx_plugins.evaluators.auprc:AuprcEvaluator",
     "classification": "grnx_plugins.evaluators.classification:ClassificationEvaluator",
+    "sampler_diversity": "grnx_plugins.evaluators.sampler_diversity:SamplerDiversityEvaluator",
 }
 
 

@@ -9,6 +9,9 @@ COMPONENTS: dict[str, str] = {
     "wds": "grnx_plugins.samplers.wds:WeightedDiversifiedSampler",
     "uniform": "grnx_plugins.samplers.uniform:UniformSampler",
     "stratified": "grnx_plugins.samplers.stratified:StratifiedSampler",
+    "geosketch": "grnx_plugins.samplers.geosketch:GeometricSketchSampler",
+    "scsampler": "grnx_plugins.samplers.scsampler:ScSampler",
+    "kernel_herding": "grnx_plugins.samplers.kernel_herding:KernelHerdingSampler",
 }
 
 

@@ -16,6 +16,12 @@ step is a multiply-add, a floor, a multiply-subtract and a compare. The gene ind
 the number of genes (Carter & Wegman 1979), and counted into row ``r`` of the ``R x B`` sketch
 (RACE, Coleman & Shrivastava, WWW 2020).
 
+Sharpened kernel (``kernel_power`` p > 1): each sketch row takes ``p`` independent hashes and its
+bucket is a universal hash of the tuple of their gene indices,
+``((sum_k a_rk g_k + b_r) mod P) mod B`` (Carter & Wegman's polynomial family over tuples). Two
+cells share the tuple with probability ``J^p`` (the hashes are independent) and distinct tuples
+share a bucket with probability ~``1/B``, so the sketch estimates ``sum_y J(x, y)^p + n/B``.
+
 Speed: the tables are stored gene-major (``(n_genes, R)``). A group of cells (a few hundred, so
 that their running minima, 8 bytes per cell and hash, stay in a core's cache) is counting-sorted to
 gene-major order, and each gene's table row is then read once per group and applied to every cell
@@ -212,3 +218,36 @@ def query_sketch(sketch: np.ndarray, buckets: np.ndarray) -> np.ndarray:
     out = np.empty(buckets.shape[0], dtype=np.float64)
     _query_sketch(sketch, np.ascontiguousarray(buckets), out)
     return out
+
+
+@dataclass
+class TupleBuckets:
+    """Universal hash of ``p`` gene indices per sketch row into ``[0, n_buckets)`` (``kernel_power`` p).
+
+    ``coefficients`` is ``(R, p)`` in ``[1, P)``, ``offsets`` ``(R,)`` in ``[0, P)``, with
+    ``P = 2^31 - 1``; row ``r`` reads hashes ``r p, ..., r p + p - 1`` of the tables.
+    """
+
+    coefficients: np.ndarray
+    offsets: np.ndarray
+    n_buckets: int
+
+    @property
+    def kernel_power(self) -> int:
+        return int(self.coefficients.shape[1])
+
+    @classmethod
+    def draw(cls, n_rows: int, kernel_power: int, n_buckets: int, rng: np.random.Generator) -> TupleBuckets:
+        coefficients = rng.integers(1, UNIVERSAL_PRIME, (n_rows, kernel_power), dtype=np.int64)
+        offsets = rng.integers(0, UNIVERSAL_PRIME, n_rows, dtype=np.int64)
+        return cls(coefficients, offsets, int(n_buckets))
+
+    def buckets(self, genes: np.ndarray) -> np.ndarray:
+        """``(n_cells, R p)`` min-hash gene indices -> ``(n_cells, R)`` bucket of each row's tuple."""
+        n_rows, power = self.coefficients.shape
+        tuples = genes.astype(np.int64).reshape(genes.shape[0], n_rows, power)
+        mixed = np.broadcast_to(self.offsets, (genes.shape[0], n_rows)).copy()
+        for k in range(power):
+            # Reduced after every term: a product of two values below 2^31 fits in int64, a sum of p may not.
+            mixed = (mixed + tuples[:, :, k] * self.coefficients[None, :, k]) % UNIVERSAL_PRIME
+        return (mixed % self.n_buckets).astype(np.int32)

@@ -78,12 +78,43 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, interrupted)
     try:
+        if resolved.recipe.tune is not None:
+            return _run_tune(resolved, cache, args)
         result = run_recipe(
             resolved, tracking_uri=args.tracking_uri, track=not args.no_track, cache=cache, show_progress=True
         )
     finally:
         signal.signal(signal.SIGTERM, previous)
     _print_summary(resolved, result, args)
+    return 0
+
+
+def _run_tune(resolved: Any, cache: Any, args: argparse.Namespace) -> int:
+    """`grnx run` on a recipe with a tune block: the tune, then a line per trial."""
+    from grnx_core.tuning import describe_settings, run_tune
+
+    result = run_tune(
+        resolved,
+        tracking_uri=args.tracking_uri,
+        track=not args.no_track,
+        cache=cache,
+        ray_address=args.ray_address,
+        show_progress=True,
+    )
+    spec = resolved.recipe.tune
+    resumed = " (resumed)" if result.resumed else ""
+    print(f"tune {result.run_id or '(not tracked)'}: {result.status}{resumed}, {len(result.trials)} trials")
+    for trial in result.trials:
+        value = f"{trial.value:.4g}" if trial.value is not None else trial.status
+        mark = " *" if result.best is not None and trial.number == result.best.number else ""
+        print(f"  trial {trial.number:>3}  {spec.metric} {value}  {describe_settings(trial.settings)}{mark}")
+    if result.best is not None:
+        print(f"  best: trial {result.best.number} ({spec.metric} {result.best.value:.4g})")
+    held_out = result.metrics.get(f"tune/held_out/{spec.metric}")
+    if held_out is not None:
+        print(f"  best trial on the held-out ground truth: {spec.metric} {held_out:.4g}")
+    if result.run_id:
+        print(f"  view: {_run_page(result.run_id, args.tracking_uri)}")
     return 0
 
 
@@ -126,6 +157,22 @@ def _run_page(run_id: str, tracking_uri: str | None) -> str:
     except Exception as error:  # the run is tracked and finished; a failed look-up must not fail it
         return f"{start}, then find run {run_id} (its experiment could not be read: {error})"
     return f"{run_url(experiment_id, run_id)} (start the UI with {start})"
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``grnx compare EXPERIMENT``: its runs, children under their parents, side by side."""
+    from grnx_core.compare import compare_table, format_table
+    from grnx_core.tracking import Tracker
+
+    table = compare_table(Tracker(args.tracking_uri), args.experiment, args.metric)
+    print(format_table(table))
+    if args.csv:
+        from grnx_core.atomic import atomic_path
+
+        with atomic_path(Path(args.csv)) as target:
+            table.to_csv(target, index=False)
+        print(f"wrote {args.csv} ({len(table)} runs, {len(table.columns)} columns)")
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -695,7 +742,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or mlflow/mlflow.db)"
     )
+    run.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="run a tune's trials on an existing Ray cluster (e.g. 127.0.0.1:6379 or ray://head:10001); "
+        "overrides execution.ray_address",
+    )
     run.set_defaults(handler=cmd_run)
+
+    compare = commands.add_parser(
+        "compare", parents=[common], help="a table of an experiment's runs: differing params, key metrics"
+    )
+    compare.add_argument(
+        "experiment", metavar="EXPERIMENT", help="MLflow experiment name (tracking.experiment)"
+    )
+    compare.add_argument(
+        "--metric",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a metric column, * matching any text (e.g. eval/*/macro_f1; repeatable); default: eval/ metrics",
+    )
+    compare.add_argument("--csv", default=None, metavar="FILE", help="also write the whole table to FILE")
+    compare.add_argument(
+        "--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or mlflow/mlflow.db)"
+    )
+    compare.set_defaults(handler=cmd_compare)
 
     validate = commands.add_parser(
         "validate",

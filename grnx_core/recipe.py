@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from grnx_core.components import Component, ComponentParams, DataSource, Kind
 from grnx_core.errors import GrnxError, PluginError, Problem, RecipeError
@@ -112,6 +112,152 @@ class SweepSpec(_Strict):
         return grid
 
 
+class SearchDimension(_Strict):
+    """One axis of a tune's search space (Ray Tune's sampling functions, searched by hyperopt)."""
+
+    type: Literal["loguniform", "uniform", "quniform", "choice", "randint"] = Field(
+        description="loguniform/uniform: a float in [low, high]; quniform: uniform rounded to a multiple "
+        "of q; randint: an integer in low..high, both included; choice: one of values"
+    )
+    low: float | None = Field(None, description="lower bound (loguniform: > 0)")
+    high: float | None = Field(None, description="upper bound")
+    q: float | None = Field(None, gt=0, description="quniform: the step values are rounded to")
+    values: list[Any] | None = Field(None, description="choice: the values to choose from")
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SearchDimension:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("type choice needs a non-empty 'values' list")
+            if self.low is not None or self.high is not None or self.q is not None:
+                raise ValueError("type choice takes 'values' only, not low/high/q")
+            return self
+        if self.values is not None:
+            raise ValueError(f"type {self.type} takes low and high, not 'values'")
+        if self.low is None or self.high is None:
+            raise ValueError(f"type {self.type} needs both 'low' and 'high'")
+        if not self.low < self.high:
+            raise ValueError(f"'low' must be below 'high', got low {self.low:g} and high {self.high:g}")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0 (it samples log(value)), got {self.low:g}")
+        if self.type == "quniform" and self.q is None:
+            raise ValueError("quniform needs 'q', the step its values are rounded to")
+        if self.type != "quniform" and self.q is not None:
+            raise ValueError(f"'q' applies to quniform only, not {self.type}")
+        if self.type == "randint" and not (float(self.low).is_integer() and float(self.high).is_integer()):
+            raise ValueError(f"randint needs integer bounds, got {self.low:g} and {self.high:g}")
+        return self
+
+    def extremes(self) -> list[Any]:
+        """The values at the edges of this axis (every value of a choice): what validation tries."""
+        if self.type == "choice":
+            return list(self.values or [])
+        assert self.low is not None and self.high is not None
+        if self.type == "randint":
+            return [int(self.low), int(self.high)]
+        if self.type == "quniform":
+            assert self.q is not None
+            values = [round(self.low / self.q) * self.q, round(self.high / self.q) * self.q]
+            if all(float(v).is_integer() for v in (self.q, self.low, self.high)):
+                return [int(v) for v in values]
+            return values
+        return [self.low, self.high]
+
+
+class TuneScheduler(_Strict):
+    """Early stopping of trials: ASHA (asynchronous successive halving) on a per-epoch metric."""
+
+    type: Literal["none", "asha"] = Field("none", description="none: every trial runs to the end")
+    metric: str = Field(
+        "train/val_loss", description="per-epoch metric ASHA compares trials on (the training loop logs it)"
+    )
+    mode: Literal["min", "max"] = Field(
+        "min", description="whether lower or higher values of metric are better"
+    )
+    grace_period: int = Field(1, ge=1, description="epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="keep the best 1/reduction_factor at each rung")
+    max_t: int | None = Field(
+        None, ge=1, description="epochs of a trial that runs to the end; train.epochs when None"
+    )
+
+
+class TrialResources(_Strict):
+    cpu: float = Field(1.0, gt=0, description="CPUs reserved for each trial")
+    gpu: float = Field(0.0, ge=0, description="GPUs (or a fraction of one) reserved for each trial")
+
+
+class GroundTruthSplit(_Strict):
+    """Tune on one part of the ground-truth edges and report the best trial on the other."""
+
+    fraction: float = Field(
+        0.5, gt=0, lt=1, description="share of the ground-truth pairs trials are scored on"
+    )
+    seed: int = Field(0, ge=0, description="seed of the split of the pairs")
+
+
+class TuneSpec(_Strict):
+    """A Ray Tune search over recipe paths; every trial is a child recipe run as a nested run."""
+
+    space: dict[str, SearchDimension] = Field(
+        description="recipe path -> distribution, e.g. train.learning_rate: {type: loguniform, low: 0.000001, "
+        "high: 0.001}"
+    )
+    metric: str = Field(description="logged metric to optimise, e.g. eval/classification/macro_f1")
+    mode: Literal["max", "min"] = Field(description="max: higher metric is better; min: lower is better")
+    num_samples: int = Field(10, ge=1, le=10_000, description="number of trials")
+    n_initial_points: int | None = Field(
+        None,
+        ge=1,
+        description="random trials before hyperopt's TPE takes over (Ray's default of 20 turns a tune of 20 "
+        "trials or fewer into a random search); about a quarter of num_samples, at least 1, when None",
+    )
+    max_concurrent: int = Field(1, ge=1, description="trials running at the same time")
+    resources_per_trial: TrialResources = Field(default_factory=TrialResources)
+    scheduler: TuneScheduler = Field(default_factory=TuneScheduler)
+    ground_truth_split: GroundTruthSplit | None = Field(
+        None, description="score trials on part of the ground-truth edges, report the best on the rest"
+    )
+    seed: int | None = Field(None, ge=0, description="seed of the search; the recipe seed when None")
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_by_name(cls, value: Any) -> Any:
+        return {"type": value} if isinstance(value, str) else value
+
+    @field_validator("space")
+    @classmethod
+    def _paths(cls, space: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
+        if not space:
+            raise ValueError("the space needs at least one recipe path")
+        for path in space:
+            if path.split(".")[0] in ("tune", "sweep", "schema_version"):
+                raise ValueError(f"{path} cannot be tuned")
+        return space
+
+    @model_validator(mode="after")
+    def _start_points(self) -> TuneSpec:
+        if (
+            self.n_initial_points is not None
+            and self.num_samples > 1
+            and self.n_initial_points >= self.num_samples
+        ):
+            raise ValueError(
+                f"n_initial_points ({self.n_initial_points}) must be below num_samples ({self.num_samples}): "
+                "with as many random start points as trials hyperopt never searches. Lower it, e.g. to "
+                f"{max(1, self.num_samples // 4)}"
+            )
+        return self
+
+    @property
+    def initial_points(self) -> int:
+        """The random start points hyperopt gets (``n_initial_points``, else a quarter of the trials)."""
+        if self.n_initial_points is not None:
+            return self.n_initial_points
+        return max(1, self.num_samples // 4)
+
+
 class TrainSettings(_Strict):
     """How models are trained; read by every model's ``fit``. Non-finite numbers are refused."""
 
@@ -140,6 +286,21 @@ class TrainSettings(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm; None disables")
     freeze_layers: int = Field(0, ge=0, description="encoder layers kept frozen when fine-tuning")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses a GPU when one is present")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast precision: bf16 on CPU or GPU, fp16 on CUDA only (loss-scaled)"
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="batches summed per optimiser step; effective batch = batch_size x this"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute transformer blocks in the backward pass: less memory, ~30% slower"
+    )
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="save a resumable checkpoint every N optimiser steps (and after each epoch)"
+    )
+    resume: bool = Field(
+        False, description="continue from the run's last checkpoint; saves one after each epoch"
+    )
 
 
 class ExecutionSettings(_Strict):
@@ -186,6 +347,9 @@ class Recipe(_Strict):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     cache: bool = Field(True, description="reuse finished steps from the cache")
     sweep: SweepSpec | None = Field(None, description="a grid of child recipes, each a nested run")
+    tune: TuneSpec | None = Field(
+        None, description="a Ray Tune + hyperopt search over recipe paths, each trial a nested run"
+    )
 
     @field_validator("preprocess", "extractors", "evaluators", mode="before")
     @classmethod
@@ -1088,6 +1252,10 @@ def load_recipe(
     loaded = load_recipe_data(path, overrides)
     resolved = validate_recipe(loaded, registry or default_registry())
     expand(resolved, resolved.registry)  # every child (sweep point, repeat, reference) must be valid too
+    if resolved.recipe.tune is not None:
+        from grnx_core.tuning import validate_tune
+
+        validate_tune(resolved)  # the space's bounds, the metric, the ground-truth split
     return resolved
 
 

@@ -24,6 +24,7 @@ from grnx_core.components import Component, Kind
 from grnx_core.context import NullLogger, RunContext, RunLogger
 from grnx_core.data_types import EvaluationResult, Interactions
 from grnx_core.engine import Executor, LeafResult, SampleValue
+from grnx_core.errors import GrnxError
 from grnx_core.expansion import ChildRecipe, Group, Plan, expand
 from grnx_core.recipe import Recipe, ResolvedRecipe, flatten
 
@@ -418,8 +419,17 @@ def run_recipe(
     show_progress: bool = False,
     parent_run: Any = None,
 ) -> RunResult:
-    """Run a resolved recipe, tracked in MLflow unless ``track`` is False."""
+    """Run a resolved recipe, tracked in MLflow unless ``track`` is False.
+
+    A recipe with a ``tune`` block is a search, not one run: ``grnx_core.tuning.run_tune`` runs it.
+    """
     from grnx_core.registry import default_registry
+
+    if resolved.recipe.tune is not None:
+        raise GrnxError(
+            f"recipe {resolved.recipe.name!r} has a tune block, which run_recipe would ignore: run it with "
+            "grnx_core.tuning.run_tune(resolved, ...) or `grnx run`, or drop the block to run it once."
+        )
 
     tracker = None
     if track:

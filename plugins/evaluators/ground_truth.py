@@ -86,6 +86,21 @@ class DiseaseGenes(BaseModel):
     column: str | None = Field(None, description="table format: the column holding the gene ids")
 
 
+class EdgeSplit(BaseModel):
+    """A seeded part of the ground truth's pairs: tune against one part, report on the other.
+
+    The distinct pairs (an undirected A-B and B-A are one pair) are sorted and shuffled with ``seed``;
+    the first ``round(fraction * n)`` form the ``tune`` part and the rest the ``report`` part, so the
+    two parts of one split are disjoint and together make the whole ground truth.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    part: Literal["tune", "report"] = Field(description="which part of the pairs to keep")
+    fraction: float = Field(0.5, gt=0, lt=1, description="share of the pairs in the tune part")
+    seed: int = Field(0, ge=0, description="seed of the shuffle that splits the pairs")
+
+
 class GroundTruthSpec(BaseModel):
     """Where an evaluator's reference network comes from and how its genes are matched."""
 
@@ -125,6 +140,11 @@ class GroundTruthSpec(BaseModel):
         True, description="False: match gene names ignoring case (e.g. mouse genes against upper-case lists)"
     )
     name: str | None = Field(None, description="name of the ground truth in logs; defaults to the file name")
+    edge_split: EdgeSplit | None = Field(
+        None,
+        description="keep a seeded part of the pairs (a tune's ground_truth_split sets it: trials are scored "
+        "on part tune, the best trial is reported on part report); None keeps every pair",
+    )
 
     def input_files(self) -> list[Path]:
         """The files this spec reads (checked before a run starts; their content keys the cache)."""
@@ -140,7 +160,35 @@ class GroundTruthSpec(BaseModel):
 
 
 def resolve_ground_truth(spec: GroundTruthSpec, context: RunContext, who: str) -> GroundTruth:
-    """The ground truth ``spec`` describes, for the evaluator named ``who``."""
+    """The ground truth ``spec`` describes, for the evaluator named ``who`` (one part of it with
+    ``edge_split``)."""
+    truth = _resolve_whole(spec, context, who)
+    return split_edges(truth, spec.edge_split, who) if spec.edge_split is not None else truth
+
+
+def split_edges(truth: GroundTruth, split: EdgeSplit, who: str = "ground_truth") -> GroundTruth:
+    """The ``split.part`` part of ``truth``'s pairs (see :class:`EdgeSplit`)."""
+    pairs = pair_ids(truth.edges["source"], truth.edges["target"], truth.directed)
+    distinct = np.unique(pairs)
+    n_tune = int(round(split.fraction * len(distinct)))
+    if n_tune == 0 or n_tune == len(distinct):
+        raise DataError(
+            f"{who}: ground_truth.edge_split fraction {split.fraction:g} of {len(distinct)} pairs leaves "
+            f"{'no' if n_tune == 0 else 'every'} pair in the tune part, so one part is empty. Use a fraction "
+            "nearer 0.5, or a ground truth with more pairs."
+        )
+    tune_part = distinct[np.random.default_rng(split.seed).permutation(len(distinct))[:n_tune]]
+    in_tune = np.isin(pairs, tune_part)
+    keep = in_tune if split.part == "tune" else ~in_tune
+    share = split.fraction if split.part == "tune" else 1 - split.fraction
+    return GroundTruth(
+        edges=truth.edges[keep].reset_index(drop=True),
+        directed=truth.directed,
+        name=f"{truth.name} ({split.part} part: {share:.0%} of pairs, seed {split.seed})",
+    )
+
+
+def _resolve_whole(spec: GroundTruthSpec, context: RunContext, who: str) -> GroundTruth:
     if spec.source == "data":
         if context.ground_truth is None:
             raise DataError(

@@ -1,0 +1,93 @@
+"""`grnx compare`: an experiment's runs in a table, children under parents, differing params, metrics."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+
+from grnx_core.cli import main
+from grnx_core.compare import compare_table
+from grnx_core.recipe import load_recipe
+from grnx_core.runner import run_recipe
+from grnx_core.tracking import Tracker
+
+SWEEP = {
+    "schema_version": 1,
+    "name": "compare_sweep",
+    "seed": 0,
+    "data": {
+        "name": "synthetic",
+        "params": {
+            "n_cells": 200,
+            "n_genes": 20,
+            "n_regulators": 4,
+            "n_rewired": 1,
+            "n_gained": 1,
+            "seed": 0,
+        },
+        "label_key": "disease",
+    },
+    "preprocess": [
+        {"name": "normalize_total", "params": {"target_sum": 10000}},
+        {"name": "log1p", "params": {}},
+    ],
+    "extractors": [{"name": "pearson", "params": {"rank_by": "abs"}}],
+    "evaluators": [{"name": "auprc", "params": {"ground_truth": {"source": "data"}}}],
+    "tracking": {"experiment": "compare_test"},
+    "sweep": {
+        "grid": {
+            "extractors.0.params.rank_by": ["abs", "value"],
+            "preprocess.0.params.target_sum": [100, 10000],
+        }
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compare")
+    recipe = folder / "sweep.yaml"
+    recipe.write_text(yaml.safe_dump(SWEEP))
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    result = run_recipe(load_recipe(recipe), tracking_uri=uri)
+    return uri, result, folder
+
+
+def test_compare_lists_the_swept_params_and_metrics_with_children_under_the_parent(swept):
+    uri, result, _ = swept
+    table = compare_table(Tracker(uri), "compare_test")
+    assert list(table["run_id"]) == [result.run_id, *result.child_run_ids]
+    assert table["run"].iloc[0].startswith("compare_sweep")
+    assert all(name.startswith("└ ") for name in table["run"].iloc[1:])
+    # The swept paths are the params that differ (the parent has neither value: it differs too).
+    assert {"extractors.0.params.rank_by", "preprocess.0.params.target_sum"} <= set(table.columns)
+    children = table.iloc[1:]
+    points = set(zip(children["extractors.0.params.rank_by"], children["preprocess.0.params.target_sum"]))
+    assert points == {("abs", "100.0"), ("abs", "10000.0"), ("value", "100.0"), ("value", "10000.0")}
+    assert "seed" not in table.columns  # the same in every run
+    # each child's metric is the one MLflow holds for it
+    client = Tracker(uri).client
+    for run_id, value in zip(children["run_id"], children["eval/auprc/pearson/epr"]):
+        assert value == pytest.approx(client.get_run(run_id).data.metrics["eval/auprc/pearson/epr"])
+    assert not any(name.endswith("_random") for name in table.columns)
+
+
+def test_grnx_compare_prints_the_table_and_writes_csv(swept, capsys):
+    uri, result, folder = swept
+    target = folder / "runs.csv"
+    code = main(
+        ["compare", "compare_test", "--metric", "eval/*/auprc", "--csv", str(target), "--tracking-uri", uri]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert result.run_id in printed and "eval/auprc/pearson/auprc" in printed
+    written = pd.read_csv(target)
+    assert len(written) == 5 and "eval/auprc/pearson/auprc" in written.columns
+    assert "eval/auprc/pearson/epr" not in written.columns  # only the metrics asked for
+
+
+def test_grnx_compare_on_an_unknown_experiment_names_the_close_one(swept, capsys):
+    uri, _, _ = swept
+    assert main(["compare", "compare_tset", "--tracking-uri", uri]) == 2
+    assert "Did you mean 'compare_test'" in capsys.readouterr().err

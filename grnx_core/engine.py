@@ -307,7 +307,10 @@ class _Leaf:
                 input=self._key_of(reads),
                 cells=self._cells_key(default_cells(self.model_step, False)),
                 component=self._identity(self.model_step),
-                train=self.recipe.train,
+                # how training is checkpointed changes no weight: resuming a killed run keeps its key
+                train=self.recipe.train.model_dump(
+                    mode="json", exclude={"resume", "checkpoint_every_steps", "gradient_checkpointing"}
+                ),
                 seed=self.recipe.seed,
                 roles=self.roles.__dict__,
             )
@@ -674,9 +677,15 @@ class _Leaf:
 
         def compute(folder: Path, recorder: RecordingLogger) -> Any:
             context = self.context_for(step, default_cells(step, False), recorder)
+            # Training checkpoints live beside the cache entry, outside the scratch folder, so that a
+            # killed run leaves them for `train.resume: true`; they go once the model is saved.
+            work = self.cache.root / "model" / key[:2] / f".{key}.work" if self.cache.enabled else folder
+            context.work_dir = work
             model = _build(step, Model)
             model.fit(context)
             model.save(folder / "model")
+            if work != folder:
+                shutil.rmtree(work, ignore_errors=True)
             if not self.cache.enabled:  # the folder is thrown away: log the model from it now
                 self.logger.log_artifact(folder / "model", "model")
             return model

@@ -176,6 +176,25 @@ class TokenModel(Model):
     # -- fitting -----------------------------------------------------------------------------
 
     def fit(self, context: RunContext) -> TokenModel:
+        from grnx_plugins.models import _training as training
+
+        with training.torch_threads(context):
+            return self._fit(context)
+
+    def donors(self, context: RunContext, tokens: TokenizedCells) -> np.ndarray | None:
+        """Donor per cell (``data.donor_key``), so validation holds out whole donors; None without."""
+        key = context.roles.donor_key
+        if key is None:
+            return None
+        column = self.obs_column(context, tokens, key)
+        if column is None:
+            raise DataError(
+                f"{self.name}: donor column {key!r} (data.donor_key) is in neither the tokens' obs "
+                f"nor the data. Check data.donor_key, or unset it."
+            )
+        return column.astype(str).to_numpy()
+
+    def _fit(self, context: RunContext) -> TokenModel:
         from grnx_plugins.models import _token_tasks as tasks
         from grnx_plugins.models import _training as training
 
@@ -195,7 +214,7 @@ class TokenModel(Model):
             candidates = candidates[labels[candidates] >= 0]
             rng = context.rng(f"model.{self.name}")
             train_idx, val_idx = training.validation_split(
-                labels, candidates, config.validation_fraction, rng
+                labels, candidates, config.validation_fraction, rng, self.donors(context, tokens)
             )
             weights = training.class_weight_vector(
                 labels[train_idx], len(self.classes_), config.class_weights

@@ -12,13 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from grnx_plugins.models._layers import attention_with_map, masked_mean
-from grnx_plugins.models._training import BatchResult, Task
 
 #: Theodoris et al. 2023 (V1, gf-6L-30M-i2048) and Chen et al. 2024 (V2, gf-12L-104M-i4096).
 ARCHITECTURES: dict[str, dict[str, int]] = {
@@ -189,61 +186,3 @@ class GeneformerNet(nn.Module):
     ) -> torch.Tensor:
         """Hugging Face ``hidden_states[layer]`` at every position, (B, L, d); values are unused."""
         return self.hidden_state(ids, mask, layer)
-
-
-class MaskedLMTask(Task):
-    """BERT masked-language-model pretraining on the user's cells (Geneformer: 15% of gene tokens).
-
-    Of the chosen tokens 80% become ``<mask>``, 10% a random gene token and 10% stay unchanged
-    (the rule of Hugging Face's ``DataCollatorForLanguageModeling``, which Geneformer uses).
-    Validation batches are masked with a fixed seed so their loss is comparable across epochs.
-    """
-
-    def __init__(
-        self,
-        model: Any,
-        tokens: Any,
-        mask_id: int,
-        probability: float,
-        device: torch.device,
-        seed: int,
-    ) -> None:
-        self.model, self.tokens, self.device = model, tokens, device
-        self.mask_id, self.probability, self.seed = mask_id, probability, seed
-        self.lengths = tokens.lengths
-        special = set(model.token_info_["special_ids"])
-        vocab_size = model.token_info_["vocab_size"]
-        self.replacements = torch.tensor(
-            [i for i in range(vocab_size) if i not in special], dtype=torch.long, device=device
-        )
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
-
-    def batch(self, module: torch.nn.Module, indices: np.ndarray, training: bool) -> BatchResult:
-        from grnx_plugins.models._token_tasks import make_batch
-
-        batch = make_batch(self.model, self.tokens, indices, self.device)
-        generator = (
-            self.generator if training else torch.Generator().manual_seed(self.seed + 1 + int(indices[0]))
-        )
-        shape = batch.ids.shape
-        draws = torch.rand(shape, generator=generator).to(self.device)
-        chosen = (draws < self.probability) & batch.keep
-        if not bool(chosen.any()):  # always predict at least one token per batch
-            first = torch.nonzero(batch.keep)[0]
-            chosen[first[0], first[1]] = True
-        action = torch.rand(shape, generator=generator).to(self.device)
-        random_pick = torch.randint(len(self.replacements), shape, generator=generator).to(self.device)
-        inputs = batch.ids.clone()
-        inputs[chosen & (action < 0.8)] = self.mask_id
-        swap = chosen & (action >= 0.8) & (action < 0.9)
-        inputs[swap] = self.replacements[random_pick[swap]]
-        logits = module(input_ids=inputs, attention_mask=batch.mask.long()).logits
-        targets = batch.ids[chosen]
-        predicted = logits[chosen]
-        loss = F.cross_entropy(predicted, targets)
-        return BatchResult(
-            loss=loss,
-            n_items=len(indices),
-            predictions=predicted.argmax(-1).cpu().numpy(),
-            targets=targets.cpu().numpy(),
-        )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -85,6 +85,84 @@ class ClassificationTask(Task):
             n_items=len(indices),
             predictions=logits.argmax(dim=-1).cpu().numpy(),
             targets=self.labels[indices],
+        )
+
+
+class _GeneVocabulary:
+    """What ``DataCollatorForLanguageModeling`` reads from a tokenizer: the mask token, its id, the
+    vocabulary size (random replacements are drawn from all of it, as Geneformer's pretraining does)."""
+
+    mask_token = "<mask>"
+
+    def __init__(self, mask_id: int, vocab_size: int) -> None:
+        self.mask_id, self.vocab_size = mask_id, vocab_size
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.mask_id
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+class MaskedLMTask(Task):
+    """BERT masked-language-model pretraining on the user's cells (Geneformer: 15% of gene tokens).
+
+    The masking is transformers' ``DataCollatorForLanguageModeling.torch_mask_tokens`` (which
+    Geneformer's pretrainer uses): each gene token is chosen with ``probability``; of the chosen,
+    80% become ``<mask>``, 10% a token drawn uniformly from the whole vocabulary, 10% stay. Padding
+    and special tokens are never chosen; a batch with no chosen token gets its first gene masked
+    (a loss over nothing would be NaN). Draws come from a ``torch.Generator`` seeded with ``seed``
+    (saved in checkpoints); validation batches use a fixed seed per batch so their loss is
+    comparable across epochs.
+    """
+
+    def __init__(
+        self,
+        model: TokenModel,
+        tokens: TokenizedCells,
+        mask_id: int,
+        probability: float,
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        from transformers import DataCollatorForLanguageModeling
+
+        self.model, self.tokens, self.device, self.seed = model, tokens, device, seed
+        self.mask_id = mask_id
+        self.lengths = tokens.lengths
+        vocabulary: Any = _GeneVocabulary(mask_id, model.token_info_["vocab_size"])
+        self.collator = DataCollatorForLanguageModeling(
+            tokenizer=vocabulary, mlm=True, mlm_probability=probability
+        )
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def mask(self, ids: torch.Tensor, keep: torch.Tensor, generator: torch.Generator) -> tuple[Any, Any]:
+        """(masked input ids, labels with -100 where nothing is predicted), on the CPU."""
+        self.collator.generator = generator
+        inputs, labels = self.collator.torch_mask_tokens(ids.clone(), special_tokens_mask=~keep)
+        if not bool((labels != -100).any()):
+            row, column = torch.nonzero(keep)[0].tolist()
+            labels[row, column], inputs[row, column] = ids[row, column], self.mask_id
+        return inputs, labels
+
+    def batch(self, module: torch.nn.Module, indices: np.ndarray, training: bool) -> BatchResult:
+        batch = make_batch(self.model, self.tokens, indices, torch.device("cpu"))
+        generator = (
+            self.generator if training else torch.Generator().manual_seed(self.seed + 1 + int(indices[0]))
+        )
+        inputs, labels = self.mask(batch.ids, batch.keep, generator)
+        logits = module(
+            input_ids=inputs.to(self.device), attention_mask=batch.mask.long().to(self.device)
+        ).logits
+        labels = labels.to(self.device)
+        chosen = labels != -100
+        predicted = logits[chosen]
+        loss = F.cross_entropy(predicted.float(), labels[chosen])
+        return BatchResult(
+            loss=loss,
+            n_items=len(indices),
+            predictions=predicted.argmax(-1).cpu().numpy(),
+            targets=labels[chosen].cpu().numpy(),
         )
 
 

@@ -1,19 +1,33 @@
-"""The one training loop every grnx model uses: splits, bucketed batches, schedules, early stopping.
+"""The one training loop every grnx model uses, on ``accelerate.Accelerator``.
 
-A model describes its objective as a :class:`Task` (how to compute the loss of a batch of items)
-and hands its ``torch.nn.Module`` to :func:`train`, which reads the recipe's ``train`` settings
-(:class:`TrainConfig`), logs per-epoch metrics through ``context.logger`` and returns the history.
-Imported only inside model methods: this module imports torch.
+A model describes its objective as a :class:`Task` (the loss of a batch of items) and hands its
+``torch.nn.Module`` to :func:`train`, which reads the recipe's ``train`` section
+(``grnx_core.recipe.TrainSettings``, the only definition of those settings), logs per-epoch metrics
+through ``context.logger`` and returns the history. Imported only inside model methods: it imports
+torch.
+
+What comes from the libraries: device placement, autocast (``precision``), fp16 loss scaling,
+data-parallel wrapping and gradient synchronisation (``accelerate``); learning-rate schedules
+(``transformers.get_scheduler``); macro-F1 and balanced class weights (scikit-learn). What stays
+here, and why grnx keeps its own loop rather than ``transformers.Trainer``: per-epoch train and
+validation metrics go to MLflow through ``context.logger`` (cached runs replay them); a
+:class:`Task` serves token models and AnnData models alike (no Trainer dataset/collator shape);
+length-bucketed batches; the divergence checks; checkpoints that resume to the very same weights;
+and bit-for-bit determinism on CPU for a seed (two runs give equal weights, checked in
+tests/plugins/models/test_training_scale.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,95 +35,90 @@ import torch
 
 from grnx_core.errors import DataError, GrnxError
 from grnx_core.progress import progress
+from grnx_core.recipe import TrainSettings
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
     from grnx_core.context import RunContext
 
 
 # ---------------------------------------------------------------------------------------------
-# Settings
+# Settings, device, threads
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainConfig:
-    """The recipe's ``train`` section as the loop uses it (``grnx_core.recipe.TrainSettings``'s
-    field names and defaults; used as they are when a component runs outside a recipe)."""
+def train_config(context: RunContext | None, **overrides: Any) -> TrainSettings:
+    """The run's train settings (``context.train``) as a validated ``TrainSettings``.
 
-    epochs: int = 3
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    validation_fraction: float = 0.1
-    early_stopping_patience: int | None = None
-    class_weights: str = "none"
-    scheduler: str = "constant"
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    device: str = "auto"
-    optimizer: str = "adamw"
-    #: encoder layers to freeze when fine-tuning (models that support it; their own param wins)
-    freeze_layers: int = 0
+    Anything else that carries the same field names (a test's namespace) is validated into one;
+    a bad value is a GrnxError naming ``train.<field>``. ``epochs: 0`` (refused in recipes) is let
+    through here: outside a recipe it means "build the model, train nothing", e.g. to load a
+    checkpoint as it is.
+    """
+    from pydantic import ValidationError
 
-    def __post_init__(self) -> None:
-        choices = {
-            "class_weights": ("none", "balanced"),
-            "scheduler": ("constant", "linear", "cosine", "polynomial"),
-            "device": ("auto", "cpu", "cuda"),
-            "optimizer": ("adam", "adamw"),
-        }
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise GrnxError(f"train.{name} must be one of {', '.join(allowed)}; got {value!r}.")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise GrnxError(f"train.validation_fraction must be in [0, 1); got {self.validation_fraction}.")
-        if self.epochs < 0 or self.batch_size < 1:
-            raise GrnxError(
-                f"train.epochs must be >= 0 and train.batch_size >= 1; got {self.epochs} and "
-                f"{self.batch_size}."
-            )
-        # YAML reads .inf and .nan as floats: they pass "> 0" checks and train a NaN model.
-        for name, value, zero_ok, example in (
-            ("learning_rate", self.learning_rate, False, "1e-4"),
-            ("weight_decay", self.weight_decay, True, "0.01"),
-            ("max_grad_norm", self.max_grad_norm, False, "1.0, or null to disable clipping"),
-        ):
-            if value is None and name == "max_grad_norm":
-                continue
-            number = float(value) if isinstance(value, (int, float)) else math.nan
-            if not (math.isfinite(number) and (number > 0 or (zero_ok and number == 0))):
-                raise GrnxError(
-                    f"train.{name} must be a finite number {'>=' if zero_ok else '>'} 0 (e.g. {example}); "
-                    f"got {value!r}. Set it in the recipe's train section."
-                )
-
-
-def train_config(context: RunContext | None, **overrides: Any) -> TrainConfig:
-    """The train settings of the run (``context.train``), defaults where the recipe has none."""
-    settings: Any = None
-    if context is not None:
-        try:
-            settings = context.train
-        except ImportError:  # the recipe module is not available: use the defaults
-            settings = None
-    values: dict[str, Any] = {}
-    for field in fields(TrainConfig):
-        if settings is not None and getattr(settings, field.name, None) is not None:
-            value = getattr(settings, field.name)
-            values[field.name] = getattr(value, "value", value)  # enums -> their value
-        elif settings is not None and field.name in ("early_stopping_patience", "max_grad_norm"):
-            values[field.name] = None
+    settings: Any = context.train if context is not None else None
+    if isinstance(settings, TrainSettings) and not overrides:
+        return settings
+    names = TrainSettings.model_fields
+    values = {name: getattr(settings, name) for name in names if hasattr(settings, name)}
+    values = {name: getattr(value, "value", value) for name, value in values.items()}  # enums
     values.update(overrides)
-    return TrainConfig(**values)
+    epochs = values.get("epochs")
+    no_epochs = epochs == 0
+    if no_epochs:
+        values["epochs"] = 1
+    try:
+        config = TrainSettings.model_validate(values)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"train.{'.'.join(map(str, problem['loc']))}: {problem['msg']}, got {problem.get('input')!r}"
+            for problem in error.errors()
+        )
+        raise GrnxError(f"Invalid train settings: {problems}. Fix the recipe's train section.") from None
+    if no_epochs:
+        config.epochs = 0
+    return config
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device to train on; under ``torchrun``/``accelerate launch`` the process's own GPU."""
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise GrnxError("train.device is 'cuda' but torch sees no CUDA device. Use device: auto or cpu.")
-        return torch.device("cuda")
+        local_rank = os.environ.get("LOCAL_RANK")
+        return torch.device("cuda", int(local_rank)) if local_rank is not None else torch.device("cuda")
     return torch.device("cpu")
+
+
+def thread_count(context: RunContext | None) -> int | None:
+    """``execution.num_threads``, else the ``GRNX_NUM_THREADS`` variable, else None (torch's default)."""
+    configured = context.execute.num_threads if context is not None else None
+    if configured is not None:
+        return int(configured)
+    text = os.environ.get("GRNX_NUM_THREADS", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise GrnxError(
+            f"GRNX_NUM_THREADS must be a whole number >= 1 (torch CPU threads), got {text!r}. "
+            f"Unset it or set e.g. GRNX_NUM_THREADS=1."
+        )
+    return int(text)
+
+
+@contextlib.contextmanager
+def torch_threads(context: RunContext | None) -> Iterator[None]:
+    """Run the block with the configured number of torch CPU threads, then restore the previous."""
+    wanted = thread_count(context)
+    previous = torch.get_num_threads()
+    if wanted is not None:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
@@ -126,21 +135,58 @@ def deterministic(seed: int, device: torch.device) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
 
 
+def make_accelerator(config: TrainSettings, device: torch.device) -> Accelerator:
+    """An ``Accelerator`` for ``config.precision`` on ``device``.
+
+    accelerate keeps one process-wide state; in a single process (not launched) it is reset so
+    that runs with different precisions can follow each other (a sweep, the tests).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    if config.precision == "fp16" and device.type != "cuda":
+        raise GrnxError(
+            "train.precision is fp16, which needs a CUDA GPU (loss scaling); this run trains on "
+            f"{device.type}. Use precision: bf16 (CPU autocast) or fp32."
+        )
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision]
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched and PartialState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
+    except ValueError as error:  # a launched run whose accelerate config says otherwise
+        raise GrnxError(
+            f"accelerate refused train.precision {config.precision} on {device}: {error} Launch with "
+            f"the same precision (accelerate launch --mixed_precision {mixed}) or change the recipe."
+        ) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Splits and batches
 # ---------------------------------------------------------------------------------------------
 
 
 def validation_split(
-    labels: np.ndarray | None, candidates: np.ndarray, fraction: float, rng: np.random.Generator
+    labels: np.ndarray | None,
+    candidates: np.ndarray,
+    fraction: float,
+    rng: np.random.Generator,
+    donors: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``candidates`` into (train, validation), stratified by label when labels are given.
 
-    Each class keeps at least one training item; classes with one item go to training only.
+    Without ``donors``: cells are drawn per class; each class keeps at least one training item and
+    classes with one item go to training only. With ``donors`` (one value per item, e.g.
+    ``obs[donor_key]``): whole donors are held out, so validation measures new donors as a test set
+    does. Donors are grouped by their most frequent label; in each group donors are drawn until
+    about ``fraction`` of the group's cells are held out, always leaving one donor in training.
     """
     candidates = np.asarray(candidates, dtype=np.int64)
     if fraction <= 0 or len(candidates) < 2:
         return candidates, np.zeros(0, dtype=np.int64)
+    if donors is not None:
+        return _donor_split(labels, candidates, fraction, rng, np.asarray(donors, dtype=object))
     groups = (
         [candidates]
         if labels is None
@@ -156,6 +202,45 @@ def validation_split(
         validation_idx = np.sort(rng.permutation(candidates)[:1])
     train_idx = np.setdiff1d(candidates, validation_idx)
     return train_idx, validation_idx
+
+
+def _donor_split(
+    labels: np.ndarray | None,
+    candidates: np.ndarray,
+    fraction: float,
+    rng: np.random.Generator,
+    donors: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    names = donors[candidates].astype(str)
+    unique = np.unique(names)
+    if labels is None:
+        donor_label = dict.fromkeys(unique, 0)
+    else:
+        donor_label = {}
+        for donor in unique:
+            values, counts = np.unique(labels[candidates[names == donor]], return_counts=True)
+            donor_label[donor] = int(values[np.argmax(counts)])
+    held: list[str] = []
+    for label in sorted(set(donor_label.values())):
+        group = [d for d in unique if donor_label[d] == label]
+        if len(group) < 2:
+            continue
+        group_cells = int(np.isin(names, group).sum())
+        taken = 0
+        for donor in rng.permutation(np.array(group, dtype=object))[:-1]:
+            if taken >= fraction * group_cells:
+                break
+            held.append(str(donor))
+            taken += int(np.sum(names == donor))
+    if not held:
+        raise DataError(
+            f"train.validation_fraction {fraction} holds out whole donors (data.donor_key is set), but "
+            f"no label has two or more donors among the {len(unique)} training donors, so no donor "
+            f"can be held out. Set train.validation_fraction: 0, or unset data.donor_key for a "
+            f"cell-level split (optimistic: validation then shares donors with training)."
+        )
+    in_validation = np.isin(names, held)
+    return np.sort(candidates[~in_validation]), np.sort(candidates[in_validation])
 
 
 def bucketed_batches(
@@ -190,49 +275,32 @@ def bucketed_batches(
 
 
 def class_weight_vector(labels: np.ndarray, n_classes: int, mode: str) -> np.ndarray | None:
-    """``balanced``: n / (n_classes * count_c), as scikit-learn's ``compute_class_weight``."""
+    """``balanced``: scikit-learn's ``compute_class_weight`` over the classes present (0 for absent)."""
     if mode == "none":
         return None
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(labels)
     weights = np.zeros(n_classes)
-    present = counts > 0
-    weights[present] = len(labels) / (present.sum() * counts[present])
+    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
     return weights
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedules and optimisers
+# Optimisers and schedules
 # ---------------------------------------------------------------------------------------------
 
-
-def lr_multiplier(kind: str, warmup_steps: int, total_steps: int, lr: float) -> Callable[[int], float]:
-    """Hugging Face's schedule shapes: linear warm-up, then constant / linear / cosine / polynomial.
-
-    Polynomial follows ``get_polynomial_decay_schedule_with_warmup`` with power 1 and an end
-    learning rate of 1e-7.
-    """
-    total_steps = max(total_steps, 1)
-    lr_end = 1e-7
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return float(step) / float(max(1, warmup_steps))
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / float(max(1, total_steps - warmup_steps))
-        progress = min(max(progress, 0.0), 1.0)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if lr <= lr_end:
-            return 1.0
-        return ((lr - lr_end) * (1.0 - progress) + lr_end) / lr
-
-    return multiplier
+#: recipe name -> transformers.get_scheduler name (all with linear warm-up; polynomial: power 1,
+#: end learning rate 1e-7, the library's defaults)
+SCHEDULES = {
+    "constant": "constant_with_warmup",
+    "linear": "linear",
+    "cosine": "cosine",
+    "polynomial": "polynomial",
+}
 
 
-def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainSettings) -> torch.optim.Optimizer:
     if not parameters:
         raise GrnxError("Every parameter of the model is frozen; nothing to train. Lower freeze_layers.")
     if config.optimizer == "adamw":
@@ -240,8 +308,20 @@ def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig) ->
     return torch.optim.Adam(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainSettings, total_steps: int) -> Any:
+    """``transformers.get_scheduler`` for ``train.scheduler`` over ``total_steps`` optimiser steps."""
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        SCHEDULES[config.scheduler],
+        optimizer,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=max(total_steps, 1),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
-# The loop
+# Tasks and evaluation
 # ---------------------------------------------------------------------------------------------
 
 
@@ -260,6 +340,8 @@ class Task:
 
     ``lengths`` (optional) drives length bucketing; ``batch(module, indices, training)`` computes
     the loss of those items. ``labels`` are the classes used to stratify the validation split.
+    The random generators a task keeps as attributes (torch or numpy, e.g. a masking generator)
+    are saved in checkpoints and restored on resume.
     """
 
     lengths: np.ndarray | None = None
@@ -268,26 +350,48 @@ class Task:
     def batch(self, module: torch.nn.Module, indices: np.ndarray, training: bool) -> BatchResult:
         raise NotImplementedError
 
+    def random_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Generator):
+                state[name] = value.get_state()
+            elif isinstance(value, np.random.Generator):
+                state[name] = value.bit_generator.state
+        return state
+
+    def set_random_state(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            current = getattr(self, name)
+            if isinstance(current, torch.Generator):
+                current.set_state(value)
+            else:
+                current.bit_generator.state = value
+
 
 def macro_f1(targets: np.ndarray, predictions: np.ndarray) -> float:
-    scores = []
-    for value in np.unique(np.concatenate([targets, predictions])):
-        tp = np.sum((predictions == value) & (targets == value))
-        fp = np.sum((predictions == value) & (targets != value))
-        fn = np.sum((predictions != value) & (targets == value))
-        denominator = 2 * tp + fp + fn
-        scores.append(2 * tp / denominator if denominator else 0.0)
-    return float(np.mean(scores)) if scores else float("nan")
+    """scikit-learn's macro-F1 over the classes in either array."""
+    from sklearn.metrics import f1_score
+
+    if len(targets) == 0:
+        return float("nan")
+    return float(f1_score(targets, predictions, average="macro", zero_division=0))
 
 
-def evaluate(module: torch.nn.Module, task: Task, indices: np.ndarray, batch_size: int) -> dict[str, float]:
+def evaluate(
+    module: torch.nn.Module,
+    task: Task,
+    indices: np.ndarray,
+    batch_size: int,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> dict[str, float]:
     """Mean loss (and accuracy / macro-F1 when the task predicts classes) over ``indices``."""
     module.eval()
     total, count = 0.0, 0
     predictions, targets = [], []
     with torch.no_grad():
         for batch in bucketed_batches(indices, task.lengths, batch_size, None):
-            result = task.batch(module, batch, training=False)
+            with autocast():
+                result = task.batch(module, batch, training=False)
             total += float(result.loss) * result.n_items
             count += result.n_items
             if result.predictions is not None:
@@ -301,14 +405,200 @@ def evaluate(module: torch.nn.Module, task: Task, indices: np.ndarray, batch_siz
     return metrics
 
 
-def diverged(what: str, epoch: int, where: str, config: TrainConfig) -> GrnxError:
+def diverged(what: str, epoch: int, where: str, config: TrainSettings) -> GrnxError:
     """Training produced NaN or inf: stop with the settings to change rather than save a NaN model."""
     return GrnxError(
         f"Training diverged: {what} at epoch {epoch}, {where} (train.learning_rate {config.learning_rate:g}, "
-        f"max_grad_norm {config.max_grad_norm}, batch_size {config.batch_size}). Lower train.learning_rate "
-        f"(e.g. 10x), keep train.max_grad_norm set (e.g. 1.0), add warm-up (train.warmup_steps), and check "
-        f"that the model's input holds no NaN or inf values (normalise and log1p counts first)."
+        f"max_grad_norm {config.max_grad_norm}, batch_size {config.batch_size}, precision "
+        f"{config.precision}). Lower train.learning_rate (e.g. 10x), keep train.max_grad_norm set "
+        f"(e.g. 1.0), add warm-up (train.warmup_steps), use precision fp32 or bf16 rather than fp16, "
+        f"and check that the model's input holds no NaN or inf values (normalise and log1p counts first)."
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient checkpointing
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(module: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Recompute transformer blocks in the backward pass while the block runs.
+
+    A Hugging Face model (Geneformer's BERT, reached directly or as ``module.hf``) uses its own
+    ``gradient_checkpointing_enable``; grnx's encoder blocks (CelluFormer, scGPT) run through
+    ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved, so dropout draws and results
+    equal a run without it). Other models (the MLP) have no blocks to checkpoint and are refused.
+    """
+    if not enabled:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    from grnx_plugins.models._layers import EncoderLayer
+
+    hf_models = [m for m in module.modules() if getattr(m, "supports_gradient_checkpointing", False)]
+    hf_model = hf_models[0] if hf_models else None
+    if hf_model is not None:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            yield
+        finally:
+            hf_model.gradient_checkpointing_disable()
+        return
+    blocks = [m for m in module.modules() if isinstance(m, EncoderLayer)]
+    if not blocks:
+        raise GrnxError(
+            f"train.gradient_checkpointing is on, but {type(module).__name__} has no transformer "
+            f"blocks to recompute (it is for the token models: geneformer, celluformer, scgpt). "
+            f"Set train.gradient_checkpointing: false."
+        )
+
+    def checkpointed(block: EncoderLayer) -> Callable[..., torch.Tensor]:
+        forward = block.forward
+
+        def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+            if block.training and torch.is_grad_enabled():
+                return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return forward(*args, **kwargs)
+
+        return run
+
+    for block in blocks:
+        block.forward = checkpointed(block)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # back to the class's forward
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class LoopState:
+    """Where the loop stands: what a checkpoint holds besides weights and optimiser."""
+
+    epoch: int = 1  # the epoch to run next (or in progress)
+    batches_done: int = 0  # optimiser steps already taken in that epoch
+    step: int = 0  # optimiser steps in all
+    total: float = 0.0  # running sum of the epoch's training loss x items
+    count: int = 0
+    epoch_started: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_state: dict[str, torch.Tensor] | None = None
+    stale: int = 0
+    epoch_rng: dict[str, Any] | None = None  # the batch generator's state when the epoch began
+    finished: bool = False
+
+
+def fingerprint(config: TrainSettings, train_idx: np.ndarray, val_idx: np.ndarray, prefix: str) -> str:
+    """What must match for a checkpoint to continue this run (settings that change the result)."""
+    ignored = {"resume", "checkpoint_every_steps", "gradient_checkpointing", "device"}
+    settings = {k: v for k, v in config.model_dump(mode="json").items() if k not in ignored}
+    digest = hashlib.sha256(repr((prefix, sorted(settings.items()))).encode())
+    digest.update(np.ascontiguousarray(train_idx, dtype=np.int64).tobytes())
+    digest.update(b"|")
+    digest.update(np.ascontiguousarray(val_idx, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+class Checkpoints:
+    """One resumable checkpoint per training phase under ``<work_dir>/checkpoints/<prefix>/``.
+
+    Written atomically (a temporary file renamed into place), so a run killed while saving keeps
+    the previous checkpoint. Loaded with ``torch.load(weights_only=True)``: tensors and plain
+    values only, no pickled code.
+    """
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.path = folder / CHECKPOINT_FILE
+        self.fingerprint = fingerprint
+
+    @classmethod
+    def for_run(cls, context: RunContext | None, prefix: str, fingerprint: str) -> Checkpoints:
+        work_dir = getattr(context, "work_dir", None)
+        if work_dir is None:
+            raise GrnxError(
+                "train.resume / train.checkpoint_every_steps need a folder for checkpoints, but this "
+                "run has none (context.work_dir is unset). Run the model through a recipe with the "
+                "cache on, or give RunContext(work_dir=...) when calling fit directly."
+            )
+        return cls(Path(work_dir) / "checkpoints" / prefix, fingerprint)
+
+    def save(
+        self,
+        state: LoopState,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        task: Task,
+        rng: np.random.Generator,
+        accelerator: Accelerator,
+    ) -> None:
+        from grnx_core.atomic import atomic_path
+
+        if not accelerator.is_main_process:
+            return
+        payload = {
+            "fingerprint": self.fingerprint,
+            "loop": {k: v for k, v in vars(state).items()},
+            "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "batch_rng": rng.bit_generator.state,
+            "task_rng": task.random_state(),
+        }
+        with atomic_path(self.path) as temporary:
+            torch.save(payload, temporary)
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        payload = torch.load(self.path, map_location="cpu", weights_only=True)
+        if payload.get("fingerprint") != self.fingerprint:
+            raise GrnxError(
+                f"train.resume: the checkpoint {self.path} was written by a run with other train "
+                f"settings or other training cells, so it cannot continue this one. Delete it to "
+                f"start afresh, or restore the settings it was made with."
+            )
+        return payload
+
+
+def restore(
+    payload: dict[str, Any],
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    task: Task,
+    rng: np.random.Generator,
+    accelerator: Accelerator,
+) -> LoopState:
+    module.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    if payload["scaler"] is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(payload["scaler"])
+    torch.set_rng_state(payload["torch_rng"])
+    if payload["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["cuda_rng"])
+    rng.bit_generator.state = payload["batch_rng"]
+    task.set_random_state(payload["task_rng"])
+    return LoopState(**payload["loop"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
 
 
 def train(
@@ -317,11 +607,12 @@ def train(
     *,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
-    config: TrainConfig,
+    config: TrainSettings,
     context: RunContext | None,
     rng: np.random.Generator,
     device: torch.device,
     prefix: str = "train",
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``module`` on ``task``; returns one metrics dict per epoch.
 
@@ -331,60 +622,125 @@ def train(
     there is no validation set) has not improved for that many epochs, and restores the weights
     of the best epoch. A NaN or inf loss, or weights that stop being finite, end training with a
     GrnxError naming the epoch and batch.
+
+    One optimiser step covers ``batch_size x gradient_accumulation_steps`` cells: that many are
+    drawn as one length-bucketed batch and run in pieces of ``batch_size``, each piece's loss
+    weighted by its share of the cells, so accumulation equals the large batch (for mean losses).
+    ``precision`` autocasts the forward passes (weights and optimiser stay float32).
+    With ``resume`` (or ``checkpoint_every_steps``) the state is saved under
+    ``context.work_dir/checkpoints/<prefix>/`` after every epoch (and every N steps); ``resume``
+    continues from it and ends with the weights an uninterrupted run has. ``on_step(epoch, step)``
+    runs after every optimiser step (and its checkpoint).
+    Under ``accelerate launch`` / ``torchrun`` each process takes every n-th batch (data-parallel;
+    a few batches per epoch are dropped so all processes take the same number) and the main
+    process logs and writes checkpoints.
     """
     if len(train_idx) == 0:
         raise DataError("No cells left to train on after the train/validation split.")
+    accelerator = make_accelerator(config, device)
     parameters = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(parameters, config)
-    steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lr_multiplier(
-            config.scheduler, config.warmup_steps, steps_per_epoch * config.epochs, config.learning_rate
-        ),
-    )
-    logger = context.logger if context is not None else None
-    history: list[dict[str, float]] = []
-    best_loss, best_state, stale = math.inf, None, 0
-    with progress(total=config.epochs, desc=prefix, unit="epoch") as epochs_bar:
-        for epoch in range(1, config.epochs + 1):
-            started = time.perf_counter()
-            module.train()
-            total, count = 0.0, 0
-            batches = bucketed_batches(train_idx, task.lengths, config.batch_size, rng)
+    cells_per_step = config.batch_size * config.gradient_accumulation_steps
+    world = accelerator.num_processes
+    steps_per_epoch = math.ceil(len(train_idx) / cells_per_step)
+    if world > 1:
+        steps_per_epoch //= world
+        if steps_per_epoch == 0:
+            raise DataError(
+                f"{len(train_idx)} training cells give fewer optimiser steps than the {world} processes."
+            )
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch * config.epochs)
+    model, optimizer = accelerator.prepare(module, optimizer)
+    checkpoints = None
+    if config.resume or config.checkpoint_every_steps is not None:
+        checkpoints = Checkpoints.for_run(context, prefix, fingerprint(config, train_idx, val_idx, prefix))
+    logger = context.logger if context is not None and accelerator.is_main_process else None
+    state = LoopState()
+    payload = checkpoints.load() if checkpoints is not None and config.resume else None
+    if payload is not None:
+        state = restore(payload, module, optimizer, scheduler, task, rng, accelerator)
+        for epoch, metrics in enumerate(state.history, start=1):
+            if logger is not None:  # the resumed run's record holds every epoch
+                logger.log_metrics(metrics, step=epoch)
+
+    def save() -> None:
+        if checkpoints is not None:
+            checkpoints.save(state, module, optimizer, scheduler, task, rng, accelerator)
+
+    with (
+        gradient_checkpointing(module, config.gradient_checkpointing),
+        progress(total=config.epochs, desc=prefix, unit="epoch") as epochs_bar,
+    ):
+        epochs_bar.update(len(state.history))
+        while not state.finished and state.epoch <= config.epochs:
+            epoch = state.epoch
+            if state.batches_done == 0:
+                state.epoch_rng, state.total, state.count = rng.bit_generator.state, 0.0, 0
+                state.epoch_started = time.time()  # wall clock: survives a resume
+            else:  # resumed inside the epoch: draw its batches again
+                rng.bit_generator.state = state.epoch_rng
+            steps = bucketed_batches(train_idx, task.lengths, cells_per_step, rng)
+            if world > 1:
+                steps = steps[: steps_per_epoch * world][accelerator.process_index :: world]
+            pieces = [
+                [step[i : i + config.batch_size] for i in range(0, len(step), config.batch_size)]
+                for step in steps
+            ]
+            n_batches = sum(len(p) for p in pieces)
+            model.train()
             with progress(
-                total=len(train_idx), desc=f"{prefix} epoch {epoch}/{config.epochs}", unit="cell"
+                total=sum(len(s) for s in steps), desc=f"{prefix} epoch {epoch}/{config.epochs}", unit="cell"
             ) as bar:
-                for number, batch in enumerate(batches, start=1):
-                    result = task.batch(module, batch, training=True)
-                    loss = float(result.loss.detach())
-                    if not math.isfinite(loss):
-                        raise diverged(
-                            f"the training loss is {loss}", epoch, f"batch {number} of {len(batches)}", config
-                        )
+                number = sum(len(p) for p in pieces[: state.batches_done])
+                bar.update(sum(len(s) for s in steps[: state.batches_done]))
+                for index in range(state.batches_done, len(steps)):
                     optimizer.zero_grad(set_to_none=True)
-                    result.loss.backward()
+                    for piece_index, piece in enumerate(pieces[index]):
+                        number += 1
+                        last = piece_index == len(pieces[index]) - 1
+                        with accelerator.no_sync(model) if not last else contextlib.nullcontext():
+                            with accelerator.autocast():
+                                result = task.batch(model, piece, training=True)
+                            loss = float(result.loss.detach())
+                            if not math.isfinite(loss):
+                                raise diverged(
+                                    f"the training loss is {loss}",
+                                    epoch,
+                                    f"batch {number} of {n_batches}",
+                                    config,
+                                )
+                            accelerator.backward(result.loss * (len(piece) / len(steps[index])))
+                        state.total += loss * result.n_items
+                        state.count += result.n_items
+                        bar.update(result.n_items, loss=state.total / max(state.count, 1))
                     if config.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+                        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
-                    total += loss * result.n_items
-                    count += result.n_items
-                    bar.update(result.n_items, loss=total / max(count, 1))
+                    if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update
+                        scheduler.step()
+                    state.step += 1
+                    state.batches_done = index + 1
+                    every = config.checkpoint_every_steps
+                    if every is not None and state.step % every == 0 and index + 1 < len(steps):
+                        save()
+                    if on_step is not None:
+                        on_step(epoch, state.step)
             if not all(bool(torch.isfinite(p).all()) for p in parameters):
                 raise diverged("the model's weights are no longer finite", epoch, "its last batch", config)
             metrics = {
-                f"{prefix}/loss": total / max(count, 1),
+                f"{prefix}/loss": state.total / max(state.count, 1),
                 f"{prefix}/learning_rate": float(scheduler.get_last_lr()[0]),
             }
             if len(val_idx):
-                for name, value in evaluate(module, task, val_idx, config.batch_size).items():
+                for name, value in evaluate(
+                    model, task, val_idx, config.batch_size, accelerator.autocast
+                ).items():
                     metrics[f"{prefix}/val_{name}"] = value
                 if not math.isfinite(metrics[f"{prefix}/val_loss"]):
                     loss = metrics[f"{prefix}/val_loss"]
                     raise diverged(f"the validation loss is {loss}", epoch, "validation", config)
-            metrics[f"{prefix}/epoch_seconds"] = time.perf_counter() - started
-            history.append(metrics)
+            metrics[f"{prefix}/epoch_seconds"] = time.time() - state.epoch_started
+            state.history.append(metrics)
             if logger is not None:
                 logger.log_metrics(metrics, step=epoch)
             shown = {"loss": metrics[f"{prefix}/loss"]}
@@ -393,14 +749,18 @@ def train(
             epochs_bar.update(1, **shown)
             monitored = metrics.get(f"{prefix}/val_loss", metrics[f"{prefix}/loss"])
             if config.early_stopping_patience is not None:
-                if monitored < best_loss - 1e-12:
-                    best_loss, stale = monitored, 0
-                    best_state = copy.deepcopy({k: v.detach().cpu() for k, v in module.state_dict().items()})
+                if monitored < state.best_loss - 1e-12:
+                    state.best_loss, state.stale = monitored, 0
+                    state.best_state = copy.deepcopy(
+                        {k: v.detach().cpu() for k, v in module.state_dict().items()}
+                    )
                 else:
-                    stale += 1
-                    if stale >= config.early_stopping_patience:
-                        break
-    if best_state is not None:
-        module.load_state_dict(best_state)
+                    state.stale += 1
+                    state.finished = state.stale >= config.early_stopping_patience
+            state.epoch, state.batches_done = epoch + 1, 0
+            save()
+    if state.best_state is not None:
+        module.load_state_dict(state.best_state)
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drop the autocast wrapper
     module.eval()
-    return history
+    return state.history

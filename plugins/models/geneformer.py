@@ -175,7 +175,7 @@ class Geneformer(GeneEmbeddings, TokenModel):
         self, context: RunContext, tokens: TokenizedCells, candidates: np.ndarray, config: Any, device: Any
     ) -> None:
         from grnx_plugins.models import _training as training
-        from grnx_plugins.models._geneformer_net import MaskedLMTask
+        from grnx_plugins.models._token_tasks import MaskedLMTask
 
         frozen = self.freeze_layers or config.freeze_layers
         if self.pretrain_epochs == 0:
@@ -198,15 +198,11 @@ class Geneformer(GeneEmbeddings, TokenModel):
         else:
             mlm = network.hf
         rng = context.rng("model.geneformer.pretrain")
-        train_idx, val_idx = training.validation_split(None, candidates, config.validation_fraction, rng)
-        task = MaskedLMTask(self, tokens, self._mask_id(tokens), self.mask_probability, device, context.seed)
-        pretrain_config = training.TrainConfig(
-            **{
-                **config.__dict__,
-                "epochs": self.pretrain_epochs,
-                "early_stopping_patience": config.early_stopping_patience,
-            }
+        train_idx, val_idx = training.validation_split(
+            None, candidates, config.validation_fraction, rng, self.donors(context, tokens)
         )
+        task = MaskedLMTask(self, tokens, self._mask_id(tokens), self.mask_probability, device, context.seed)
+        pretrain_config = config.model_copy(update={"epochs": self.pretrain_epochs})
         self.history_ += training.train(
             mlm,
             task,

@@ -79,6 +79,12 @@ class MLP(Model):
 
     def fit(self, context: RunContext) -> MLP:
         from grnx_plugins.models import _training as training
+
+        with training.torch_threads(context):
+            return self._fit(context)
+
+    def _fit(self, context: RunContext) -> MLP:
+        from grnx_plugins.models import _training as training
         from grnx_plugins.models._mlp_net import MLPNet, MLPTask, dense_rows
 
         adata, _ = context.sampled_adata()
@@ -103,8 +109,14 @@ class MLP(Model):
             candidates = candidates[adata.obs[split_key].astype(str).to_numpy()[candidates] == "train"]
             if len(candidates) == 0:
                 raise DataError(f"mlp: no labelled cell has {split_key} == 'train'.")
+        donors = None
+        if context.roles.donor_key is not None:  # validation on whole held-out donors
+            donor_key = context.require_obs(context.roles.donor_key, "donor_key", "mlp")
+            donors = adata.obs[donor_key].astype(str).to_numpy()
         rng = context.rng("model.mlp")
-        train_idx, val_idx = training.validation_split(labels, candidates, config.validation_fraction, rng)
+        train_idx, val_idx = training.validation_split(
+            labels, candidates, config.validation_fraction, rng, donors
+        )
         scale = None
         if self.standardize:
             block = dense_rows(matrix, train_idx).astype(np.float64)

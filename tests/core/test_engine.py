@@ -368,8 +368,9 @@ def test_attention_models_satisfy_the_attention_contract():
     assert not issubclass(MLP, AttentionModel)
 
 
-def test_a_data_role_is_checked_even_when_the_data_stage_is_cached(tmp_path):
-    from grnx_core.errors import DataError
+def test_a_data_role_is_checked_even_when_the_data_stage_is_cached(tmp_path, monkeypatch):
+    from grnx_core.errors import DataError, RecipeError
+    from grnx_plugins.data.synthetic import Synthetic
 
     registry = fixture_registry()
     path = _write(
@@ -383,6 +384,11 @@ def test_a_data_role_is_checked_even_when_the_data_stage_is_cached(tmp_path):
     )
     cache = Cache(tmp_path / "cache")
     _run(path, registry, cache)
+    # The synthetic source lists its columns, so validation refuses the role before any stage...
+    with pytest.raises(RecipeError, match="obs column 'diagnosis' is not in the data.*columns: batch, cell_type, depth, disease"):
+        _run(path, registry, cache, overrides=["data.label_key=diagnosis"])
+    # ...and for a source that cannot, the engine checks it even when the data comes from the cache.
+    monkeypatch.setattr(Synthetic, "obs_columns", lambda self: None)
     with pytest.raises(DataError, match="data.label_key is 'diagnosis'.*Available: .*disease"):
         _run(path, registry, cache, overrides=["data.label_key=diagnosis"])
 

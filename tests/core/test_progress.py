@@ -50,7 +50,8 @@ def test_training_reports_epochs_and_cells(capsys, progress_on):
     import numpy as np
     import torch
 
-    from grnx_plugins.models._training import BatchResult, Task, TrainConfig, train
+    from grnx_core.recipe import TrainSettings
+    from grnx_plugins.models._training import BatchResult, Task, train
 
     class Regression(Task):
         def __init__(self):
@@ -63,7 +64,7 @@ def test_training_reports_epochs_and_cells(capsys, progress_on):
             loss = torch.nn.functional.mse_loss(module(self.x[rows]).squeeze(-1), self.y[rows])
             return BatchResult(loss=loss, n_items=len(indices))
 
-    config = TrainConfig(epochs=2, batch_size=16, learning_rate=0.01)
+    config = TrainSettings(epochs=2, batch_size=16, learning_rate=0.01)
     train(
         torch.nn.Linear(3, 1),
         Regression(),

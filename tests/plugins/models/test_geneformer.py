@@ -125,7 +125,7 @@ def test_freeze_layers_leaves_frozen_weights_unchanged(make_tokens, make_context
 
 
 def test_masked_lm_pretraining_masks_fifteen_percent_and_learns(make_tokens, make_context):
-    from grnx_plugins.models._geneformer_net import MaskedLMTask
+    from grnx_plugins.models._token_tasks import MaskedLMTask
 
     # cells are runs of 8 consecutive genes: a masked gene is predictable from its neighbours
     rng = np.random.default_rng(0)

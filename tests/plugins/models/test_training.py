@@ -13,25 +13,42 @@ from grnx_plugins.models import _training as training
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine", "polynomial"])
-def test_schedules_match_hugging_face(kind):
-    from transformers import get_scheduler
+def test_schedules_follow_the_hugging_face_formulas(kind):
+    """transformers' schedules (get_scheduler), checked against their closed forms: linear warm-up,
+    then constant, linear to 0, half a cosine, or polynomial power 1 down to lr_end 1e-7 (the
+    defaults of get_polynomial_decay_schedule_with_warmup, which the former hand-written code used)."""
+    import math
 
-    warmup, total, lr = 7, 40, 3e-4
-    name = "constant_with_warmup" if kind == "constant" else kind
+    warmup, total, lr, lr_end = 7, 40, 3e-4, 1e-7
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    reference = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
-    multiplier = training.lr_multiplier(kind, warmup, total, lr)
+    config = training.train_config(None, scheduler=kind, warmup_steps=warmup, learning_rate=lr)
+    scheduler = training.make_scheduler(optimizer, config, total)
     for step in range(total + 1):
-        assert reference.lr_lambdas[0](step) == pytest.approx(multiplier(step), rel=1e-9, abs=1e-12), step
+        if step < warmup:
+            expected = lr * step / warmup
+        else:
+            progress = (step - warmup) / (total - warmup)
+            expected = {
+                "constant": lr,
+                "linear": lr * (1 - progress),
+                "cosine": lr * 0.5 * (1 + math.cos(math.pi * progress)),
+                "polynomial": (lr - lr_end) * (1 - progress) + lr_end,
+            }[kind]
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15), step
+        optimizer.step()
+        scheduler.step()
 
 
 def test_balanced_class_weights_match_scikit_learn():
     from sklearn.utils.class_weight import compute_class_weight
 
-    labels = np.array([0] * 7 + [1] * 2 + [2] * 11)
-    expected = compute_class_weight("balanced", classes=np.arange(3), y=labels)
-    np.testing.assert_allclose(training.class_weight_vector(labels, 3, "balanced"), expected)
-    assert training.class_weight_vector(labels, 3, "none") is None
+    labels = np.array([0] * 7 + [1] * 2 + [3] * 11)  # class 2 absent from training
+    expected = compute_class_weight("balanced", classes=np.array([0, 1, 3]), y=labels)
+    got = training.class_weight_vector(labels, 4, "balanced")
+    np.testing.assert_allclose(got[[0, 1, 3]], expected)
+    # n / (n_classes_present * count): the formula itself
+    np.testing.assert_allclose(got, [20 / (3 * 7), 20 / (3 * 2), 0.0, 20 / (3 * 11)])
+    assert training.class_weight_vector(labels, 4, "none") is None
 
 
 def test_bucketed_batches_cover_every_item_once_and_cut_padding():
@@ -69,11 +86,11 @@ def test_train_config_reads_the_recipe_and_rejects_bad_values():
     config = training.train_config(context)
     assert (config.epochs, config.batch_size, config.learning_rate, config.scheduler) == (2, 4, 0.1, "cosine")
     assert config.early_stopping_patience is None and config.optimizer == "adamw"
-    with pytest.raises(GrnxError, match="scheduler"):
-        training.TrainConfig(scheduler="exponential")
+    with pytest.raises(GrnxError, match=r"train.scheduler: .*got 'exponential'"):
+        training.train_config(None, scheduler="exponential")
 
 
-def test_train_config_reads_the_core_train_settings():
+def test_train_config_is_the_core_train_settings():
     from grnx_core.recipe import TrainSettings
 
     settings = TrainSettings(
@@ -84,37 +101,35 @@ def test_train_config_reads_the_core_train_settings():
         freeze_layers=3,
         class_weights="balanced",
     )
-    config = training.train_config(RunContext(train_settings=settings))
-    assert (config.epochs, config.scheduler, config.early_stopping_patience) == (4, "polynomial", 2)
-    assert config.max_grad_norm is None and config.freeze_layers == 3 and config.class_weights == "balanced"
-    assert config.optimizer == settings.optimizer
+    assert training.train_config(RunContext(train_settings=settings)) is settings
+    assert training.train_config(None) == TrainSettings()
+    assert training.train_config(None, precision="bf16").precision == "bf16"
 
 
-def test_macro_f1_matches_scikit_learn():
-    from sklearn.metrics import f1_score
-
-    rng = np.random.default_rng(0)
-    targets, predictions = rng.integers(0, 3, 200), rng.integers(0, 3, 200)
-    assert training.macro_f1(targets, predictions) == pytest.approx(
-        f1_score(targets, predictions, average="macro")
-    )
+def test_macro_f1_counts_classes_of_either_array():
+    # class 0: tp 1, fn 1 -> F1 2/3; class 1: tp 2, fp 1, fn 1 -> 2/3; class 2 (never true,
+    # predicted once) -> 0; macro = their mean
+    targets, predictions = np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 2])
+    assert training.macro_f1(targets, predictions) == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
 
 
 @pytest.mark.parametrize(
     ("setting", "value", "message"),
     [
-        ("learning_rate", float("inf"), r"train.learning_rate must be a finite number > 0.*got inf"),
-        ("learning_rate", float("nan"), r"train.learning_rate must be a finite number > 0.*got nan"),
-        ("learning_rate", 0.0, r"train.learning_rate must be a finite number > 0"),
-        ("weight_decay", float("inf"), r"train.weight_decay must be a finite number >= 0"),
-        ("max_grad_norm", float("nan"), r"train.max_grad_norm must be a finite number > 0.*or null"),
+        ("learning_rate", float("inf"), r"train.learning_rate: .*finite.*got inf"),
+        ("learning_rate", float("nan"), r"train.learning_rate: .*finite.*got nan"),
+        ("learning_rate", 0.0, r"train.learning_rate: .*greater than 0"),
+        ("weight_decay", float("inf"), r"train.weight_decay: .*finite"),
+        ("max_grad_norm", float("nan"), r"train.max_grad_norm: .*finite"),
+        ("gradient_accumulation_steps", 0, r"train.gradient_accumulation_steps: .*greater than or equal"),
+        ("precision", "fp8", r"train.precision: .*got 'fp8'"),
     ],
 )
 def test_non_finite_train_settings_are_refused(setting, value, message):
     """YAML's .inf and .nan pass a "> 0" check; they would train a NaN model."""
     with pytest.raises(GrnxError, match=message):
-        training.TrainConfig(**{setting: value})
-    assert training.TrainConfig(max_grad_norm=None).max_grad_norm is None  # null disables clipping
+        training.train_config(RunContext(train_settings=SimpleNamespace(**{setting: value})))
+    assert training.train_config(None, max_grad_norm=None).max_grad_norm is None  # null: no clipping
 
 
 class _LinearTask(training.Task):
@@ -145,7 +160,7 @@ def _train(task, n, **config):
         task,
         train_idx=np.arange(n),
         val_idx=np.zeros(0, dtype=np.int64),
-        config=training.TrainConfig(batch_size=4, device="cpu", **config),
+        config=training.train_config(None, batch_size=4, device="cpu", **config),
         context=None,
         rng=np.random.default_rng(0),
         device=torch.device("cpu"),
@@ -167,7 +182,7 @@ def test_weights_that_overflow_stop_training():
 
 def test_non_finite_weights_after_the_last_batch_stop_training():
     """No later batch would see them: the epoch's end checks the weights themselves."""
-    config = training.TrainConfig(batch_size=4, device="cpu", epochs=1, max_grad_norm=None)
+    config = training.train_config(None, batch_size=4, device="cpu", epochs=1, max_grad_norm=None)
     config.learning_rate = float("inf")  # past validation, as a model's own override could
     module = torch.nn.Linear(1, 1, bias=False)
     with pytest.raises(GrnxError, match=r"weights are no longer finite at epoch 1, its last batch"):

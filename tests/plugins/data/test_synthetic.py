@@ -155,3 +155,147 @@ def test_one_million_cells():
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     assert adata.n_obs == 1_000_000 and sp.isspmatrix_csr(adata.X)
     assert elapsed < 300 and peak_gb < 8, (elapsed, peak_gb)
+
+
+# --- v2 options (issue 17): each defaults to off, and the default data is what it was before. ---
+
+#: sha256 prefix of load() at default params (X, counts, obs, var, network, disease edges, truth),
+#: computed on the source before the v2 options were added
+DEFAULT_DIGEST = "951e4aa33331ddaf"
+
+
+def digest(source):
+    import hashlib
+
+    adata, h = source.load(), hashlib.sha256()
+    for array in (adata.X.data, adata.X.indices, adata.X.indptr, adata.layers["counts"].data):
+        h.update(np.ascontiguousarray(array).tobytes())
+    for frame in (
+        adata.obs,
+        adata.var,
+        adata.uns["synthetic"]["network"],
+        adata.uns["synthetic"]["disease_edges"],
+        source.ground_truth(),
+    ):
+        h.update(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
+    h.update(str(list(adata.obs.columns)).encode())
+    return h.hexdigest()[:16]
+
+
+def test_default_data_unchanged_by_the_v2_options():
+    assert digest(Synthetic()) == DEFAULT_DIGEST
+    assert Synthetic().obs_columns() == ["cell_type", "disease", "donor", "batch", "depth"]
+
+
+def log_normalised(adata):
+    adata = adata.copy()
+    sc.pp.normalize_total(adata, target_sum=10_000)
+    sc.pp.log1p(adata)
+    return adata.X.toarray()
+
+
+@pytest.mark.parametrize("effects", [{}, {"effect_size": 1.5, "noise": 1.0}])
+def test_requested_depth_is_realised(effects):
+    requested = Synthetic(n_cells=2000, depth="requested", **effects).load()
+    totals = np.asarray(requested.layers["counts"].sum(axis=1)).ravel()
+    assert abs(totals.mean() / 5000.0 - 1) < 0.05, totals.mean()
+    # Per cell, the library size follows the drawn depth (NB noise only around it).
+    assert np.corrcoef(totals, requested.obs["depth"])[0, 1] > 0.9
+    # The default keeps the old, drifting depth.
+    approximate = Synthetic(n_cells=2000, **effects).load().layers["counts"].sum(axis=1).mean()
+    assert approximate < 0.85 * 5000.0
+
+
+def test_de_genes_are_the_disease_mean_shift():
+    source = Synthetic(n_cells=3000, n_genes=60, n_regulators=12, n_de_genes=5, de_fold_change=3.0, seed=7)
+    adata = source.load()
+    genes = np.array(adata.var_names)
+    de_genes = adata.uns["synthetic"]["de_genes"]
+    assert len(de_genes) == 5 and not adata.var.loc[de_genes, "regulator"].any()
+    disease_edges = adata.uns["synthetic"]["disease_edges"]
+    assert not set(de_genes) & (set(disease_edges["source"]) | set(disease_edges["target"]))
+    # Brute force: the genes whose disease / control mean ratio stands out are exactly the DE genes,
+    # and their ratio (relative to the other genes', which carries donor and depth differences) is
+    # the fold change.
+    counts = adata.layers["counts"].toarray()
+    is_disease = (adata.obs["disease"] == "disease").to_numpy()
+    ratio = counts[is_disease].mean(axis=0) / counts[~is_disease].mean(axis=0)
+    assert set(genes[np.argsort(-np.abs(np.log(ratio)))[:5]]) == set(de_genes)
+    is_de = np.isin(genes, de_genes)
+    np.testing.assert_allclose(ratio[is_de] / np.median(ratio[~is_de]), 3.0, rtol=0.2)
+    # The same network and disease edges as without the module.
+    plain = Synthetic(n_cells=3000, n_genes=60, n_regulators=12, seed=7)
+    pd.testing.assert_frame_equal(source.ground_truth(), plain.ground_truth())
+
+
+def test_rare_state_cells_and_its_edges():
+    params = dict(
+        n_cells=4000, n_genes=60, n_regulators=12, rare_state_fraction=0.25, n_state_edges=6, seed=3
+    )
+    source = Synthetic(**params, ground_truth_edges="state")
+    adata = source.load()
+    assert set(source.obs_columns()) == set(adata.obs.columns) and "state" in adata.obs
+    assert (adata.obs["state"] == "rare").sum() == 1000
+    state_edges = source.ground_truth()
+    pd.testing.assert_frame_equal(state_edges, adata.uns["synthetic"]["state_edges"])
+    assert len(state_edges) == 6 and set(state_edges["sign"]) <= {-1, 1}
+    order = {g: i for i, g in enumerate(adata.var_names)}
+    assert all(order[s] < order[t] for s, t in zip(state_edges["source"], state_edges["target"]))
+    planted = pd.concat([Synthetic(**params).ground_truth(), adata.uns["synthetic"]["disease_edges"]])
+    assert not set(zip(state_edges["source"], state_edges["target"])) & set(
+        zip(planted["source"], planted["target"])
+    )
+    # Brute force: the state edges are what changes the correlations between rare and common cells.
+    expression = pd.DataFrame(log_normalised(adata), columns=adata.var_names)
+    is_rare = (adata.obs["state"] == "rare").to_numpy()
+    difference = expression[is_rare].corr() - expression[~is_rare].corr()
+    for source_gene, target_gene, sign in state_edges.itertuples(index=False):
+        assert np.sign(difference.loc[source_gene, target_gene]) == sign, (source_gene, target_gene)
+    genes = list(adata.var_names)
+    truth = pair_labels(genes, state_edges)
+    upper = np.triu_indices(len(genes), k=1)
+    auprc = average_precision_score(truth[upper], np.abs(difference.to_numpy())[upper])
+    assert auprc > 10 * truth[upper].mean(), (auprc, truth[upper].mean())
+
+
+def test_rare_state_is_rare_by_default_settings():
+    adata = Synthetic(n_cells=2000, rare_state_fraction=0.015).load()
+    assert (adata.obs["state"] == "rare").sum() == 30
+    assert "state" not in Synthetic(n_cells=200).load().obs
+
+
+def test_degenerate_options_are_refused():
+    from grnx_core.errors import DataError
+
+    with pytest.raises(ValueError, match="ground_truth_edges: state"):
+        Synthetic(ground_truth_edges="state")
+    with pytest.raises(ValueError, match="de_fold_change=1"):
+        Synthetic(n_de_genes=3, de_fold_change=1.0)
+    with pytest.raises(DataError, match="rare cells"):
+        Synthetic(n_cells=20, rare_state_fraction=0.01).load()
+    with pytest.raises(DataError, match="n_de_genes=500"):
+        Synthetic(n_de_genes=500).load()
+
+
+def test_interaction_label_needs_the_product():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    source = Synthetic(n_cells=3000, n_genes=60, n_regulators=12, interaction_label=True, seed=7)
+    adata = source.load()
+    assert set(source.obs_columns()) == set(adata.obs.columns)
+    label = (adata.obs["interaction_label"] == "same").to_numpy()
+    majority = max(label.mean(), 1 - label.mean())
+    assert majority < 0.55  # balanced by construction
+    expression = log_normalised(adata)
+    standard = (expression - expression.mean(axis=0)) / expression.std(axis=0)
+    genes = list(adata.var_names)
+    edge = adata.uns["synthetic"]["interaction_edge"]
+    parent, child = genes.index(edge["parent"]), genes.index(edge["child"])
+    assert source.network.weights_control[parent, child] != 0  # a planted edge
+    linear = LogisticRegression(max_iter=2000)
+    on_genes = cross_val_score(linear, standard, label, cv=5).mean()
+    assert on_genes < majority + 0.03, (on_genes, majority)
+    product = np.column_stack([standard[:, [parent, child]], standard[:, parent] * standard[:, child]])
+    with_product = cross_val_score(linear, product, label, cv=5).mean()
+    assert with_product > majority + 0.1, (with_product, majority)

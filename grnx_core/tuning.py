@@ -43,6 +43,7 @@ import pandas as pd
 
 from grnx_core import __version__
 from grnx_core.errors import DataError, GrnxError, Problem, RecipeError
+from grnx_core.ray_connect import init_ray
 from grnx_core.recipe import (
     LoadedRecipe,
     Origins,
@@ -701,11 +702,7 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
-    if address:
-        ray.init(address=address, **options)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **options)
+    init_ray(address, num_cpus or os.cpu_count() or 1, log_to_driver=False, logging_level=logging.WARNING)
     try:
         yield
     finally:

@@ -39,6 +39,7 @@ from pydantic import Field
 
 from grnx_core import DataError, Extractor, Interactions, RunContext
 from grnx_core.components import seed_field
+from grnx_core.ray_connect import init_ray
 from grnx_core.recipe import derive_seed
 from grnx_plugins.extractors._universe import (
     UniverseParams,
@@ -191,10 +192,7 @@ def run_regressions(
 
     started_here = not ray.is_initialized()
     if started_here:
-        if ray_address is not None:
-            ray.init(address=ray_address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        init_ray(ray_address, workers, log_to_driver=False)
     try:
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)))

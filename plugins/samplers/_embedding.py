@@ -10,13 +10,17 @@ figure helpers in ``grnx_plugins.preprocess._common``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import anndata
 import numpy as np
 import scipy.sparse as sp
 from pydantic import Field
 
+from grnx_core import CellSample
 from grnx_core.errors import DataError
-from grnx_plugins.samplers._sample_size import SampleSizeParams
+from grnx_plugins.samplers._sample_size import SampleSizeParams, sample_size
 
 #: Random state of the fallback PCA (fixed: the sampler's seed must not move the coordinates).
 PCA_SEED = 0
@@ -83,3 +87,40 @@ def _fresh_pca(adata: anndata.AnnData, n_pcs: int, who: str) -> np.ndarray:
     sc.pp.log1p(copy)
     sc.pp.pca(copy, n_comps=n_components, svd_solver="arpack", random_state=PCA_SEED)
     return np.asarray(copy.obsm["X_pca"], dtype=np.float64)
+
+
+@dataclass
+class EmbeddingDraw:
+    """What every package sampler starts from: the cells to draw, the coordinates, the seed."""
+
+    who: str
+    n_obs: int
+    n_draw: int
+    coordinates: np.ndarray
+    seed: int
+
+    @classmethod
+    def prepare(cls, sampler: Any, adata: anndata.AnnData, rng: np.random.Generator) -> EmbeddingDraw:
+        from grnx_plugins.samplers._legacy_random import package_seed
+
+        who = f"sampler {sampler.name!r}"
+        n_draw = sample_size(adata.n_obs, sampler.fraction, sampler.n_cells, who)
+        coordinates = pca_coordinates(adata, sampler.obsm_key, sampler.n_pcs, who)
+        return cls(who, adata.n_obs, n_draw, coordinates, package_seed(rng))
+
+    def sample(self, name: str, indices: np.ndarray, **info: Any) -> CellSample:
+        """The unweighted sample of ``indices`` (sorted), with what the draw used in its info."""
+        indices = np.sort(np.asarray(indices, dtype=np.int64))
+        return CellSample(
+            indices=indices,
+            weights=np.ones(indices.size),
+            n_cells_total=self.n_obs,
+            info={
+                "sampler": name,
+                "n_cells_sampled": int(indices.size),
+                "fraction_sampled": indices.size / self.n_obs,
+                "n_dimensions": int(self.coordinates.shape[1]),
+                "package_seed": self.seed,
+                **info,
+            },
+        )

@@ -12,8 +12,7 @@ import numpy as np
 from pydantic import Field
 
 from grnx_core import CellSample, Sampler
-from grnx_plugins.samplers._embedding import EmbeddingSampleParams, pca_coordinates
-from grnx_plugins.samplers._sample_size import sample_size
+from grnx_plugins.samplers._embedding import EmbeddingDraw, EmbeddingSampleParams
 
 if TYPE_CHECKING:
     import anndata
@@ -47,33 +46,17 @@ class GeometricSketchSampler(Sampler):
     def sample(self, adata: anndata.AnnData, rng: np.random.Generator) -> CellSample:
         import geosketch
 
-        from grnx_plugins.samplers._legacy_random import global_random_state_restored, package_seed
+        from grnx_plugins.samplers._legacy_random import global_random_state_restored
 
-        who = f"sampler {self.name!r}"
-        n_obs = adata.n_obs
-        n_draw = sample_size(n_obs, self.fraction, self.n_cells, who)
-        coordinates = pca_coordinates(adata, self.obsm_key, self.n_pcs, who)
-        seed = package_seed(rng)
+        draw = EmbeddingDraw.prepare(self, adata, rng)
         with global_random_state_restored():
             chosen = geosketch.gs(
-                coordinates,
-                n_draw,
+                draw.coordinates,
+                draw.n_draw,
                 k=self.n_boxes if self.n_boxes is not None else "auto",
-                seed=seed,
+                seed=draw.seed,
                 replace=False,
                 alpha=self.alpha,
                 max_iter=self.max_iter,
             )
-        indices = np.sort(np.asarray(chosen, dtype=np.int64))
-        return CellSample(
-            indices=indices,
-            weights=np.ones(indices.size),
-            n_cells_total=n_obs,
-            info={
-                "sampler": self.name,
-                "n_cells_sampled": int(indices.size),
-                "fraction_sampled": indices.size / n_obs,
-                "n_dimensions": int(coordinates.shape[1]),
-                "package_seed": seed,
-            },
-        )
+        return draw.sample(self.name, chosen)

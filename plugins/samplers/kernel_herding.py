@@ -13,8 +13,7 @@ import numpy as np
 from pydantic import Field
 
 from grnx_core import CellSample, Sampler
-from grnx_plugins.samplers._embedding import EmbeddingSampleParams, pca_coordinates
-from grnx_plugins.samplers._sample_size import sample_size
+from grnx_plugins.samplers._embedding import EmbeddingDraw, EmbeddingSampleParams
 
 if TYPE_CHECKING:
     import anndata
@@ -49,27 +48,12 @@ class KernelHerdingSampler(Sampler):
     def sample(self, adata: anndata.AnnData, rng: np.random.Generator) -> CellSample:
         from sketchKH import kernel_herding_main
 
-        from grnx_plugins.samplers._legacy_random import package_seed
-
-        who = f"sampler {self.name!r}"
-        n_obs = adata.n_obs
-        n_draw = sample_size(n_obs, self.fraction, self.n_cells, who)
-        coordinates = pca_coordinates(adata, self.obsm_key, self.n_pcs, who)
-        seed = package_seed(rng)
+        draw = EmbeddingDraw.prepare(self, adata, rng)
         chosen = kernel_herding_main(
-            np.arange(n_obs), X=coordinates, gamma=self.gamma, frequency_seed=seed, num_subsamples=n_draw
+            np.arange(draw.n_obs),
+            X=draw.coordinates,
+            gamma=self.gamma,
+            frequency_seed=draw.seed,
+            num_subsamples=draw.n_draw,
         )
-        indices = np.sort(np.asarray(chosen, dtype=np.int64))
-        return CellSample(
-            indices=indices,
-            weights=np.ones(indices.size),
-            n_cells_total=n_obs,
-            info={
-                "sampler": self.name,
-                "n_cells_sampled": int(indices.size),
-                "fraction_sampled": indices.size / n_obs,
-                "n_dimensions": int(coordinates.shape[1]),
-                "gamma": float(self.gamma),
-                "package_seed": seed,
-            },
-        )
+        return draw.sample(self.name, chosen, gamma=float(self.gamma))

@@ -15,8 +15,7 @@ from pydantic import Field
 
 from grnx_core import CellSample, Sampler
 from grnx_core.errors import DataError
-from grnx_plugins.samplers._embedding import EmbeddingSampleParams, pca_coordinates
-from grnx_plugins.samplers._sample_size import sample_size
+from grnx_plugins.samplers._embedding import EmbeddingDraw, EmbeddingSampleParams
 
 if TYPE_CHECKING:
     import anndata
@@ -57,43 +56,28 @@ class ScSampler(Sampler):
     def sample(self, adata: anndata.AnnData, rng: np.random.Generator) -> CellSample:
         import scsampler
 
-        from grnx_plugins.samplers._legacy_random import global_random_state_restored, package_seed
+        from grnx_plugins.samplers._legacy_random import global_random_state_restored
 
-        who = f"sampler {self.name!r}"
-        n_obs = adata.n_obs
-        n_draw = sample_size(n_obs, self.fraction, self.n_cells, who)
-        coordinates = pca_coordinates(adata, self.obsm_key, self.n_pcs, who)
-        if self.random_split > n_draw:
+        draw = EmbeddingDraw.prepare(self, adata, rng)
+        if self.random_split > draw.n_draw:
             raise DataError(
-                f"{who}: random_split={self.random_split} parts for {n_draw} cells to draw leaves parts "
-                f"with nothing to draw; lower sampler.params.random_split."
+                f"{draw.who}: random_split={self.random_split} parts for {draw.n_draw} cells to draw leaves "
+                "parts with nothing to draw; lower sampler.params.random_split."
             )
-        seed = package_seed(rng)
         with global_random_state_restored(), _scalar_single_randint():
             chosen = scsampler.scsampler(
-                coordinates, n_obs=n_draw, random_state=seed, random_split=self.random_split
+                draw.coordinates, n_obs=draw.n_draw, random_state=draw.seed, random_split=self.random_split
             )
         chosen = np.asarray(chosen, dtype=np.int64)
         indices = np.unique(chosen)
+        dimensions = draw.coordinates.shape[1]
         if indices.size != chosen.size:
             raise DataError(
-                f"{who}: the package returned {chosen.size - indices.size} repeated cells among {chosen.size}: "
-                f"every repulsion 1/d^alpha (alpha = {4 * coordinates.shape[1]}) underflowed. Lower "
-                f"sampler.params.n_pcs (alpha is 4 x the dimensions) or use another sampler."
+                f"{draw.who}: the package returned {chosen.size - indices.size} repeated cells among "
+                f"{chosen.size}: every repulsion 1/d^alpha (alpha = {4 * dimensions}) underflowed. Lower "
+                "sampler.params.n_pcs (alpha is 4 x the dimensions) or use another sampler."
             )
-        return CellSample(
-            indices=indices,
-            weights=np.ones(indices.size),
-            n_cells_total=n_obs,
-            info={
-                "sampler": self.name,
-                "n_cells_sampled": int(indices.size),
-                "fraction_sampled": indices.size / n_obs,
-                "n_dimensions": int(coordinates.shape[1]),
-                "alpha": 4 * int(coordinates.shape[1]),
-                "package_seed": seed,
-            },
-        )
+        return draw.sample(self.name, indices, alpha=4 * int(dimensions))
 
 
 class _RandomWithScalarSingleDraw:

@@ -409,6 +409,12 @@ class AttentionExtractor(Extractor):
             )
 
     def extract(self, context: RunContext) -> Interactions:
+        from grnx_plugins.models._training import torch_threads
+
+        with torch_threads(context):  # execution.num_threads / GRNX_NUM_THREADS, as for training
+            return self._extract(context)
+
+    def _extract(self, context: RunContext) -> Interactions:
         model = self._model(context)
         weights = self._weights(context)
         groups = self._groups(context)

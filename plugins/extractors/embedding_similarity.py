@@ -187,6 +187,12 @@ class EmbeddingSimilarityExtractor(Extractor):
         return similarity
 
     def extract(self, context: RunContext) -> Interactions:
+        from grnx_plugins.models._training import torch_threads
+
+        with torch_threads(context):  # execution.num_threads / GRNX_NUM_THREADS, as for training
+            return self._extract(context)
+
+    def _extract(self, context: RunContext) -> Interactions:
         model = self._model(context)
         universe = self._universe(model, context)
         genes = [str(context.tokens.vocabulary[i]) for i in universe]

@@ -393,3 +393,27 @@ def test_max_length_on_a_trained_model_equals_cells_cut_by_hand(run):
     assert got.keys() == expected.keys()
     for pair, value in expected.items():
         assert got[pair] == pytest.approx(value, rel=1e-6)
+
+
+def test_execution_num_threads_sets_torch_threads_during_extraction(monkeypatch):
+    import torch
+
+    from grnx_core.recipe import ExecutionSettings
+
+    seen = []
+    model = _RecordingAttention([0])
+    real_attention = model.attention
+
+    def attention(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_attention(*args, **kwargs)
+
+    monkeypatch.setattr(model, "attention", attention)
+    before = torch.get_num_threads()
+    context = RunContext(
+        tokens=_hand_built([0.5, 3.0, 1.0, 5.0, 2.0, 3.0]),
+        model=model,
+        execution=ExecutionSettings(num_threads=3),
+    )
+    AttentionExtractor(weighting="uniform").extract(context)
+    assert seen == [3] and torch.get_num_threads() == before

@@ -12,6 +12,7 @@ from pydantic import Field
 from grnx_core import DataError, Extractor, GrnxError, Interactions, RunContext, TokenizedCells
 from grnx_core.components import AttentionModel
 from grnx_core.progress import progress
+from grnx_core.threads import torch_threads
 from grnx_plugins.extractors._universe import UniverseParams, universe_file, universe_indices
 
 
@@ -409,8 +410,6 @@ class AttentionExtractor(Extractor):
             )
 
     def extract(self, context: RunContext) -> Interactions:
-        from grnx_plugins.models._training import torch_threads
-
         with torch_threads(context):  # execution.num_threads / GRNX_NUM_THREADS, as for training
             return self._extract(context)
 

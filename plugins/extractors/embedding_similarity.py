@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from grnx_core import DataError, Extractor, Interactions, RunContext
 from grnx_core.components import GeneEmbeddingModel
+from grnx_core.threads import torch_threads
 from grnx_plugins.extractors._universe import UniverseParams, universe_file
 from grnx_plugins.extractors.attention import cell_weights, token_universe
 
@@ -187,8 +188,6 @@ class EmbeddingSimilarityExtractor(Extractor):
         return similarity
 
     def extract(self, context: RunContext) -> Interactions:
-        from grnx_plugins.models._training import torch_threads
-
         with torch_threads(context):  # execution.num_threads / GRNX_NUM_THREADS, as for training
             return self._extract(context)
 

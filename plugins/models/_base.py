@@ -20,6 +20,7 @@ from grnx_core.atomic import atomic_path
 from grnx_core.components import Model
 from grnx_core.data_types import CellAttention
 from grnx_core.errors import DataError, GrnxError
+from grnx_core.threads import torch_threads
 
 if TYPE_CHECKING:
     from grnx_core.context import RunContext
@@ -176,9 +177,8 @@ class TokenModel(Model):
     # -- fitting -----------------------------------------------------------------------------
 
     def fit(self, context: RunContext) -> TokenModel:
-        from grnx_plugins.models import _training as training
 
-        with training.torch_threads(context):
+        with torch_threads(context):
             return self._fit(context)
 
     def donors(self, context: RunContext, tokens: TokenizedCells) -> np.ndarray | None:

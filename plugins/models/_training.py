@@ -92,35 +92,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def thread_count(context: RunContext | None) -> int | None:
-    """``execution.num_threads``, else the ``GRNX_NUM_THREADS`` variable, else None (torch's default)."""
-    configured = context.execute.num_threads if context is not None else None
-    if configured is not None:
-        return int(configured)
-    text = os.environ.get("GRNX_NUM_THREADS", "").strip()
-    if not text:
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise GrnxError(
-            f"GRNX_NUM_THREADS must be a whole number >= 1 (torch CPU threads), got {text!r}. "
-            f"Unset it or set e.g. GRNX_NUM_THREADS=1."
-        )
-    return int(text)
-
-
-@contextlib.contextmanager
-def torch_threads(context: RunContext | None) -> Iterator[None]:
-    """Run the block with the configured number of torch CPU threads, then restore the previous."""
-    wanted = thread_count(context)
-    previous = torch.get_num_threads()
-    if wanted is not None:
-        torch.set_num_threads(wanted)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @contextlib.contextmanager
 def deterministic(seed: int, device: torch.device) -> Iterator[None]:
     """Seed torch and, on CPU, ask for deterministic kernels; restore the global flag afterwards."""

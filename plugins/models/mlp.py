@@ -13,6 +13,7 @@ from pydantic import Field
 from grnx_core.atomic import atomic_path
 from grnx_core.components import ComponentParams, Model
 from grnx_core.errors import DataError, GrnxError
+from grnx_core.threads import torch_threads
 from grnx_plugins.models._base import MODEL_FILE, json_value
 
 if TYPE_CHECKING:
@@ -78,9 +79,8 @@ class MLP(Model):
     # -- fitting -----------------------------------------------------------------------------
 
     def fit(self, context: RunContext) -> MLP:
-        from grnx_plugins.models import _training as training
 
-        with training.torch_threads(context):
+        with torch_threads(context):
             return self._fit(context)
 
     def _fit(self, context: RunContext) -> MLP:

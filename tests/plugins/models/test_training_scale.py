@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from grnx_core import DataError, DataRoles, GrnxError, RunContext
+from grnx_core import DataError, DataRoles, GrnxError, RunContext, threads
 from grnx_plugins.models import _training as training
 from grnx_plugins.models.celluformer import CelluFormer
 from grnx_plugins.models.geneformer import Geneformer
@@ -248,15 +248,15 @@ def test_num_threads_comes_from_execution_then_the_environment(monkeypatch):
     before = torch.get_num_threads()
     target = 2 if before != 2 else 3
     context = RunContext(execution=ExecutionSettings(num_threads=target))
-    with training.torch_threads(context):
+    with threads.torch_threads(context):
         assert torch.get_num_threads() == target
     assert torch.get_num_threads() == before
     monkeypatch.setenv("GRNX_NUM_THREADS", str(target))
-    assert training.thread_count(RunContext()) == target
-    assert training.thread_count(RunContext(execution=ExecutionSettings(num_threads=1))) == 1  # recipe wins
+    assert threads.thread_count(RunContext()) == target
+    assert threads.thread_count(RunContext(execution=ExecutionSettings(num_threads=1))) == 1  # recipe wins
     monkeypatch.setenv("GRNX_NUM_THREADS", "many")
     with pytest.raises(GrnxError, match="GRNX_NUM_THREADS must be a whole number"):
-        training.thread_count(RunContext())
+        threads.thread_count(RunContext())
 
 
 def test_a_model_fits_with_the_configured_threads(make_tokens, make_context, monkeypatch):

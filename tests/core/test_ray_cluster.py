@@ -12,7 +12,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
+from .local_ports import free_port, listening
 
 pytestmark = pytest.mark.slow
 
@@ -54,20 +55,6 @@ PEARSON_TUNE = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def _stop_group(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
     for signum in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -90,7 +77,7 @@ def ray_head(tmp_path_factory):
     ray_cli = Path(sys.executable).with_name("ray")
     if not ray_cli.exists() and shutil.which("ray") is None:
         pytest.skip("the `ray` command is not installed")
-    port = _free_port()
+    port = free_port()
     # A token of its own (not ~/.ray/auth_token): the head and grnx share it through the environment.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     temp_dir = tmp_path_factory.mktemp("ray")
@@ -110,7 +97,7 @@ def ray_head(tmp_path_factory):
     head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not _listening(port):
+        while not listening(port):
             if head.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the Ray head did not start: {(temp_dir / 'ray_start.log').read_text()[-3000:]}")
             time.sleep(0.5)
@@ -118,7 +105,7 @@ def ray_head(tmp_path_factory):
     finally:
         _stop_group(head)
         log.close()
-    assert not _listening(port), f"the Ray head still holds port {port}"
+    assert not listening(port), f"the Ray head still holds port {port}"
 
 
 def _grnx_run(tmp_path: Path, recipe: dict, *overrides: str, env: dict[str, str]) -> tuple[str, str]:

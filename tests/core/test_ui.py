@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from .local_ports import free_port, listening
 
 # Stands in for `python -m mlflow ui`: like uvicorn, a parent and a worker that share the
 # listening socket, so the port stays held until both are gone. It records its process group.
@@ -30,20 +31,6 @@ FAKE_MLFLOW = textwrap.dedent("""
     while True:
         time.sleep(1)
 """)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _wait_for(condition, timeout_s: float) -> bool:
@@ -79,7 +66,7 @@ def fake_mlflow(tmp_path) -> dict[str, str]:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
 def test_stopping_grnx_ui_frees_the_port(tmp_path, fake_mlflow, signum):
-    port = _free_port()
+    port = free_port()
     grnx = subprocess.Popen(
         [sys.executable, "-m", "grnx_core.cli", "ui", "--port", str(port)],
         env=fake_mlflow,
@@ -88,13 +75,13 @@ def test_stopping_grnx_ui_frees_the_port(tmp_path, fake_mlflow, signum):
     )
     group_file = Path(fake_mlflow["FAKE_MLFLOW_GROUP"])
     try:
-        assert _wait_for(lambda: _listening(port) and group_file.exists(), 60), "the server did not start"
+        assert _wait_for(lambda: listening(port) and group_file.exists(), 60), "the server did not start"
         group = int(group_file.read_text())
         assert group != os.getpgid(grnx.pid)  # its own process group
         grnx.send_signal(signum)
         grnx.wait(timeout=30)
         # SIGKILL cannot be caught: the watchdog in the server's group notices within a second.
-        assert _wait_for(lambda: not _listening(port) and _group_gone(group), 15), "the server is still up"
+        assert _wait_for(lambda: not listening(port) and _group_gone(group), 15), "the server is still up"
     finally:
         if grnx.poll() is None:
             grnx.kill()
@@ -110,7 +97,7 @@ def test_stopping_grnx_ui_frees_the_port(tmp_path, fake_mlflow, signum):
 @pytest.mark.slow
 def test_stopping_grnx_ui_stops_the_real_mlflow_server(tmp_path):
     # The real server: a dozen processes; before, `kill <grnx pid>` left them all holding the port.
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"}
     grnx = subprocess.Popen(
         [sys.executable, "-m", "grnx_core.cli", "ui", "--port", str(port)], env=env, stderr=subprocess.PIPE
@@ -127,7 +114,7 @@ def test_stopping_grnx_ui_stops_the_real_mlflow_server(tmp_path):
         assert _wait_for(healthy, 120), "the MLflow server did not start"
         grnx.send_signal(signal.SIGTERM)
         grnx.wait(timeout=30)
-        assert _wait_for(lambda: not _listening(port), 15)
+        assert _wait_for(lambda: not listening(port), 15)
     finally:
         if grnx.poll() is None:
             grnx.kill()

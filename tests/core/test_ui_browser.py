@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,25 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from .local_ports import free_port, listening
+
 pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIGURE = "auprc_pearson_pr_roc.png"  # logged by the quickstart's auprc evaluator
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _answers(url: str) -> bool:
@@ -93,7 +80,7 @@ def test_the_ui_shows_the_experiment_the_run_and_its_figure(tmp_path):
     experiment_id = run.info.experiment_id
     assert tracker.client.get_experiment(experiment_id).name == "quickstart"
 
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "ui.log"  # a file, not a pipe: a full pipe would stall the server
     with log.open("w") as output:
@@ -130,6 +117,6 @@ def test_the_ui_shows_the_experiment_the_run_and_its_figure(tmp_path):
             if ui.poll() is None:
                 os.killpg(ui.pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while _listening(port) and time.monotonic() < deadline:
+    while listening(port) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _listening(port), f"port {port} is still held after grnx ui stopped"
+    assert not listening(port), f"port {port} is still held after grnx ui stopped"

@@ -70,6 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from grnx_core.runner import run_recipe
 
     recipe, overrides = _one_recipe(args)
+    if args.ray_address:  # the same as the override, so chunked work of a plain run goes there too
+        overrides = [*overrides, f"execution.ray_address={args.ray_address}"]
     resolved = load_recipe(recipe, overrides)
     cache = Cache(enabled=resolved.recipe.cache and not args.no_cache)
 
@@ -173,6 +175,50 @@ def cmd_compare(args: argparse.Namespace) -> int:
             table.to_csv(target, index=False)
         print(f"wrote {args.csv} ({len(table)} runs, {len(table.columns)} columns)")
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``grnx report EXPERIMENT``: markdown tables (mean, t-interval) and PNG figures of its runs."""
+    from grnx_core.report import write_report
+    from grnx_core.tracking import Tracker
+
+    command = "grnx report " + " ".join(_quoted(item) for item in _report_argv(args))
+    report = write_report(
+        Tracker(args.tracking_uri),
+        args.experiment,
+        Path(args.out) if args.out else None,
+        metrics=args.metric,
+        x=args.x,
+        repeat_params=tuple(args.repeat_param) if args.repeat_param else ("sampler.seed",),
+        confidence=args.confidence,
+        command=command,
+    )
+    print(f"wrote {report.path} ({len(report.tables)} tables, {len(report.figures)} figures)")
+    return 0
+
+
+def _quoted(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def _report_argv(args: argparse.Namespace) -> list[str]:
+    """The report's own arguments, to print the command that made it at its top."""
+    items = [args.experiment]
+    if args.out:
+        items += ["--out", args.out]
+    for metric in args.metric or []:
+        items += ["--metric", metric]
+    if args.x:
+        items += ["--x", args.x]
+    for name in args.repeat_param or []:
+        items += ["--repeat-param", name]
+    if args.confidence != 0.95:
+        items += ["--confidence", str(args.confidence)]
+    if args.tracking_uri:
+        items += ["--tracking-uri", args.tracking_uri]
+    return items
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -746,8 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-address",
         default=None,
         metavar="ADDRESS",
-        help="run a tune's trials on an existing Ray cluster (e.g. 127.0.0.1:6379 or ray://head:10001); "
-        "overrides execution.ray_address",
+        help="send a tune's trials, and a run's chunked work (grnboost2 targets, attention cell chunks), "
+        "to an existing Ray cluster (e.g. 127.0.0.1:6379 or ray://head:10001); overrides execution.ray_address",
     )
     run.set_defaults(handler=cmd_run)
 
@@ -769,6 +815,51 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or mlflow/mlflow.db)"
     )
     compare.set_defaults(handler=cmd_compare)
+
+    report = commands.add_parser(
+        "report",
+        parents=[common],
+        help="a markdown report of an experiment: per metric, mean and 95%% interval per group, figures",
+    )
+    report.add_argument(
+        "experiment", metavar="EXPERIMENT", help="MLflow experiment name (tracking.experiment)"
+    )
+    report.add_argument(
+        "--out",
+        default=None,
+        metavar="PATH",
+        help="folder for report.md, figures/ and tables/, or a .md file (its figures and tables then go "
+        "in the folder of the same name); default reports/<experiment>/",
+    )
+    report.add_argument(
+        "--metric",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="an evaluator metric to tabulate, by its name (e.g. auprc, epr; * matches any text; "
+        "repeatable); default: every metric with a direction",
+    )
+    report.add_argument(
+        "--x",
+        default=None,
+        metavar="PATH",
+        help="param on the figures' x axis (default: the swept fraction, else the numeric param with most values)",
+    )
+    report.add_argument(
+        "--repeat-param",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="a param whose values are repeats of one setting, pooled in a group (default: sampler.seed; "
+        "repeatable, e.g. --repeat-param seed for runs started with seed=0, seed=1, ...)",
+    )
+    report.add_argument(
+        "--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)"
+    )
+    report.add_argument(
+        "--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or mlflow/mlflow.db)"
+    )
+    report.set_defaults(handler=cmd_report)
 
     validate = commands.add_parser(
         "validate",

@@ -132,7 +132,8 @@ class Component:
 class DataSource(Component):
     """Loads an AnnData. Raw integer counts are kept in ``.layers["counts"]``.
 
-    A data source that simulates or ships a known network returns it from ``ground_truth()``.
+    A data source that simulates or ships a known network returns it from ``ground_truth()``, and
+    every network it knows, by name, from ``ground_truths()``.
     """
 
     kind = Kind.DATA
@@ -146,6 +147,14 @@ class DataSource(Component):
 
     def ground_truth_directed(self) -> bool:
         return True
+
+    def ground_truths(self) -> dict[str, pd.DataFrame]:
+        """Every network this source ships, by name (synthetic: planted, disease, state); {} when none.
+
+        Evaluators ask for one by name (``ground_truth: {source: data, edges: disease}``), so one run
+        can score a difference extractor against the disease edges and another against the network.
+        """
+        return {}
 
     def obs_columns(self) -> list[str] | None:
         """The obs columns ``load`` will give, when the source can tell without loading the
@@ -310,8 +319,8 @@ class Evaluator(Component):
 
     kind = Kind.EVALUATOR
     #: metric name -> whether a higher value is better. Metric names may carry prefixes such as the
-    #: extractor id (``pearson/auprc``) or a suffix such as a class (``f1/B cell``): the entry for
-    #: ``auprc`` or ``f1`` covers them (see ``metric_direction``).
+    #: extractor id and universe (``pearson/truth_genes/auprc``) or a suffix such as a class
+    #: (``f1/B cell``): the entry for ``auprc`` or ``f1`` covers them (see ``metric_direction``).
     higher_is_better: ClassVar[dict[str, bool]] = {}
     #: metrics that describe the run rather than score it, so have no direction: counts
     #: (``n_cells``, ``gt_edges``) and random baselines (``auprc_random``). Matched like the keys

@@ -92,6 +92,8 @@ class RunContext:
     execution: ExecutionSettings | None = None
     adata: anndata.AnnData | None = None
     ground_truth: GroundTruth | None = None
+    #: every network the data source ships, by name (``DataSource.ground_truths()``)
+    ground_truths: dict[str, GroundTruth] = field(default_factory=dict)
     sample: CellSample | None = None
     tokens: TokenizedCells | None = None
     #: the fitted tokenizer that made ``tokens`` (e.g. to tokenise perturbed cells the same way).

@@ -151,6 +151,8 @@ class DataMeta:
     n_vars: int
     obs_columns: list[str]
     ground_truth: GroundTruth | None
+    #: every network the source ships, by name
+    ground_truths: dict[str, GroundTruth] = field(default_factory=dict)
 
 
 @dataclass
@@ -453,11 +455,16 @@ class _Leaf:
             }
             if network is not None:
                 network.to_parquet(folder / "ground_truth.parquet")
+            named = self.source.ground_truths()
+            if named:
+                (folder / NAMED_TRUTHS).mkdir()
+                for truth_name, frame in named.items():
+                    frame.to_parquet(folder / NAMED_TRUTHS / f"{truth_name}.parquet")
             (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
             recorder.set_tags({"grnx.data_digest": key})
             recorder.log_metrics({"data/n_cells": adata.n_obs, "data/n_genes": adata.n_vars})
             self._raw = PreparedData(adata=adata)
-            return _meta_from(meta, network)
+            return _meta_from(meta, network, named)
 
         meta: DataMeta = self._stage("data", "data", key, compute, _load_meta).get()
         self._check_roles_in(meta.obs_columns)  # the roles may have changed since the data was cached
@@ -762,7 +769,8 @@ class _Leaf:
         if "data" in needs:
             context.adata = self.prepared().get()
         if "ground_truth" in needs:
-            context.ground_truth = self.data().ground_truth
+            meta = self.data()
+            context.ground_truth, context.ground_truths = meta.ground_truth, dict(meta.ground_truths)
         if needs & {"tokens", "tokenizer"}:
             token_value = self.tokens()
             tokens = token_value.tokens
@@ -788,7 +796,7 @@ class _Leaf:
         )
         meta = self.data()
         context.adata = self.prepared().get()
-        context.ground_truth = meta.ground_truth
+        context.ground_truth, context.ground_truths = meta.ground_truth, dict(meta.ground_truths)
         if self.sampler_step is not None:
             context.sample = self.sample().sample
         if self.tokenizer_step is not None:
@@ -859,17 +867,28 @@ def _rng(seed: int, stream: str) -> np.random.Generator:
     return RunContext(seed=seed).rng(stream)
 
 
-def _meta_from(meta: dict[str, Any], network: pd.DataFrame | None) -> DataMeta:
+#: folder of a data cache entry holding each named network of the source as <name>.parquet
+NAMED_TRUTHS = "ground_truths"
+
+
+def _meta_from(
+    meta: dict[str, Any], network: pd.DataFrame | None, named: dict[str, pd.DataFrame] | None = None
+) -> DataMeta:
     truth = None
     if network is not None:
         truth = GroundTruth(network, directed=meta["directed"], name=meta["name"])
-    return DataMeta(meta["n_obs"], meta["n_vars"], meta["obs_columns"], truth)
+    truths = {
+        key: GroundTruth(frame, directed=meta["directed"], name=f"{meta['name']}:{key}")
+        for key, frame in (named or {}).items()
+    }
+    return DataMeta(meta["n_obs"], meta["n_vars"], meta["obs_columns"], truth, truths)
 
 
 def _load_meta(folder: Path) -> DataMeta:
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     path = folder / "ground_truth.parquet"
-    return _meta_from(meta, pd.read_parquet(path) if path.exists() else None)
+    named = {file.stem: pd.read_parquet(file) for file in sorted((folder / NAMED_TRUTHS).glob("*.parquet"))}
+    return _meta_from(meta, pd.read_parquet(path) if path.exists() else None, named)
 
 
 def _load_prepared(folder: Path) -> PreparedData:

@@ -175,6 +175,7 @@ CASES: dict[str, Case | list[Case]] = {
                 "n_genes": 30,
                 "n_regulators": 6,
                 "n_donors": 4,
+                "donor_design": "balanced",
                 "n_de_genes": 3,
                 "rare_state_fraction": 0.05,
                 "n_state_edges": 3,

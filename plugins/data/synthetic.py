@@ -36,6 +36,17 @@ draws come from their own seeded streams):
   equals its drawn depth (mean ``mean_depth``). The default, ``approximate``, divides the depth by
   ``exp(effect_size^2 (1 + noise^2) / 2)``, which undershoots (about 4,000 realised UMIs for
   5,000 requested at the defaults).
+* ``donor_design: balanced``: a design for donor-level splits (use ``n_donors`` >= 20). Exactly
+  ``round(disease_fraction * n_donors)`` donors are disease (half when ``disease_fraction`` is 0.5,
+  which then needs an even ``n_donors``), drawn at random; every donor has ``n_cells // n_donors``
+  cells, the remainder going one each to donors alternating disease and control, so the
+  conditions' cell counts differ by at most one; the j-th disease donor and the j-th control
+  donor are in batch ``j % n_batches``, so each batch holds both conditions (equally at 0.5).
+  Settings that leave a condition with fewer than 2 donors, a batch without one condition or a
+  donor without cells are refused. The default, ``random``, draws donor sizes from a
+  Dirichlet(5) and batches by donor index, as before; the balanced assignment has its own stream,
+  so the network, cell groups, depths and per-donor and per-batch effects are those of the
+  default with the same ``n_donors``; only which cells belong to which donor changes.
 * ``interaction_label``: obs ``interaction_label`` is ``same`` where the latent noise terms
   (innovations) of one planted parent and child have the same sign, else ``opposite``: the sign of
   their product. Each innovation alone is symmetric and independent of the other, of the cell
@@ -46,11 +57,12 @@ draws come from their own seeded streams):
 
 ``ground_truth()`` returns the control network (source, target, sign; ``ground_truth_edges:
 planted``), the disease-specific edges (``disease``; ``sign`` is the disease sign) or the rare
-state's edges (``state``). obs: ``cell_type`` (group), ``disease`` (disease / control), ``donor``,
-``batch``, ``depth``, then ``state`` and ``interaction_label`` when enabled; var: ``regulator``,
-``baseline_share``. Cells are simulated in chunks of about 4M dense values
-(threads overlap them; each chunk has its own seeded generator, so the same parameters and seed give
-the same data) and stored as CSR, 8 bytes per non-zero per copy (X and layers["counts"]).
+state's edges (``state``); ``ground_truths()`` returns all of them at once, by those names.
+obs: ``cell_type`` (group), ``disease`` (disease / control), ``donor``, ``batch``, ``depth``, then
+``state`` and ``interaction_label`` when enabled; var: ``regulator``, ``baseline_share``. Cells
+are simulated in chunks of about 4M dense values (threads overlap them; each chunk has its own
+seeded generator, so the same parameters and seed give the same data) and stored as CSR, 8 bytes
+per non-zero per copy (X and layers["counts"]).
 Measured on 2 shared cores: 100k cells x 2,000 genes in 16 s; 1M cells x 1,000 genes
 (mean_depth 2,000, 430 non-zeros per cell) in 150 s with a 9 GB peak.
 """
@@ -235,6 +247,33 @@ def plant_options(
     return PlantedOptions(weights_state, state_edges, state_shift, de_genes, levels)
 
 
+def balanced_donors(
+    n_donors: int, n_disease: int, n_batches: int, n_cells: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``donor_design: balanced``: each donor's disease flag and batch, and each cell's donor.
+
+    ``n_disease`` donors, drawn at random, are disease; the j-th disease and the j-th control donor
+    (in donor order) go to batch ``j % n_batches``. Donors get ``n_cells // n_donors`` cells, the
+    remainder one each to the first donors of the sequence disease, control, disease, ... so the
+    two conditions' cell totals differ by at most one; cells are in random order.
+    """
+    donor_disease = np.zeros(n_donors, dtype=bool)
+    donor_disease[rng.choice(n_donors, n_disease, replace=False)] = True
+    disease, control = np.nonzero(donor_disease)[0], np.nonzero(~donor_disease)[0]
+    donor_batch = np.empty(n_donors, dtype=np.int64)
+    donor_batch[disease] = np.arange(len(disease)) % n_batches
+    donor_batch[control] = np.arange(len(control)) % n_batches
+    # Disease and control donors interleaved, the longer list's tail last.
+    pairs = min(len(disease), len(control))
+    interleaved = np.concatenate(
+        [np.column_stack([disease[:pairs], control[:pairs]]).ravel(), disease[pairs:], control[pairs:]]
+    )
+    cells_per_donor = np.full(n_donors, n_cells // n_donors)
+    cells_per_donor[interleaved[: n_cells % n_donors]] += 1
+    cell_donor = rng.permutation(np.repeat(np.arange(n_donors), cells_per_donor)).astype(np.int32)
+    return donor_disease, donor_batch, cell_donor
+
+
 #: the obs columns every simulated dataset has (see the module docstring)
 OBS_COLUMNS = ("cell_type", "disease", "donor", "batch", "depth")
 #: obs columns added by options: ``state`` with ``rare_state_fraction > 0``, ``interaction_label``
@@ -255,7 +294,21 @@ class _ChunkOptions:
 
 
 class Synthetic(DataSource):
-    """Counts simulated from a planted network (the model is in the module docstring)."""
+    """Counts simulated from a planted network (the model is in the module docstring).
+
+    ``donor_design: balanced`` (with ``n_donors`` >= 20) gives the design donor-level splits need:
+    equal disease and control donors at ``disease_fraction`` 0.5 (else ``round(fraction *
+    n_donors)`` disease donors), equal cells per donor (the remainder spread one per donor, the
+    conditions alternating) and each batch holding both conditions; a condition with under 2
+    donors, more batches than the smaller condition has donors, an odd ``n_donors`` at 0.5 or
+    fewer cells than donors is refused. Split it with the ``split`` preprocessor stratified by
+    condition (``donor_key: donor``, ``label_key: disease``): no donor is on both sides and each
+    side holds both conditions. The default ``random`` design is unchanged.
+
+    ``ground_truths()`` gives every edge truth of one simulation by name (``planted``,
+    ``disease``, and ``state`` when there is a rare state with edges); ``ground_truth()`` is the
+    one that ``ground_truth_edges`` names.
+    """
 
     name = "synthetic"
     description = "Simulated NB counts from a planted signed network; a disease label rewires chosen edges."
@@ -272,6 +325,12 @@ class Synthetic(DataSource):
         n_donors: int = Field(8, ge=2, description="donors, obs 'donor'; each is disease or control")
         disease_fraction: float = Field(
             0.5, gt=0.0, lt=1.0, description="fraction of donors with the disease"
+        )
+        donor_design: Literal["random", "balanced"] = Field(
+            "random",
+            description="random: Dirichlet donor sizes, batches by donor index; balanced: equal cells per "
+            "donor, equal disease / control donors at disease_fraction 0.5, each batch holding both "
+            "conditions (use n_donors >= 20 for donor-level splits)",
         )
         donor_effect: float = Field(0.1, ge=0.0, description="sd of per-donor shifts of master activity")
         n_batches: int = Field(
@@ -330,7 +389,39 @@ class Synthetic(DataSource):
                     f"n_state_edges > 0); found rare_state_fraction={self.rare_state_fraction}, "
                     f"n_state_edges={self.n_state_edges}"
                 )
+            if self.donor_design == "balanced":
+                self._check_balanced()
             return self
+
+        def _check_balanced(self) -> None:
+            """Refuse a balanced design that a donor-level split could not keep balanced."""
+            where = "donor_design: balanced"
+            if self.disease_fraction == 0.5 and self.n_donors % 2:
+                raise ValueError(
+                    f"{where} with disease_fraction 0.5 needs an even n_donors to give equal disease and "
+                    f"control donors; found n_donors={self.n_donors}; use {self.n_donors + 1} (20 or more "
+                    "for donor-level splits)"
+                )
+            n_disease = round(self.disease_fraction * self.n_donors)
+            n_control = self.n_donors - n_disease
+            if min(n_disease, n_control) < 2:
+                raise ValueError(
+                    f"{where} needs at least 2 donors per condition so a donor-level split can put both "
+                    f"conditions on each side; n_donors={self.n_donors} with disease_fraction="
+                    f"{self.disease_fraction} gives {n_disease} disease and {n_control} control donors; "
+                    "raise n_donors (20 or more) or bring disease_fraction toward 0.5"
+                )
+            if self.n_batches > min(n_disease, n_control):
+                raise ValueError(
+                    f"{where} puts donors of both conditions in every batch, so n_batches must be at most "
+                    f"the smaller condition's donors ({min(n_disease, n_control)}); found n_batches="
+                    f"{self.n_batches}; lower n_batches or raise n_donors"
+                )
+            if self.n_cells < self.n_donors:
+                raise ValueError(
+                    f"{where} gives every donor n_cells // n_donors cells; n_cells={self.n_cells} is below "
+                    f"n_donors={self.n_donors}, which leaves donors without cells; raise n_cells"
+                )
 
     @cached_property
     def network(self) -> PlantedNetwork:
@@ -361,10 +452,24 @@ class Synthetic(DataSource):
     def ground_truth(self) -> pd.DataFrame:
         """The control network, or the disease-specific edges (``sign``: the disease sign), or the
         rare state's edges. The DE genes are not edges; they are in ``uns["synthetic"]["de_genes"]``."""
-        if self.ground_truth_edges == "disease":
+        return self._truth(self.ground_truth_edges)
+
+    def ground_truths(self) -> dict[str, pd.DataFrame]:
+        """Every edge truth of this simulation by name, each as ``ground_truth()`` gives it for that
+        ``ground_truth_edges`` (columns source, target, sign; directed): ``planted`` (the control
+        network), ``disease`` (the flipped and gained edges, disease sign) and, when there is a rare
+        state with edges (``rare_state_fraction > 0`` and ``n_state_edges > 0``), ``state``. Each
+        call returns new frames; nothing is loaded."""
+        names = ["planted", "disease"]
+        if self.rare_state_fraction > 0 and self.n_state_edges:
+            names.append("state")
+        return {name: self._truth(name) for name in names}
+
+    def _truth(self, which: str) -> pd.DataFrame:
+        if which == "disease":
             edges = self.network.disease_edges.rename(columns={"disease_sign": "sign"})
             return edges[["source", "target", "sign"]].reset_index(drop=True)
-        if self.ground_truth_edges == "state":
+        if which == "state":
             return self.options.state_edges.copy()
         return self.network.edges(self.network.weights_control)[["source", "target", "sign"]]
 
@@ -513,6 +618,11 @@ class Synthetic(DataSource):
         share = np.exp(log_share - log_share.max())
         share /= share.sum()
         batch_factor = rng.lognormal(0.0, self.batch_effect, (self.n_batches, n_genes)).astype(np.float32)
+        if self.donor_design == "balanced":
+            # Its own stream, after the default draws: groups, depths and the rest stay as they were.
+            donor_disease, donor_batch, donor = balanced_donors(
+                self.n_donors, n_disease, self.n_batches, n_cells, np.random.default_rng([self.seed, 5])
+            )
         cell_batch = donor_batch[donor]
         # exp(effect_size * a) has mean > 1; dividing by its rough scale keeps the depth about as set
         # (``depth: requested`` instead normalises each cell's expected total exactly).

@@ -12,7 +12,8 @@ from pydantic import Field
 from grnx_core import DataError, Extractor, GrnxError, Interactions, RunContext, TokenizedCells
 from grnx_core.components import AttentionModel
 from grnx_core.progress import progress
-from grnx_core.threads import torch_threads
+from grnx_core.threads import thread_count, torch_threads
+from grnx_plugins.extractors._attention_chunks import sums_on_ray, uses_ray
 from grnx_plugins.extractors._universe import UniverseParams, universe_file, universe_indices
 
 
@@ -176,6 +177,11 @@ class AttentionExtractor(Extractor):
     the whole vocabulary. Gene names come from the tokens' vocabulary (token id -> gene id).
     Reads ``context.model`` (a model with ``attention``, e.g. celluformer, geneformer, scgpt),
     ``context.tokens`` and ``context.sample``.
+
+    Scale-out: with ``execution.num_workers`` > 1 or ``execution.ray_address`` the cells are split
+    into chunks whose Z and M are Ray tasks (the model sent as its ``save()`` folder, run on CPU);
+    the driver adds the partial sums in chunk order in float64 and normalises once, so the result
+    is the in-process one up to float rounding (``_attention_chunks``).
     """
 
     name = "attention"
@@ -312,8 +318,9 @@ class AttentionExtractor(Extractor):
 
     # -- aggregation -------------------------------------------------------------------------
 
-    def _maps(self, model: Any, tokens: TokenizedCells, cells: np.ndarray) -> Any:
-        """The model's maps, with a bad layer or head selection reported as this step's error."""
+    def _open_maps(self, model: Any, tokens: TokenizedCells, cells: np.ndarray) -> tuple[Any, Any]:
+        """The model's first map and the rest, with a bad layer or head selection reported as this
+        step's error."""
         maps = model.attention(
             tokens, cells=cells, layers=self.layers, heads=self.heads, batch_size=self.batch_size
         )
@@ -326,6 +333,11 @@ class AttentionExtractor(Extractor):
                 f"extractor 'attention': params.layers={self.layers}, params.heads={self.heads} do not "
                 f"fit the model: {error} Negative indices count from the end (-1: the last)."
             ) from None
+        return first, maps
+
+    def _maps(self, model: Any, tokens: TokenizedCells, cells: np.ndarray) -> Any:
+        """The model's maps, one per cell, with a progress bar."""
+        first, maps = self._open_maps(model, tokens, cells)
         if first is None:
             return
         with progress(total=len(cells), desc="extractor 'attention': attention maps", unit="cell") as bar:
@@ -343,8 +355,14 @@ class AttentionExtractor(Extractor):
         weights: np.ndarray,
         universe: np.ndarray,
         tokens: TokenizedCells | None = None,
+        *,
+        cell_rows: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(Z, M) over ``universe`` for ``cells``: Z[a,b] = sum_c w_c E_c[a,b], M[a,b] = sum_c w_c."""
+        """(Z, M) over ``universe`` for ``cells``: Z[a,b] = sum_c w_c E_c[a,b], M[a,b] = sum_c w_c.
+
+        In this process, cell after cell in the model's batch order. ``cell_rows``: the rows of
+        ``tokens``' cells in the run's tokens (a Ray chunk holds a subset), for messages.
+        """
         tokens = tokens if tokens is not None else self._tokens(model, context)
         n_genes = len(universe)
         lookup = np.full(int(universe.max()) + 1 if n_genes else 1, -1, dtype=np.int64)
@@ -362,8 +380,9 @@ class AttentionExtractor(Extractor):
             attention = cell_map.attention[np.ix_(inside, inside)] if not inside.all() else cell_map.attention
             if not np.isfinite(attention).all():
                 name = str(tokens.obs.index[cell_map.cell])
+                row = cell_map.cell if cell_rows is None else int(cell_rows[cell_map.cell])
                 raise DataError(
-                    f"extractor 'attention': the model's attention over cell {name!r} (row {cell_map.cell}) "
+                    f"extractor 'attention': the model's attention over cell {name!r} (row {row}) "
                     "holds NaN or inf values, so the model's weights are not usable. Train it again with "
                     "a lower train.learning_rate (and train.max_grad_norm set), from inputs without NaN."
                 )
@@ -379,6 +398,36 @@ class AttentionExtractor(Extractor):
                 np.add.at(m, (rows, cols), weight)
         np.fill_diagonal(m, 0.0)
         return z, m
+
+    def _sums(
+        self,
+        model: Any,
+        context: RunContext,
+        groups: list[np.ndarray],
+        weights: np.ndarray,
+        universe: np.ndarray,
+        tokens: TokenizedCells,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(Z, M) of each group: in this process, or over chunks of cells on Ray when
+        ``execution.num_workers`` > 1 or ``execution.ray_address`` is set."""
+        execute = context.execute
+        if not uses_ray(execute.num_workers, execute.ray_address):
+            return [self.aggregate(model, context, cells, weights, universe, tokens) for cells in groups]
+        # One map here, from the shortest cell: a bad layer or head selection is this step's error
+        # before any worker starts.
+        cells = np.concatenate(groups)
+        self._open_maps(model, tokens, cells[np.argmin(tokens.lengths[cells])][None])
+        return sums_on_ray(
+            self,
+            model,
+            tokens,
+            groups,
+            weights,
+            universe,
+            num_workers=execute.num_workers,
+            ray_address=execute.ray_address,
+            threads=thread_count(context),
+        )
 
     def score(self, z: np.ndarray, m: np.ndarray) -> np.ndarray:
         """Z / M (symmetrised when undirected), then ``normalize``; NaN where M is 0."""
@@ -423,6 +472,8 @@ class AttentionExtractor(Extractor):
         if n_genes < 2:
             raise DataError(f"extractor 'attention': only {n_genes} gene(s) in the cells; need 2 or more.")
         needed = n_genes**2 * (16 + 8 * len(groups)) + (0 if self.top_k else n_genes**2 * 24)
+        if uses_ray(context.execute.num_workers, context.execute.ray_address):
+            needed += n_genes**2 * 16  # a chunk's partial sums, on their way into the total
         if needed > self.max_memory_gb * 2**30:
             raise DataError(
                 f"extractor 'attention': {n_genes} genes need about {needed / 2**30:.1f} GB, over "
@@ -435,10 +486,8 @@ class AttentionExtractor(Extractor):
                 "be named. Use a grnx tokenizer (it records token id -> gene id)."
             )
         genes = [str(vocabulary[i]) for i in universe]
-        scores = []
-        for cells in groups:
-            z, m = self.aggregate(model, context, cells, weights, universe, tokens)
-            scores.append(self.score(z, m))
+        # normalisation (in score) runs on whole sums, wherever the sums were computed
+        scores = [self.score(z, m) for z, m in self._sums(model, context, groups, weights, universe, tokens)]
         score = scores[0] if len(scores) == 1 else scores[0] - scores[1]
         self._require_scored_pairs(score, groups)
         metadata = {

@@ -1,4 +1,5 @@
-"""`execution.ray_address`: grnboost2 targets and tune trials sent to an existing Ray cluster.
+"""`execution.ray_address`: grnboost2 targets, attention cell chunks and tune trials sent to an
+existing Ray cluster.
 
 The cluster is a Ray head started by the test on 127.0.0.1 (``ray start --head --block``) in its
 own process group, stopped by that group: ``ray stop`` would stop every Ray of this machine.
@@ -38,6 +39,23 @@ GRNBOOST2_RECIPE = {
     "tracking": {"experiment": "ray_cluster"},
 }
 
+ATTENTION_RECIPE = {
+    **{key: value for key, value in GRNBOOST2_RECIPE.items() if key != "extractors"},
+    "name": "ray_cluster_attention",
+    "data": {**GRNBOOST2_RECIPE["data"], "label_key": "disease"},
+    "tokenizer": {"name": "expression_scaled", "params": {"max_length": 16}},
+    "model": {"name": "celluformer", "params": {"d_model": 16, "n_layers": 2, "n_heads": 2, "d_ff": 32}},
+    "train": {"epochs": 1, "batch_size": 32, "learning_rate": 0.003, "validation_fraction": 0.0},
+    "extractors": [
+        {"name": "attention", "id": "attention_raw", "params": {"batch_size": 8}},
+        {
+            "name": "attention",
+            "id": "attention_apc",
+            "params": {"variant": "case_minus_control", "case": "disease", "normalize": "apc"},
+        },
+    ],
+}
+
 PEARSON_TUNE = {
     **{key: value for key, value in GRNBOOST2_RECIPE.items() if key != "extractors"},
     "name": "ray_cluster_tune",
@@ -45,7 +63,7 @@ PEARSON_TUNE = {
     "extractors": [{"name": "pearson", "params": {"rank_by": "abs"}}],
     "evaluators": [{"name": "auprc", "params": {"ground_truth": {"source": "data"}}}],
     "tune": {
-        "metric": "eval/auprc/pearson/epr",
+        "metric": "eval/auprc/pearson/truth_genes/epr",
         "mode": "max",
         "num_samples": 2,
         "n_initial_points": 1,
@@ -164,5 +182,21 @@ def test_a_tune_on_a_ray_cluster_logs_its_trials_from_the_driver(tmp_path, ray_h
     )
     assert len(trials) == 2 and {t.info.status for t in trials} == {"FINISHED"}
     assert {t.data.params["extractors.0.params.rank_by"] for t in trials} <= {"abs", "value"}
-    best = max(trials, key=lambda t: t.data.metrics["eval/auprc/pearson/epr"])
+    best = max(trials, key=lambda t: t.data.metrics["eval/auprc/pearson/truth_genes/epr"])
     assert run.data.tags["grnx.tune.best_run"] == best.info.run_id
+
+
+def test_attention_chunks_on_a_ray_cluster_give_the_in_process_result(tmp_path, ray_head):
+    address, env = ray_head
+    here, _ = _grnx_run(tmp_path, ATTENTION_RECIPE, "execution.num_workers=1", env=env)
+    cluster, log = _grnx_run(
+        tmp_path, ATTENTION_RECIPE, "execution.num_workers=2", f"execution.ray_address={address}", env=env
+    )
+    for extractor in ("attention_raw", "attention_apc"):
+        expected = _interactions(tmp_path, here, extractor)
+        found = _interactions(tmp_path, cluster, extractor)
+        assert len(expected) > 20
+        # the same ranked pairs; scores up to float rounding (other batches, another addition order)
+        pd.testing.assert_frame_equal(found.drop(columns="score"), expected.drop(columns="score"))
+        pd.testing.assert_series_equal(found["score"], expected["score"], check_exact=False, rtol=1e-6)
+    assert re.search(rf"Connecting to existing Ray cluster at address: \S+:{port_of(address)}\b", log), log

@@ -30,8 +30,14 @@ wall time was 3 to 5 times CPU time), max_memory_gb 4, density ~0.37:
     100,000 x 500   estimator     67.5   27.3     2,754       2,338
     100,000 x 1,000 estimator    321.3   92.1     4,414       3,787
     100,000 x 1,000 extract      356.2   96.3     4,246       3,507
+    44,721 x 5,000  estimator    706     365       5,632           -     222 s, 17.2 GB
+    100,000 x 5,000 estimator  1,431.9  938.1     7,891       6,190    (target: within 16 GB)
 
-44,721 x 5,000 and 100,000 x 5,000 were not run there (more than 5 minutes of 2 shared cores).
+The last two rows were measured apart (2026-12-01 and 2026-12-02, same machine, load 4 to 7):
+44,721 x 5,000 peaks at 5.5 GiB resident against the published 17.2 GB tracemalloc peak (its traced
+peak was not recorded), 365 CPU s against the published 222 s wall on an unstated machine, so grnx
+is not faster in CPU time there; 100,000 x 5,000 peaks at 7.7 GiB resident (6.0 GiB traced, input
+1.7 GiB), within the 16 GB target, in 938 CPU s.
 """
 
 from __future__ import annotations

@@ -159,12 +159,20 @@ class Cache:
     """Step outputs under ``root/<stage>/<key[:2]>/<key>/``, each finished by a ``done.json`` marker.
 
     ``done.json`` holds the stage, key, creation time and grnx version; its mtime is when the entry
-    was last used.
+    was last used. A ``read_only`` cache serves hits but stores nothing (``store`` gives a folder
+    that is thrown away): the processes other than the main one of a multi-process launch read
+    what the main process stores, and so take the same cached-or-computed path through a run.
     """
 
-    def __init__(self, root: Path | None = None, enabled: bool = True) -> None:
+    def __init__(self, root: Path | None = None, enabled: bool = True, read_only: bool = False) -> None:
         self.root = Path(root) if root is not None else default_cache_dir()
         self.enabled = enabled
+        self.read_only = read_only
+
+    @property
+    def writable(self) -> bool:
+        """Whether ``store`` keeps what a step writes."""
+        return self.enabled and not self.read_only
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage.replace(":", "_") / key[:2] / key
@@ -177,14 +185,15 @@ class Cache:
         marker = folder / "done.json"
         if not marker.exists():
             return None
-        with contextlib.suppress(OSError):  # a read-only cache still serves hits
-            os.utime(marker)
+        if not self.read_only:  # the main process marks the use
+            with contextlib.suppress(OSError):  # a read-only cache folder still serves hits
+                os.utime(marker)
         return folder
 
     @contextlib.contextmanager
     def store(self, stage: str, key: str) -> Iterator[Path]:
         """Yield a temporary folder to write the step's output into; it becomes the entry on success."""
-        if not self.enabled:
+        if not self.writable:
             # Still give the step somewhere to write, then throw it away.
             import tempfile
 

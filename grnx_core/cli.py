@@ -66,6 +66,7 @@ def _recipe_files(paths: list[str]) -> list[Path]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from grnx_core.cache import Cache
+    from grnx_core.processes import is_main_process, n_processes
     from grnx_core.recipe import load_recipe
     from grnx_core.runner import run_recipe
 
@@ -73,7 +74,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.ray_address:  # the same as the override, so chunked work of a plain run goes there too
         overrides = [*overrides, f"execution.ray_address={args.ray_address}"]
     resolved = load_recipe(recipe, overrides)
-    cache = Cache(enabled=resolved.recipe.cache and not args.no_cache)
+    # Under torchrun / accelerate launch every process runs the recipe (the model trains
+    # data-parallel); only the main one stores cache entries, tracks the run and prints.
+    main = is_main_process()
+    cache = Cache(enabled=resolved.recipe.cache and not args.no_cache, read_only=not main)
 
     def interrupted(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -81,13 +85,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         if resolved.recipe.tune is not None:
+            if n_processes() > 1:
+                raise GrnxError(
+                    f"recipe {resolved.recipe.name!r} has a tune block, which runs its trials on Ray, "
+                    f"not under torchrun / accelerate launch ({n_processes()} processes). Run it with "
+                    "plain `grnx run`, or drop the tune block to train one model data-parallel."
+                )
             return _run_tune(resolved, cache, args)
         result = run_recipe(
-            resolved, tracking_uri=args.tracking_uri, track=not args.no_track, cache=cache, show_progress=True
+            resolved,
+            tracking_uri=args.tracking_uri,
+            track=not args.no_track and main,
+            cache=cache,
+            show_progress=main,
         )
     finally:
         signal.signal(signal.SIGTERM, previous)
-    _print_summary(resolved, result, args)
+    if main:
+        _print_summary(resolved, result, args)
     return 0
 
 

@@ -260,7 +260,7 @@ class _Leaf:
         )
 
     def _files(self, component: Any) -> list[str]:
-        memo_dir = self.cache.root if self.cache.enabled else None
+        memo_dir = self.cache.root if self.cache.writable else None
         return [input_file_digest(path, memo_dir) for path in component.input_files()]
 
     def _plan(self) -> None:
@@ -415,7 +415,7 @@ class _Leaf:
                     recorder.save()
             except _SkipCache as skipped:
                 result, stored = skipped.value, False
-            folder = self.cache.path(cache_stage, key) if stored and self.cache.enabled else None
+            folder = self.cache.path(cache_stage, key) if stored and self.cache.writable else None
             if isinstance(result, _FromEntry):
                 assert folder is not None, "a compute that leaves its value in the entry needs the cache"
                 value = Lazy(load=lambda: load(folder))
@@ -557,7 +557,7 @@ class _Leaf:
         recorder.log_metrics(
             {"data/n_cells_preprocessed": adata.n_obs, "data/n_genes_preprocessed": adata.n_vars}
         )
-        if self.cache.enabled:
+        if self.cache.writable:
             try:
                 adata.write_h5ad(folder / "adata.h5ad")
             except Exception as error:  # an unserialisable uns entry must not fail the run
@@ -635,7 +635,7 @@ class _Leaf:
                 streaming: Any = tokenizer  # ``path`` extends the base class's transform signature
                 streaming.transform(adata, obs_columns=carried, path=folder / "tokens")
                 tokens = (
-                    TokenizedCells.load(folder / "tokens", mmap=False) if not self.cache.enabled else None
+                    TokenizedCells.load(folder / "tokens", mmap=False) if not self.cache.writable else None
                 )
             else:
                 tokens = tokenizer.transform(adata, obs_columns=carried)
@@ -685,11 +685,14 @@ class _Leaf:
         def compute(folder: Path, recorder: RecordingLogger) -> Any:
             context = self.context_for(step, default_cells(step, False), recorder)
             # Training checkpoints live beside the cache entry, outside the scratch folder, so that a
-            # killed run leaves them for `train.resume: true`; they go once the model is saved.
+            # killed run leaves them for `train.resume: true`; they go once the model is saved. Every
+            # process of a multi-process launch reads them there (the main one writes them).
             work = self.cache.root / "model" / key[:2] / f".{key}.work" if self.cache.enabled else folder
             context.work_dir = work
             model = _build(step, Model)
             model.fit(context)
+            if self.cache.read_only:  # another process of the launch (the main one) saves and logs it
+                return model
             model.save(folder / "model")
             if work != folder:
                 shutil.rmtree(work, ignore_errors=True)

@@ -264,7 +264,9 @@ class TrainSettings(_Strict):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     epochs: int = Field(3, ge=1, description="passes over the training cells")
-    batch_size: int = Field(32, ge=1, description="cells per batch")
+    batch_size: int = Field(
+        32, ge=1, description="cells per batch (per process under torchrun / accelerate launch)"
+    )
     learning_rate: float = Field(0.0001, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
     optimizer: Literal["adam", "adamw"] = Field("adamw", description="optimiser")

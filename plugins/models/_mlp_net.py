@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grnx_plugins.models._training import BatchResult, Task
+from grnx_plugins.models._training import BatchResult, Task, bare_module
 
 
 class MLPNet(nn.Module):
@@ -68,8 +68,11 @@ class MLPTask(Task):
         logits = module(self.inputs(indices))
         targets = torch.from_numpy(self.labels[indices]).to(self.device)
         loss = F.cross_entropy(logits, targets, weight=self.weight)
-        if self.l1 > 0:
-            loss = loss + self.l1 * sum(layer.weight.abs().sum() for layer in [*module.hidden, module.output])
+        if self.l1 > 0:  # the layers of the model itself: a DDP wrapper does not forward them
+            network = bare_module(module)
+            loss = loss + self.l1 * sum(
+                layer.weight.abs().sum() for layer in [*network.hidden, network.output]
+            )
         return BatchResult(
             loss=loss,
             n_items=len(indices),

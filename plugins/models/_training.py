@@ -14,7 +14,10 @@ validation metrics go to MLflow through ``context.logger`` (cached runs replay t
 :class:`Task` serves token models and AnnData models alike (no Trainer dataset/collator shape);
 length-bucketed batches; the divergence checks; checkpoints that resume to the very same weights;
 and bit-for-bit determinism on CPU for a seed (two runs give equal weights, checked in
-tests/plugins/models/test_training_scale.py).
+tests/plugins/models/test_training_scale.py). Under ``torchrun`` / ``accelerate launch`` each
+optimiser step's cells are split between the processes so that n processes train like one
+process with n times the batch, and validation metrics are gathered over all of them (checked
+on CPU with gloo in tests/plugins/models/test_training_ddp.py).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch
 
 from grnx_core.errors import DataError, GrnxError
 from grnx_core.progress import progress
+from grnx_core.progress import set_enabled as set_progress
 from grnx_core.recipe import TrainSettings
 
 if TYPE_CHECKING:
@@ -110,7 +114,9 @@ def make_accelerator(config: TrainSettings, device: torch.device) -> Accelerator
     """An ``Accelerator`` for ``config.precision`` on ``device``.
 
     accelerate keeps one process-wide state; in a single process (not launched) it is reset so
-    that runs with different precisions can follow each other (a sweep, the tests).
+    that runs with different precisions can follow each other (a sweep, the tests). Under
+    ``torchrun`` / ``accelerate launch`` it joins the launched process group (NCCL on GPUs, gloo
+    on CPUs).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
@@ -339,6 +345,57 @@ class Task:
                 current.bit_generator.state = value
 
 
+def bare_module(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a ``DistributedDataParallel`` wrapper (the module itself otherwise).
+
+    Under a multi-process launch :meth:`Task.batch` receives the wrapper: call it for the forward
+    pass (that is what synchronises gradients), and read the model's own attributes (its layers,
+    for a weight penalty) from ``bare_module(module)``; the wrapper does not forward them. The
+    same as ``accelerate``'s ``Accelerator.unwrap_model`` with the autocast wrapper kept.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def process_share(step: np.ndarray, n_processes: int, process_index: int) -> np.ndarray:
+    """The cells of one optimiser step that process ``process_index`` of ``n_processes`` takes.
+
+    Contiguous, near-equal parts (``numpy.array_split``): the step was drawn length-bucketed, so
+    each part keeps similar lengths together. Every cell goes to exactly one process; a process
+    may get none when the step has fewer cells than there are processes.
+    """
+    if n_processes == 1:
+        return step
+    return np.array_split(step, n_processes)[process_index]
+
+
+def step_pieces(
+    step: np.ndarray, batch_size: int, n_processes: int = 1, process_index: int = 0
+) -> list[tuple[np.ndarray, float]]:
+    """This process's forward passes of one optimiser step: (cells, weight of their mean loss).
+
+    The process's share of the step runs in pieces of ``batch_size``; a piece's weight is
+    ``n_processes x`` its share of the step's cells, so once DistributedDataParallel has
+    averaged the gradients over the processes, the step's gradient is that of the mean loss over
+    all its cells (for one process: accumulation equals the large batch). Every process runs the
+    same number of pieces: one with fewer cells (an uneven last step) adds pieces of one cell
+    weighted 0, so the processes stay in step in every exchange DDP makes.
+    """
+    share = process_share(step, n_processes, process_index)
+    n_pieces = max(1, math.ceil(math.ceil(len(step) / n_processes) / batch_size))
+    pieces = [
+        (share[i : i + batch_size], len(share[i : i + batch_size]) * n_processes / len(step))
+        for i in range(0, len(share), batch_size)
+    ]
+    return pieces + [(step[:1], 0.0)] * (n_pieces - len(pieces))
+
+
+def counted_cells(pieces: list[tuple[np.ndarray, float]]) -> int:
+    """The cells of a step's pieces that count (not the weight-0 padding)."""
+    return sum(len(cells) for cells, weight in pieces if weight > 0)
+
+
 def macro_f1(targets: np.ndarray, predictions: np.ndarray) -> float:
     """scikit-learn's macro-F1 over the classes in either array."""
     from sklearn.metrics import f1_score
@@ -354,13 +411,25 @@ def evaluate(
     indices: np.ndarray,
     batch_size: int,
     autocast: Callable[[], Any] = contextlib.nullcontext,
+    accelerator: Accelerator | None = None,
 ) -> dict[str, float]:
-    """Mean loss (and accuracy / macro-F1 when the task predicts classes) over ``indices``."""
+    """Mean loss (and accuracy / macro-F1 when the task predicts classes) over ``indices``.
+
+    Under a multi-process launch (``accelerator.num_processes > 1``) the batches are dealt out
+    (batch ``i`` to process ``i mod n``) and every process's sums and predictions are gathered
+    with ``accelerate.utils.gather_object``, so the metrics cover each cell exactly once, equal on
+    every process. (``Accelerator.gather_for_metrics`` trims the padding that a prepared
+    ``DataLoader`` adds to its last batch; these shards are exact, so there is nothing to trim.)
+    """
     module.eval()
+    batches = bucketed_batches(indices, task.lengths, batch_size, None)
+    world = accelerator.num_processes if accelerator is not None else 1
+    if world > 1:
+        batches = batches[accelerator.process_index :: world]  # type: ignore[union-attr]
     total, count = 0.0, 0
     predictions, targets = [], []
     with torch.no_grad():
-        for batch in bucketed_batches(indices, task.lengths, batch_size, None):
+        for batch in batches:
             with autocast():
                 result = task.batch(module, batch, training=False)
             total += float(result.loss) * result.n_items
@@ -368,6 +437,13 @@ def evaluate(
             if result.predictions is not None:
                 predictions.append(result.predictions)
                 targets.append(result.targets)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        shards = gather_object([(total, count, predictions, targets)])
+        total, count = sum(shard[0] for shard in shards), sum(shard[1] for shard in shards)
+        predictions = [p for shard in shards for p in shard[2]]
+        targets = [t for shard in shards for t in shard[3]]
     metrics = {"loss": total / max(count, 1)}
     if predictions:
         predicted, expected = np.concatenate(predictions), np.concatenate(targets)
@@ -469,11 +545,21 @@ class LoopState:
     finished: bool = False
 
 
-def fingerprint(config: TrainSettings, train_idx: np.ndarray, val_idx: np.ndarray, prefix: str) -> str:
-    """What must match for a checkpoint to continue this run (settings that change the result)."""
+def fingerprint(
+    config: TrainSettings, train_idx: np.ndarray, val_idx: np.ndarray, prefix: str, n_processes: int = 1
+) -> str:
+    """What must match for a checkpoint to continue this run (settings that change the result).
+
+    The number of processes of a multi-process launch is part of it: it sets the cells of each
+    optimiser step. (Left out for one process, so single-process checkpoints keep their
+    fingerprint.)
+    """
     ignored = {"resume", "checkpoint_every_steps", "gradient_checkpointing", "device"}
     settings = {k: v for k, v in config.model_dump(mode="json").items() if k not in ignored}
-    digest = hashlib.sha256(repr((prefix, sorted(settings.items()))).encode())
+    identity: tuple[Any, ...] = (prefix, sorted(settings.items()))
+    if n_processes > 1:
+        identity += (("n_processes", n_processes),)
+    digest = hashlib.sha256(repr(identity).encode())
     digest.update(np.ascontiguousarray(train_idx, dtype=np.int64).tobytes())
     digest.update(b"|")
     digest.update(np.ascontiguousarray(val_idx, dtype=np.int64).tobytes())
@@ -485,7 +571,10 @@ class Checkpoints:
 
     Written atomically (a temporary file renamed into place), so a run killed while saving keeps
     the previous checkpoint. Loaded with ``torch.load(weights_only=True)``: tensors and plain
-    values only, no pickled code.
+    values only, no pickled code. Under a multi-process launch every process calls ``save`` at
+    the same step (it gathers each process's random states: their dropout draws and masking
+    differ) and the main process alone writes the file, which every process reads on resume (on
+    several machines ``work_dir`` must be a shared folder).
     """
 
     def __init__(self, folder: Path, fingerprint: str) -> None:
@@ -515,6 +604,11 @@ class Checkpoints:
     ) -> None:
         from grnx_core.atomic import atomic_path
 
+        by_process = None
+        if accelerator.num_processes > 1:  # a collective: every process takes part
+            from accelerate.utils import gather_object
+
+            by_process = gather_object([own_random_states(task)])
         if not accelerator.is_main_process:
             return
         payload = {
@@ -528,6 +622,7 @@ class Checkpoints:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "batch_rng": rng.bit_generator.state,
             "task_rng": task.random_state(),
+            "by_process": by_process,
         }
         with atomic_path(self.path) as temporary:
             torch.save(payload, temporary)
@@ -545,6 +640,15 @@ class Checkpoints:
         return payload
 
 
+def own_random_states(task: Task) -> dict[str, Any]:
+    """This process's random states (torch CPU and CUDA, the task's generators)."""
+    return {
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "task_rng": task.random_state(),
+    }
+
+
 def restore(
     payload: dict[str, Any],
     module: torch.nn.Module,
@@ -559,11 +663,14 @@ def restore(
     scheduler.load_state_dict(payload["scheduler"])
     if payload["scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(payload["scaler"])
-    torch.set_rng_state(payload["torch_rng"])
-    if payload["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(payload["cuda_rng"])
-    rng.bit_generator.state = payload["batch_rng"]
-    task.set_random_state(payload["task_rng"])
+    # A multi-process checkpoint holds each process's states (its fingerprint fixed their number).
+    by_process = payload.get("by_process")
+    own = by_process[accelerator.process_index] if by_process else payload
+    torch.set_rng_state(own["torch_rng"])
+    if own["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(own["cuda_rng"])
+    rng.bit_generator.state = payload["batch_rng"]  # the batch order: the same on every process
+    task.set_random_state(own["task_rng"])
     return LoopState(**payload["loop"])
 
 
@@ -602,29 +709,30 @@ def train(
     ``context.work_dir/checkpoints/<prefix>/`` after every epoch (and every N steps); ``resume``
     continues from it and ends with the weights an uninterrupted run has. ``on_step(epoch, step)``
     runs after every optimiser step (and its checkpoint).
-    Under ``accelerate launch`` / ``torchrun`` each process takes every n-th batch (data-parallel;
-    a few batches per epoch are dropped so all processes take the same number) and the main
-    process logs and writes checkpoints.
+    Under ``torchrun`` / ``accelerate launch`` (data-parallel, ``accelerator.num_processes`` =
+    n > 1) ``batch_size`` is per process: one optimiser step covers ``batch_size x
+    gradient_accumulation_steps x n`` cells, drawn as one batch from the same seeded order on
+    every process and split between them (:func:`step_pieces`); each piece's loss is weighted
+    by ``n x`` its share of the step's cells, so the gradients DistributedDataParallel averages
+    equal the single-process gradient of the whole step: no cell is dropped or repeated. The
+    training loss, the NaN checks and the validation metrics are gathered over every process
+    (the same values on each); only the main process logs metrics and writes checkpoints.
     """
     if len(train_idx) == 0:
         raise DataError("No cells left to train on after the train/validation split.")
     accelerator = make_accelerator(config, device)
+    world, rank = accelerator.num_processes, accelerator.process_index
     parameters = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(parameters, config)
-    cells_per_step = config.batch_size * config.gradient_accumulation_steps
-    world = accelerator.num_processes
+    cells_per_step = config.batch_size * config.gradient_accumulation_steps * world
     steps_per_epoch = math.ceil(len(train_idx) / cells_per_step)
-    if world > 1:
-        steps_per_epoch //= world
-        if steps_per_epoch == 0:
-            raise DataError(
-                f"{len(train_idx)} training cells give fewer optimiser steps than the {world} processes."
-            )
     scheduler = make_scheduler(optimizer, config, steps_per_epoch * config.epochs)
     model, optimizer = accelerator.prepare(module, optimizer)
     checkpoints = None
     if config.resume or config.checkpoint_every_steps is not None:
-        checkpoints = Checkpoints.for_run(context, prefix, fingerprint(config, train_idx, val_idx, prefix))
+        checkpoints = Checkpoints.for_run(
+            context, prefix, fingerprint(config, train_idx, val_idx, prefix, world)
+        )
     logger = context.logger if context is not None and accelerator.is_main_process else None
     state = LoopState()
     payload = checkpoints.load() if checkpoints is not None and config.resume else None
@@ -639,6 +747,7 @@ def train(
             checkpoints.save(state, module, optimizer, scheduler, task, rng, accelerator)
 
     with (
+        quiet_unless(accelerator.is_main_process),
         gradient_checkpointing(module, config.gradient_checkpointing),
         progress(total=config.epochs, desc=prefix, unit="epoch") as epochs_bar,
     ):
@@ -651,39 +760,50 @@ def train(
             else:  # resumed inside the epoch: draw its batches again
                 rng.bit_generator.state = state.epoch_rng
             steps = bucketed_batches(train_idx, task.lengths, cells_per_step, rng)
-            if world > 1:
-                steps = steps[: steps_per_epoch * world][accelerator.process_index :: world]
-            pieces = [
-                [step[i : i + config.batch_size] for i in range(0, len(step), config.batch_size)]
-                for step in steps
-            ]
+            pieces = [step_pieces(step, config.batch_size, world, rank) for step in steps]
             n_batches = sum(len(p) for p in pieces)
             model.train()
             with progress(
-                total=sum(len(s) for s in steps), desc=f"{prefix} epoch {epoch}/{config.epochs}", unit="cell"
+                total=sum(map(counted_cells, pieces)),
+                desc=f"{prefix} epoch {epoch}/{config.epochs}",
+                unit="cell",
             ) as bar:
                 number = sum(len(p) for p in pieces[: state.batches_done])
-                bar.update(sum(len(s) for s in steps[: state.batches_done]))
+                bar.update(sum(map(counted_cells, pieces[: state.batches_done])))
                 for index in range(state.batches_done, len(steps)):
                     optimizer.zero_grad(set_to_none=True)
-                    for piece_index, piece in enumerate(pieces[index]):
+                    step_total, step_count, bad_batch = 0.0, 0, 0
+                    for piece_index, (piece, weight) in enumerate(pieces[index]):
                         number += 1
                         last = piece_index == len(pieces[index]) - 1
+                        counted = weight > 0
                         with accelerator.no_sync(model) if not last else contextlib.nullcontext():
                             with accelerator.autocast():
                                 result = task.batch(model, piece, training=True)
                             loss = float(result.loss.detach())
                             if not math.isfinite(loss):
-                                raise diverged(
-                                    f"the training loss is {loss}",
-                                    epoch,
-                                    f"batch {number} of {n_batches}",
-                                    config,
-                                )
-                            accelerator.backward(result.loss * (len(piece) / len(steps[index])))
-                        state.total += loss * result.n_items
-                        state.count += result.n_items
-                        bar.update(result.n_items, loss=state.total / max(state.count, 1))
+                                if world == 1:
+                                    raise diverged(
+                                        f"the training loss is {loss}",
+                                        epoch,
+                                        f"batch {number} of {n_batches}",
+                                        config,
+                                    )
+                                bad_batch = bad_batch or number  # raised below, on every process
+                            accelerator.backward(result.loss * weight)
+                        if counted:
+                            step_total += loss * result.n_items
+                            step_count += result.n_items
+                            bar.update(
+                                result.n_items,
+                                loss=(state.total + step_total) / max(state.count + step_count, 1),
+                            )
+                    if world > 1:
+                        step_total, step_count = exchange_step(
+                            accelerator, step_total, step_count, bad_batch, epoch, config
+                        )
+                    state.total += step_total
+                    state.count += step_count
                     if config.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
                     optimizer.step()
@@ -703,8 +823,9 @@ def train(
                 f"{prefix}/learning_rate": float(scheduler.get_last_lr()[0]),
             }
             if len(val_idx):
+                # the model itself, not the DDP wrapper: validation exchanges no gradients
                 for name, value in evaluate(
-                    model, task, val_idx, config.batch_size, accelerator.autocast
+                    module, task, val_idx, config.batch_size, accelerator.autocast, accelerator
                 ).items():
                     metrics[f"{prefix}/val_{name}"] = value
                 if not math.isfinite(metrics[f"{prefix}/val_loss"]):
@@ -735,3 +856,41 @@ def train(
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drop the autocast wrapper
     module.eval()
     return state.history
+
+
+def exchange_step(
+    accelerator: Accelerator,
+    step_total: float,
+    step_count: int,
+    bad_batch: int,
+    epoch: int,
+    config: TrainSettings,
+) -> tuple[float, int]:
+    """Sum one step's training loss and cell count over the processes, and stop every process
+    together when one of them met a non-finite loss (a process that stopped alone would leave
+    the others waiting in the next gradient exchange)."""
+    local = torch.tensor([step_total, step_count, bad_batch], dtype=torch.float64, device=accelerator.device)
+    every = accelerator.gather(local).reshape(accelerator.num_processes, 3).cpu()
+    bad = torch.nonzero(every[:, 2]).flatten()
+    if len(bad):
+        process = int(bad[0])
+        raise diverged(
+            "the training loss is not finite",
+            epoch,
+            f"batch {int(every[process, 2])} of process {process}",
+            config,
+        )
+    return float(every[:, 0].sum()), int(every[:, 1].sum())
+
+
+@contextlib.contextmanager
+def quiet_unless(main_process: bool) -> Iterator[None]:
+    """Progress bars from the main process only (the others train the same steps in step)."""
+    if main_process:
+        yield
+        return
+    previous = set_progress(False)
+    try:
+        yield
+    finally:
+        set_progress(previous)

@@ -20,7 +20,7 @@ from grnx_core.errors import GrnxError
 
 PARENT_TAG = "mlflow.parentRunId"
 #: Metrics that describe the baseline or the problem, not the run's result.
-_BASELINE_SUFFIXES = ("_random", "/n_candidates", "/extractor_genes")
+_BASELINE_SUFFIXES = ("_random", "_best", "/n_candidates", "/extractor_genes")
 MAX_DEFAULT_METRICS = 12
 RUN_COLUMNS = ("run", "run_id", "status")
 

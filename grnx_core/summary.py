@@ -2,7 +2,8 @@
 
 Headline metrics are those a reader compares first: AUPRC over its random baseline and EPR
 (BEELINE conventions), NES and its p-value, and the model's accuracy and balanced accuracy. Metric
-names follow ``eval/<evaluator id>/<extractor id>/<metric>``; for a nested run the parent holds
+names follow ``eval/<evaluator id>/<extractor id>/<metric>`` (the auprc evaluator's with
+``<universe tag>/`` before the metric); for a nested run the parent holds
 ``<metric>.mean`` over the repeats, which the table shows with its ``.std``.
 """
 
@@ -52,9 +53,10 @@ def headline_table(metrics: dict[str, float], extractors: list[str]) -> list[str
         parts = base.split("/")
         if suffix not in (None, "mean", "std") or len(parts) < 3 or parts[0] != "eval":
             continue
-        if len(parts) == 4 and parts[3] in pair_leaves:
+        # eval/<evaluator>/<extractor>/<metric>, or .../<extractor>/<universe>/<metric> (auprc)
+        if len(parts) in (4, 5) and parts[-1] in pair_leaves:
             row_name = f"{group} {parts[2]}" if group else parts[2]
-            values[(parts[1], row_name, parts[3])][suffix] = value
+            values[(parts[1], row_name, parts[-1])][suffix] = value
         elif len(parts) == 3 and parts[2] in model_leaves:
             model[(parts[1] + (f" {group}" if group else ""), parts[2])][suffix] = value
     lines: list[str] = []

@@ -268,7 +268,7 @@ def validate_tune(resolved: ResolvedRecipe) -> None:
                     "tune.metric",
                     f"comes from evaluator {evaluator!r}, which has no ground truth to split, so the "
                     "held-out report would repeat the tuned number",
-                    "Tune a ground-truth metric (e.g. eval/auprc/<extractor>/epr) or remove ground_truth_split.",
+                    "Tune a ground-truth metric (e.g. eval/auprc/<extractor>/truth_genes/epr) or remove ground_truth_split.",
                 )
     if problems:
         raise RecipeError(problems)

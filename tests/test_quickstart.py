@@ -62,14 +62,16 @@ def test_quickstart_auprc_auroc_and_epr_match_sklearn(quickstart_run):
     assert len(truth) == 20  # 26 directed edges between distinct genes, 6 of them reciprocal
     pairs, scores = _ranked_pearson()
     labels = np.array([p in truth for p in pairs])
-    assert metrics["eval/auprc/pearson/auprc"] == pytest.approx(
+    assert metrics["eval/auprc/pearson/truth_genes/auprc"] == pytest.approx(
         average_precision_score(labels, scores), abs=1e-9
     )
-    assert metrics["eval/auprc/pearson/auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
+    assert metrics["eval/auprc/pearson/truth_genes/auroc"] == pytest.approx(
+        roc_auc_score(labels, scores), abs=1e-9
+    )
     early_precision = labels[: len(truth)].mean()
-    assert metrics["eval/auprc/pearson/early_precision"] == pytest.approx(early_precision)
-    assert metrics["eval/auprc/pearson/epr"] == pytest.approx(early_precision / (len(truth) / 55))
-    assert metrics["eval/auprc/pearson/auprc_random"] == pytest.approx(20 / 55)
+    assert metrics["eval/auprc/pearson/truth_genes/early_precision"] == pytest.approx(early_precision)
+    assert metrics["eval/auprc/pearson/truth_genes/epr"] == pytest.approx(early_precision / (len(truth) / 55))
+    assert metrics["eval/auprc/pearson/truth_genes/auprc_random"] == pytest.approx(20 / 55)
 
 
 def test_quickstart_enrichment_score_matches_the_running_sum(quickstart_run):

@@ -83,3 +83,11 @@ def early_precision(labels: np.ndarray, scores: np.ndarray, k: int) -> float:
     cutoff = scores[min(k, len(scores)) - 1]
     top = int(np.searchsorted(-np.asarray(scores), -cutoff, side="right"))
     return float(labels[:top].sum() / top)
+
+
+def best_ranking(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same listed items re-ranked true first, with distinct descending scores: the best ranking
+    of that list (for average precision, trapezoidal AUPRC, AUROC and early precision alike), the
+    unlisted candidates staying tied below it."""
+    ordered = np.sort(np.asarray(labels, dtype=bool))[::-1]
+    return ordered, -np.arange(len(ordered), dtype=np.float64)

@@ -168,6 +168,7 @@ def prepare(
     case_sensitive: bool = True,
     tf_genes: set[str] | None = None,
     top_n: int | None = None,
+    only_genes: set[str] | None = None,
 ) -> PairProblem:
     """Encode the ranked list and the ground truth of one extractor as pair codes in a gene universe.
 
@@ -178,26 +179,31 @@ def prepare(
     (BEELINE's Pearson runner writes both orientations), so the figures do not depend on the
     order the genes were stored in. Scored undirected, a directed list keeps the better-ranked of
     A -> B and B -> A (BEELINE's undirected mode takes the larger weight of the two).
+    ``only_genes`` (normalised names) narrows the genes the extractor scored to those, before the
+    universe is drawn: two extractors narrowed to one shared gene set have the same candidates.
     """
     directed = evaluation_directed(mode, truth, interactions)
     all_genes = [str(g) for g in interactions.genes]
+    scored = all_genes
+    if only_genes is not None:
+        scored = [g for g in all_genes if normalise_gene(g, case_sensitive) in only_genes]
 
     # Ground truth: match on normalised names (Ensembl versions dropped, optional case folding).
     keys: dict[str, int] = {}
-    for position, gene in enumerate(all_genes):
+    for position, gene in enumerate(scored):
         keys.setdefault(normalise_gene(gene, case_sensitive), position)
     edges = truth.edges
     gt_source = _mapped(edges["source"], keys, case_sensitive)
     gt_target = _mapped(edges["target"], keys, case_sensitive)
     if universe == "truth_genes":
         named = np.union1d(gt_source[gt_source >= 0], gt_target[gt_target >= 0])
-        renumber = np.full(len(all_genes), -1, dtype=np.int64)
+        renumber = np.full(len(scored), -1, dtype=np.int64)
         renumber[named] = np.arange(len(named))
         gt_source = np.where(gt_source >= 0, renumber[gt_source], -1)
         gt_target = np.where(gt_target >= 0, renumber[gt_target], -1)
-        genes = [all_genes[i] for i in named]
+        genes = [scored[i] for i in named]
     else:
-        genes = all_genes
+        genes = scored
     n_genes = len(genes)
     inside = (gt_source >= 0) & (gt_target >= 0) & (gt_source != gt_target)
     truth_signs = edges["sign"].to_numpy(dtype=np.int8)[inside] if "sign" in edges.columns else None
@@ -261,7 +267,7 @@ def prepare(
         signs = signs[:top_n] if signs is not None else None
 
     if len(truth_codes) == 0:
-        raise overlap_error(who, truth, all_genes, extractor)
+        raise overlap_error(who, truth, scored, extractor)
     truth_genes_in = np.union1d(truth_codes // n_genes, truth_codes % n_genes)
     problem = PairProblem(
         extractor=extractor,

@@ -1,7 +1,12 @@
 """Ground-truth networks for interaction evaluators: the shared ``ground_truth`` parameter and builders.
 
 ``{source: data}`` takes the network the data source ships (``context.ground_truth``, e.g. the
-krumsiek11 model). ``{source: file, path, format}`` builds one from an edge table:
+krumsiek11 model); ``{source: data, edges: <name>}`` one of the named networks a source ships beside
+it (``context.ground_truths``, from ``DataSource.ground_truths()``): the ``synthetic`` source names
+``planted`` (the control network), ``disease`` (the edges the disease flips or adds) and ``state``
+(the rare state's edges), so one run can score a disease-minus-control extractor against the disease
+edges and an all-cells extractor against the planted network. ``{source: file, path, format}``
+builds one from an edge table:
 
 ===========  =====================================================  ========  ======
 format       columns read                                           directed  sign
@@ -36,7 +41,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from grnx_core import DataError, GroundTruth, RunContext
 from grnx_core.data_types import pair_ids
@@ -109,6 +114,11 @@ class GroundTruthSpec(BaseModel):
     source: Literal["data", "file"] = Field(
         "data", description="data: the network the data source ships (e.g. krumsiek11); file: an edge table"
     )
+    edges: str | None = Field(
+        None,
+        description="source: data only: which of the data source's named networks, e.g. synthetic's "
+        "planted, disease or state; None: the one it ships as its ground truth (ground_truth_edges)",
+    )
     path: str | None = Field(None, description="edge table (source: file); relative to the current directory")
     format: Literal["biogrid", "trrust", "dorothea", "beeline", "string", "regnetwork", "edges"] | None = (
         Field(None, description="layout of the edge table (see the module docstring)")
@@ -145,6 +155,15 @@ class GroundTruthSpec(BaseModel):
         description="keep a seeded part of the pairs (a tune's ground_truth_split sets it: trials are scored "
         "on part tune, the best trial is reported on part report); None keeps every pair",
     )
+
+    @model_validator(mode="after")
+    def _edges_from_the_data(self) -> GroundTruthSpec:
+        if self.edges is not None and self.source != "data":
+            raise ValueError(
+                f"edges: {self.edges!r} names one of the data source's networks, so it needs source: data "
+                f"(found source: {self.source}); remove edges, or set source: data"
+            )
+        return self
 
     def input_files(self) -> list[Path]:
         """The files this spec reads (checked before a run starts; their content keys the cache)."""
@@ -189,6 +208,8 @@ def split_edges(truth: GroundTruth, split: EdgeSplit, who: str = "ground_truth")
 
 
 def _resolve_whole(spec: GroundTruthSpec, context: RunContext, who: str) -> GroundTruth:
+    if spec.source == "data" and spec.edges is not None:
+        return named_data_truth(spec.edges, context, who)
     if spec.source == "data":
         if context.ground_truth is None:
             raise DataError(
@@ -198,6 +219,26 @@ def _resolve_whole(spec: GroundTruthSpec, context: RunContext, who: str) -> Grou
             )
         return context.ground_truth
     return build_ground_truth(spec, who)
+
+
+def named_data_truth(name: str, context: RunContext, who: str) -> GroundTruth:
+    """The data source's network called ``name`` (``context.ground_truths``, filled from
+    ``DataSource.ground_truths()``), or a clear error listing the names it has."""
+    named = context.ground_truths
+    if name in named:
+        return named[name]
+    if not named:
+        raise DataError(
+            f"{who}: ground_truth.edges is {name!r}, but the data source ships no named networks "
+            f"({'only one unnamed ground truth' if context.ground_truth is not None else 'no ground truth'}). "
+            "Remove edges to score against the data's ground truth, or use a source that names its "
+            "networks (synthetic: planted, disease, state)."
+        )
+    raise DataError(
+        f"{who}: ground_truth.edges is {name!r}, but the data source's networks are {sorted(named)}. "
+        f"Set edges to one of them (the synthetic source has 'state' only with rare_state_fraction > 0 "
+        "and n_state_edges > 0)."
+    )
 
 
 def build_ground_truth(spec: GroundTruthSpec, who: str = "ground_truth") -> GroundTruth:

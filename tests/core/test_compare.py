@@ -68,8 +68,10 @@ def test_compare_lists_the_swept_params_and_metrics_with_children_under_the_pare
     assert "seed" not in table.columns  # the same in every run
     # each child's metric is the one MLflow holds for it
     client = Tracker(uri).client
-    for run_id, value in zip(children["run_id"], children["eval/auprc/pearson/epr"]):
-        assert value == pytest.approx(client.get_run(run_id).data.metrics["eval/auprc/pearson/epr"])
+    for run_id, value in zip(children["run_id"], children["eval/auprc/pearson/truth_genes/epr"]):
+        assert value == pytest.approx(
+            client.get_run(run_id).data.metrics["eval/auprc/pearson/truth_genes/epr"]
+        )
     assert not any(name.endswith("_random") for name in table.columns)
 
 
@@ -81,10 +83,10 @@ def test_grnx_compare_prints_the_table_and_writes_csv(swept, capsys):
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert result.run_id in printed and "eval/auprc/pearson/auprc" in printed
+    assert result.run_id in printed and "eval/auprc/pearson/truth_genes/auprc" in printed
     written = pd.read_csv(target)
-    assert len(written) == 5 and "eval/auprc/pearson/auprc" in written.columns
-    assert "eval/auprc/pearson/epr" not in written.columns  # only the metrics asked for
+    assert len(written) == 5 and "eval/auprc/pearson/truth_genes/auprc" in written.columns
+    assert "eval/auprc/pearson/truth_genes/epr" not in written.columns  # only the metrics asked for
 
 
 def test_grnx_compare_on_an_unknown_experiment_names_the_close_one(swept, capsys):

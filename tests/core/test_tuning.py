@@ -69,7 +69,7 @@ PEARSON_TUNE = {
     "evaluators": [{"name": "auprc", "params": {"ground_truth": {"source": "data"}}}],
     "tracking": {"experiment": "tune_pearson_test"},
     "tune": {
-        "metric": "eval/auprc/pearson/epr",
+        "metric": "eval/auprc/pearson/truth_genes/epr",
         "mode": "max",
         "num_samples": 3,
         "n_initial_points": 1,
@@ -213,7 +213,7 @@ def test_a_trials_record_replays_into_nested_runs(tmp_path):
     figure, _ = plt.subplots()
     trial.log_figure("eval/figures/curve.png", figure)
     repeat = recorder.start_run("x", "trial: repeat 0", {"grnx.child": "repeat"}, parent=trial)
-    repeat.log_metrics({"eval/auprc/pearson/epr": 2.5})
+    repeat.log_metrics({"eval/auprc/pearson/truth_genes/epr": 2.5})
     repeat.end("FINISHED")
     trial.end("FINISHED")
     recorder.save()
@@ -238,7 +238,7 @@ def test_a_trials_record_replays_into_nested_runs(tmp_path):
     children = client.search_runs(
         [logged.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.run_id}'"
     )
-    assert [c.data.metrics["eval/auprc/pearson/epr"] for c in children] == [2.5]
+    assert [c.data.metrics["eval/auprc/pearson/truth_genes/epr"] for c in children] == [2.5]
     assert children[0].data.tags["grnx.child"] == "repeat" and children[0].info.status == "FINISHED"
 
 
@@ -334,13 +334,13 @@ def test_a_tune_against_a_ground_truth_split_reports_the_held_out_part(tmp_path,
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_tune(load_recipe(_write(tmp_path, PEARSON_TUNE)), tracking_uri=uri)
-    metric = "eval/auprc/pearson/epr"
+    metric = "eval/auprc/pearson/truth_genes/epr"
     assert result.best is not None and math.isfinite(result.metrics[f"tune/held_out/{metric}"])
     tracker = Tracker(uri)
     (held_out,) = _children(tracker, result.run_id, "held_out")
     best = tracker.client.get_run(result.best.run_id)
-    tuned_edges = best.data.metrics["eval/auprc/pearson/gt_edges"]
-    held_out_edges = held_out.data.metrics["eval/auprc/pearson/gt_edges"]
+    tuned_edges = best.data.metrics["eval/auprc/pearson/truth_genes/gt_edges"]
+    held_out_edges = held_out.data.metrics["eval/auprc/pearson/truth_genes/gt_edges"]
     # The source's planted network, read directly: the two parts share no pair and make it whole.
     from grnx_plugins.data.synthetic import Synthetic
 

@@ -197,9 +197,9 @@ def test_overlap_report_counts_pairs_inside_the_universe(gt_dir):
     inside = {p for p in truth.pair_set() if set(p.split("|")) <= set(genes)}
     params = {"ground_truth": ad_spec(gt_dir, "symbol", 0.3).model_dump()}
     result = AuprcEvaluator(plot=False, universe="all_genes", **params).evaluate(_context(genes, table))
-    assert result.metrics["pearson/gt_edges"] == 104
-    assert result.metrics["pearson/gt_pairs_in_universe"] == len(inside)
-    assert result.metrics["pearson/universe_genes"] == 32
+    assert result.metrics["pearson/all_genes/gt_edges"] == 104
+    assert result.metrics["pearson/all_genes/gt_pairs_in_universe"] == len(inside)
+    assert result.metrics["pearson/all_genes/universe_genes"] == 32
     table_out = result.tables["ground_truth_overlap"]
     assert table_out.loc[0, "gt_pairs_in_universe"] == len(inside)
     nes = NesEvaluator(plot=False, permutations=50, **params).evaluate(_context(genes, table))
@@ -219,7 +219,7 @@ def test_no_overlap_error_suggests_the_namespace(gt_dir):
     result = AuprcEvaluator(ground_truth=mapped.model_dump(), plot=False, universe="all_genes").evaluate(
         _context(genes + ["ENSG00000000005"], table)
     )
-    assert result.metrics["pearson/gt_pairs_in_universe"] >= 1  # APP-PSEN1
+    assert result.metrics["pearson/all_genes/gt_pairs_in_universe"] >= 1  # APP-PSEN1
 
 
 def test_case_insensitive_matching():
@@ -239,7 +239,7 @@ def test_case_insensitive_matching():
         .evaluate(context)
         .metrics
     )
-    assert metrics["pearson/gt_pairs_in_universe"] == 2
+    assert metrics["pearson/truth_genes/gt_pairs_in_universe"] == 2
 
 
 def _file_spec(path, fmt):
@@ -321,3 +321,102 @@ def test_no_letter_case_hint_when_case_does_not_explain_the_missing_overlap():
     with pytest.raises(DataError, match="falls inside the 3 genes") as raised:
         AuprcEvaluator().evaluate(context)
     assert "case_sensitive" not in str(raised.value)
+
+
+# -- a data source's named networks (ground_truth: {source: data, edges: <name>}) ---------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_run():
+    """A small simulation with a rare state, as an evaluator sees it: the shipped ground truth and,
+    by name, every network of the simulation (as the engine fills them from ground_truths())."""
+    from grnx_plugins.data.synthetic import Synthetic
+
+    source = Synthetic(
+        n_cells=300,
+        n_genes=40,
+        n_regulators=8,
+        n_rewired=4,
+        n_gained=3,
+        rare_state_fraction=0.1,
+        n_state_edges=3,
+        seed=3,
+    )
+    directed = source.ground_truth_directed()
+    context = RunContext(seed=0)
+    context.ground_truth = GroundTruth(source.ground_truth(), directed=directed, name="synthetic")
+    context.ground_truths = {
+        name: GroundTruth(edges, directed=directed, name=f"synthetic ({name})")
+        for name, edges in source.ground_truths().items()
+    }
+    return source, context
+
+
+def _signed_pairs(edges, sign="sign"):
+    return set(zip(edges["source"].astype(str), edges["target"].astype(str), edges[sign].astype(int)))
+
+
+def test_edges_selects_the_simulations_disease_edges(synthetic_run):
+    from grnx_plugins.evaluators.ground_truth import resolve_ground_truth
+
+    source, context = synthetic_run
+    spec = GroundTruthSpec(source="data", edges="disease")
+    truth = resolve_ground_truth(spec, context, "test")
+    # the simulation's own record of what the disease rewires: 4 flipped and 3 gained edges
+    planted_changes = source.network.disease_edges
+    assert len(planted_changes) == 7
+    assert _signed_pairs(truth.edges) == _signed_pairs(planted_changes, "disease_sign")
+    planted = resolve_ground_truth(GroundTruthSpec(source="data", edges="planted"), context, "test")
+    control = source.network.edges(source.network.weights_control)
+    assert _signed_pairs(planted.edges) == _signed_pairs(control)
+    state = resolve_ground_truth(GroundTruthSpec(source="data", edges="state"), context, "test")
+    assert _signed_pairs(state.edges) == _signed_pairs(source.options.state_edges)
+    # without edges: the one the source ships (ground_truth_edges, planted by default)
+    assert resolve_ground_truth(GroundTruthSpec(), context, "test") is context.ground_truth
+
+
+def test_one_run_scores_each_extractor_against_its_own_truth(synthetic_run):
+    source, context = synthetic_run
+    genes = list(source.network.genes.astype(str))
+    rows, cols = np.triu_indices(len(genes), 1)
+    table = pd.DataFrame(
+        {
+            "source": np.array(genes)[rows],
+            "target": np.array(genes)[cols],
+            "score": np.linspace(1, 0, len(rows)),
+        }
+    )
+    for extractor in ("pearson_all", "pearson_diff"):
+        context.interactions[extractor] = Interactions(
+            table, directed=False, extractor=extractor, genes=genes
+        )
+    planted = AuprcEvaluator(plot=False, extractors=["pearson_all"], ground_truth={"edges": "planted"})
+    disease = AuprcEvaluator(plot=False, extractors=["pearson_diff"], ground_truth={"edges": "disease"})
+    planted_metrics = planted.evaluate(context).metrics
+    disease_metrics = disease.evaluate(context).metrics
+    assert set(planted_metrics) == {k.replace("diff", "all") for k in disease_metrics}
+    assert disease_metrics["pearson_diff/truth_genes/gt_edges"] == 7
+    assert planted_metrics["pearson_all/truth_genes/gt_edges"] == len(source.ground_truth())
+    # nes shares the ground_truth parameter (its keys have no universe: it scores the list's items)
+    nes = NesEvaluator(
+        plot=False, permutations=20, extractors=["pearson_diff"], ground_truth={"edges": "disease"}
+    )
+    assert nes.evaluate(context).metrics["pearson_diff/gt_edges"] == 7
+
+
+def test_unknown_or_unavailable_named_networks_are_clear_errors(synthetic_run):
+    from pydantic import ValidationError
+
+    table = pd.DataFrame({"source": ["g000"], "target": ["g001"], "score": [1.0]})
+    context = _context(["g000", "g001"], table)
+    context.ground_truths = synthetic_run[1].ground_truths
+    with pytest.raises(DataError, match=r"data source's networks are \['disease', 'planted', 'state'\]"):
+        AuprcEvaluator(ground_truth={"edges": "diseased"}).evaluate(context)
+    bare = _context(["g000", "g001"], table)
+    bare.ground_truth = GroundTruth(
+        pd.DataFrame({"source": ["g000"], "target": ["g001"]}), directed=True, name="t"
+    )
+    with pytest.raises(DataError, match="ships no named networks"):
+        AuprcEvaluator(ground_truth={"edges": "disease"}).evaluate(bare)
+    with pytest.raises(ValidationError, match="needs source: data"):
+        GroundTruthSpec(source="file", path="x.tsv", format="biogrid", edges="disease")

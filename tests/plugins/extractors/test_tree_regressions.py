@@ -127,8 +127,8 @@ def test_recovers_the_planted_network_above_random():
     # Candidates: every ordered pair with a regulator as source, as the extractors were told.
     metrics = AuprcEvaluator(ground_truth={"source": "data"}, plot=False).evaluate(context).metrics
     for name in results:
-        assert metrics[f"{name}/auprc"] > 3 * metrics[f"{name}/auprc_random"], metrics
-        assert metrics[f"{name}/auroc"] > 0.75, metrics
+        assert metrics[f"{name}/truth_genes/auprc"] > 3 * metrics[f"{name}/truth_genes/auprc_random"], metrics
+        assert metrics[f"{name}/truth_genes/auroc"] > 0.75, metrics
 
 
 @pytest.mark.slow

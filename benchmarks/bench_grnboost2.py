@@ -19,6 +19,19 @@ tree, sampled every 0.2 s, and the driver's ``ru_maxrss``), and ratios from the 
     python benchmarks/bench_grnboost2.py                    # 2,000 genes x 5,000 cells, 16 targets
     python benchmarks/bench_grnboost2.py --quick            # 200 genes x 1,000 cells, every target
     python benchmarks/bench_grnboost2.py --method genie3 --quick
+
+Measured 2026-12-02 (default: 2,000 genes x 5,000 cells, 16 targets, every gene a candidate
+regulator), on the 2-core machine shared with other jobs (load average 4 to 7, so 2 workers had
+no free second core):
+
+    run                                  wall s  CPU s  s/target  peak MiB (tree PSS)  links  vs arboreto
+    arboreto infer_partial_network loop    85.6   51.4     5.35        277              1879   1.00x
+    grnx, 1 worker                         94.0   46.7     5.87        299              1879   0.91x
+    grnx, 2 workers (Ray, start 9.2 s)     90.8   55.8     5.68      1,169              1879   0.94x
+
+The same 1,879 links as arboreto. Every target (2,000), extrapolated from s/target: arboreto
+178 min, grnx 196 min with 1 worker, 189 min with 2; 2 workers gave 1.03x over 1 here because the
+second core was taken, and cost ~870 MiB more (the Ray worker processes and object store).
 """
 
 from __future__ import annotations

@@ -270,10 +270,22 @@ class GeneEmbeddingModel(Protocol):
     float64, each model saying what a row is. ``contextual_gene_embeddings`` yields, per cell,
     ``(cell, token_ids, hidden)``: hidden state ``layer`` (0 = the embedding layer's output, k =
     the output of block k, negative from the end) at each of the cell's gene tokens, (m, d),
-    special tokens and padding dropped.
+    special tokens and padding dropped. ``hidden_state_batches`` yields whole batches instead,
+    ``(cells, hidden, keep)``: torch tensors (B, L, d) float32 and (B, L) bool (True on gene tokens)
+    on the model's device, for callers that embed many token batches (in silico perturbation).
     """
 
     def input_gene_embeddings(self, tokens: TokenizedCells, token_ids: np.ndarray) -> np.ndarray: ...
+
+    def hidden_state_batches(
+        self,
+        tokens: TokenizedCells,
+        *,
+        cells: np.ndarray | None = None,
+        layer: int = -1,
+        batch_size: int = 8,
+        autocast_dtype: str | None = None,
+    ) -> Iterator[tuple[np.ndarray, Any, Any]]: ...
 
     def contextual_gene_embeddings(
         self,

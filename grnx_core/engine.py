@@ -725,6 +725,7 @@ class _Leaf:
 
         def compute(folder: Path, recorder: RecordingLogger) -> Interactions:
             context = self.context_for(step, self._cells_of(step), recorder)
+            context.extras["step_id"] = step_id  # components name their artifacts after the step
             extractor = _build(step, Extractor)
             interactions = extractor.extract(context)
             if not isinstance(interactions, Interactions):

@@ -237,6 +237,9 @@ CASES: dict[str, Case | list[Case]] = {
     ),
     "model:mlp": Case(TINY_MLP[1]),
     "extractor:attention": Case({}, tokenizer=SCALED_TOKENS, model=TINY_CELLUFORMER),
+    "extractor:insilico_perturbation": Case(
+        {"max_cells": 6}, tokenizer=SCALED_TOKENS, model=TINY_CELLUFORMER
+    ),
     "extractor:pearson": [
         Case({}),
         Case({"group_key": "label", "case": "case", "control": "control"}, name="grouped"),

@@ -11,6 +11,7 @@ COMPONENTS: dict[str, str] = {
     "embedding_similarity": "grnx_plugins.extractors.embedding_similarity:EmbeddingSimilarityExtractor",
     "genie3": "grnx_plugins.extractors.genie3:GENIE3Extractor",
     "grnboost2": "grnx_plugins.extractors.grnboost2:GRNBoost2Extractor",
+    "insilico_perturbation": "grnx_plugins.extractors.insilico_perturbation:InsilicoPerturbationExtractor",
     "nid": "grnx_plugins.extractors.nid:NIDExtractor",
     "pearson": "grnx_plugins.extractors.pearson:PearsonExtractor",
     "spearman": "grnx_plugins.extractors.spearman:SpearmanExtractor",

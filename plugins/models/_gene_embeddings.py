@@ -64,6 +64,19 @@ class GeneEmbeddings:
             rows = network.input_gene_embeddings(torch.from_numpy(ids).to(device_of(network)))
         return rows.double().cpu().numpy()
 
+    def hidden_state_batches(
+        self,
+        tokens: TokenizedCells,
+        *,
+        cells: np.ndarray | None = None,
+        layer: int = -1,
+        batch_size: int = 8,
+        autocast_dtype: str | None = None,
+    ) -> Iterator[tuple[np.ndarray, Any, Any]]:
+        """Per batch of cells ``(cells, hidden, keep)``: see :func:`gene_state_batches`."""
+        chosen = np.arange(tokens.n_cells) if cells is None else np.asarray(cells, dtype=np.int64)
+        return gene_state_batches(self, tokens, chosen, layer, batch_size, autocast_dtype)
+
     def contextual_gene_embeddings(
         self,
         tokens: TokenizedCells,
@@ -105,3 +118,48 @@ class GeneEmbeddings:
                     positions = np.flatnonzero(keep[row])
                     yield int(cell), ids[row, positions], hidden[row, positions]
                 bar.update(len(indices))
+
+
+def gene_state_batches(
+    model: Any,
+    tokens: TokenizedCells,
+    cells: np.ndarray,
+    layer: int,
+    batch_size: int,
+    autocast_dtype: str | None = None,
+) -> Iterator[tuple[np.ndarray, Any, Any]]:
+    """Per batch of ``cells``: ``(cells, hidden, keep)``, the hidden state ``layer`` at every position.
+
+    ``hidden`` is a (B, L, d) float32 torch tensor and ``keep`` a (B, L) bool tensor, True on gene
+    tokens (False on special tokens and padding), both on the model's device (the caller reduces
+    them there instead of copying whole batches of states to the host); row b holds cell
+    ``cells[b]``'s tokens from position 0, as ``contextual_gene_embeddings`` yields them cell by
+    cell. For callers that embed many token batches (in silico perturbation) and vectorise over the
+    batch: no progress bar, batches of similar length, not in input order, computed without
+    gradients. ``autocast_dtype`` (e.g. ``"bfloat16"``) runs the forward passes under
+    ``torch.autocast`` on the model's device; the states are returned as float32 either way.
+    ``model`` is a fitted :class:`GeneEmbeddings` model.
+    """
+    import contextlib
+
+    import torch
+
+    from grnx_plugins.models._token_tasks import device_of, make_batch
+    from grnx_plugins.models._training import bucketed_batches
+
+    model._require_fitted()
+    model._check_vocabulary(tokens)
+    network = model.network_
+    index = hidden_layer_index(layer, int(network.n_layers), model.name)
+    network.eval()
+    device = device_of(network)
+    for indices in bucketed_batches(np.asarray(cells, dtype=np.int64), tokens.lengths, batch_size, None):
+        precision = (
+            torch.autocast(device.type, dtype=getattr(torch, autocast_dtype))
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.no_grad(), precision:
+            batch = make_batch(model, tokens, indices, device)
+            hidden = network.hidden_states(batch.ids, batch.values, batch.mask, index)
+        yield indices, hidden.float(), batch.keep

@@ -194,28 +194,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``grnx report EXPERIMENT``: markdown tables (mean, t-interval) and PNG figures of its runs."""
-    from grnx_core.report import write_report
+    import shlex
+
+    from grnx_core.report import REPEAT_PARAMS, write_report
     from grnx_core.tracking import Tracker
 
-    command = "grnx report " + " ".join(_quoted(item) for item in _report_argv(args))
+    command = shlex.join(["grnx", "report", *_report_argv(args)])
     report = write_report(
         Tracker(args.tracking_uri),
         args.experiment,
         Path(args.out) if args.out else None,
         metrics=args.metric,
         x=args.x,
-        repeat_params=tuple(args.repeat_param) if args.repeat_param else ("sampler.seed",),
+        repeat_params=tuple(args.repeat_param) if args.repeat_param else REPEAT_PARAMS,
         confidence=args.confidence,
         command=command,
     )
     print(f"wrote {report.path} ({len(report.tables)} tables, {len(report.figures)} figures)")
     return 0
-
-
-def _quoted(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
 
 
 def _report_argv(args: argparse.Namespace) -> list[str]:

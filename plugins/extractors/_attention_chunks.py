@@ -1,7 +1,7 @@
 """The attention extractor's Z and M sums over chunks of cells, as Ray tasks.
 
-Cells are independent in ``Z[a,b] = sum_c w_c E_c[a,b]`` and ``M[a,b] = sum_c w_c`` (ALGORITHMS.md
-section 5), so the cells are split into chunks, each Ray task returns its chunk's partial sums,
+Cells are independent in ``Z[a,b] = sum_c w_c E_c[a,b]`` and ``M[a,b] = sum_c w_c``
+(docs/methods/extractors.md#attention), so the cells are split into chunks, each Ray task returns its chunk's partial sums,
 and the driver adds them in chunk order, in float64: the result is the in-process one up to the
 order of float additions, and the same on every run with the same number of workers. Whatever
 follows the sums (symmetrising, Z / M, the APC or centring correction) runs once, on the driver,

@@ -8,7 +8,7 @@ included, into one "random" list, down-samples it to 100,000 with ``random.seed(
 ``scipy.stats.ranksums(null, shifts_of_gene)`` per gene, then ``statsmodels``' ``fdr_bh``. A gene
 with many detections and a large shift is then partly compared with itself, which pulls its
 p-value toward 1. Here each gene's null is the pooled shifts of all *other* perturbations
-(ALGORITHMS.md section 12): the pool is down-sampled once and the tested gene's own entries are
+(docs/methods/extractors.md#in-silico-perturbation): the pool is down-sampled once and the tested gene's own entries are
 removed from the sample, so the null of every gene is a uniform random subset of the others' shifts.
 
 The rank sums are computed from one sorted pool with ``searchsorted`` instead of ranking the

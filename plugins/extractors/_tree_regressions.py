@@ -1,6 +1,6 @@
 """Per-target tree regressions (GRNBoost2, GENIE3) over a gene universe, in-process or on Ray.
 
-ALGORITHMS.md section 13. For each target gene ``t`` the expression of ``t`` is regressed on the
+docs/methods/extractors.md#grnboost2-and-genie3. For each target gene ``t`` the expression of ``t`` is regressed on the
 candidate regulators (the TF list, else every gene of the universe; never ``t`` itself), and the
 regressor's feature importances become directed links ``regulator -> target``. The per-target fit
 is arboreto's own: ``arboreto.core.fit_model`` (its regressor kwargs ``SGBM_KWARGS`` / ``RF_KWARGS``

@@ -149,7 +149,7 @@ def remove_gene_means(score: np.ndarray, how: str, where: str) -> np.ndarray:
 
 
 class AttentionExtractor(Extractor):
-    """Weighted attention aggregation (Wu et al., NeurIPS 2024, section 3; ALGORITHMS.md section 5).
+    """Weighted attention aggregation (Wu et al., NeurIPS 2024, section 3; docs/methods/extractors.md#attention).
 
     For every cell ``c`` the model gives ``E_c``, its attention over its genes averaged over the
     chosen ``layers`` and ``heads`` (each layer from its own input; negative indices count from

@@ -16,7 +16,7 @@ from grnx_plugins.extractors.attention import cell_weights, token_universe
 
 
 class EmbeddingSimilarityExtractor(Extractor):
-    """Cosine similarity of gene embeddings (ALGORITHMS.md section 14), undirected.
+    """Cosine similarity of gene embeddings (docs/methods/extractors.md#embedding-similarity), undirected.
 
     ``source: input``: each gene's row of the model's input gene-embedding table, the same for
     every cell. What a row is depends on the model: celluformer's embedding before it is scaled by

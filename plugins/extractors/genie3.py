@@ -6,7 +6,7 @@ from grnx_plugins.extractors._tree_regressions import TreeRegressionExtractor, T
 
 
 class GENIE3Extractor(TreeRegressionExtractor):
-    """GENIE3 (Huynh-Thu et al., PLoS ONE 2010; ALGORITHMS.md section 13), as arboreto runs it.
+    """GENIE3 (Huynh-Thu et al., PLoS ONE 2010; docs/methods/extractors.md#grnboost2-and-genie3), as arboreto runs it.
 
     Each target gene's expression is fitted by scikit-learn's ``RandomForestRegressor`` with
     arboreto's ``RF_KWARGS`` (1,000 trees, sqrt of the regulators per split); the score of

@@ -13,7 +13,7 @@ from grnx_plugins.extractors._tree_regressions import (
 
 
 class GRNBoost2Extractor(TreeRegressionExtractor):
-    """GRNBoost2 (Moerman et al., Bioinformatics 2019; ALGORITHMS.md section 13).
+    """GRNBoost2 (Moerman et al., Bioinformatics 2019; docs/methods/extractors.md#grnboost2-and-genie3).
 
     Each target gene's expression is fitted by scikit-learn's ``GradientBoostingRegressor`` with
     arboreto's ``SGBM_KWARGS`` (learning rate 0.01, at most 5,000 trees, 10% of the regulators per

@@ -192,7 +192,7 @@ def shift_plot(table: pd.DataFrame, shift_column: str, fdr_column: str | None, a
 
 
 class InsilicoPerturbationExtractor(Extractor):
-    """In silico deletion / overexpression (Theodoris et al., Nature 2023; ALGORITHMS.md section 12).
+    """In silico deletion / overexpression (Theodoris et al., Nature 2023; docs/methods/extractors.md#in-silico-perturbation).
 
     Follows Geneformer's ``InSilicoPerturber`` and ``InSilicoPerturberStats``
     (``geneformer/in_silico_perturber.py``, ``perturber_utils.py``, ``in_silico_perturber_stats.py``;

@@ -75,7 +75,7 @@ def _best(positions: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray
 
 
 class NIDExtractor(Extractor):
-    """Pairwise NID (Tsang, Cheng, Liu, ICLR 2018, section 4; ALGORITHMS.md section 6).
+    """Pairwise NID (Tsang, Cheng, Liu, ICLR 2018, section 4; docs/methods/extractors.md#nid).
 
     From an ``mlp`` model's weights ``[W1 (h1 x p), W2, ..., W_out]``, biases ignored:
     ``z = |w_y|^T |W_L| ... |W_2|`` (the rows of ``W_out`` summed over classes, or the row of

@@ -121,7 +121,7 @@ def correlation_matrix(
 
 
 class PearsonExtractor(Extractor):
-    """Pearson co-expression (ALGORITHMS.md section 7) over a gene universe, optionally cell-weighted.
+    """Pearson co-expression (docs/methods/extractors.md#pearson-and-spearman) over a gene universe, optionally cell-weighted.
 
     Gene universe, in order of precedence: ``genes`` (an explicit list or file, see
     ``_universe.py``); else the ``n_top_genes`` genes of highest mean expression, the mean taken

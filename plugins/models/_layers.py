@@ -6,7 +6,7 @@
 differs in one way: it computes attention itself, so it can report the post-softmax attention of
 the very input it processes (:func:`attention_with_map`). ``nn.TransformerEncoderLayer`` never
 returns weights and its fast path skips hooks, which is why the published WDS code recomputed
-attention from the embedding output for every layer (a defect listed in ALGORITHMS.md section 5).
+attention from the embedding output for every layer (a defect listed in docs/methods/extractors.md#attention).
 Without a map to fill, attention runs through ``F.scaled_dot_product_attention``.
 """
 

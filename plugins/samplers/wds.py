@@ -1,8 +1,8 @@
 """Weighted Diversified Sampling (WDS): draw cells with probability falling with their Min-Max density.
 
 Wu et al., "Weighted Diversified Sampling for Efficient Data-Driven Single-Cell Gene-Gene Interaction
-Discovery", NeurIPS 2024 (arXiv:2410.15616), Algorithm 1 and Definitions 3.5-3.6; grnx spec:
-ALGORITHMS.md section 9.
+Discovery", NeurIPS 2024 (arXiv:2410.15616), Algorithm 1 and Definitions 3.5-3.6; method page:
+docs/methods/samplers.md#wds.
 
 Min-Max similarity ``J(x, y) = sum_g min(x_g, y_g) / sum_g max(x_g, y_g)`` and density
 ``K(x) = sum_y J(x, y)`` over all cells (``x`` included). Two streaming passes over the cells:
@@ -29,7 +29,7 @@ Settings. The default is the paper's definition, and it samples almost uniformly
 all cells, so ``1/K`` is tiny and its softmax flat (measured in grnx issue 17: max/min probability
 1.05 on Kang 2018, effective sample size = n), while temperatures low enough to matter put the
 mass on a few outliers. Three settings make the density discriminative and the weights usable
-(ALGORITHMS.md section 9):
+(docs/methods/samplers.md#wds):
 
 - ``kernel_power: p`` (sharpened kernel): each sketch row concatenates ``p`` hashes, so two cells
   collide with probability ``J^p`` and the sketch estimates ``K_p(x) = sum_y J(x, y)^p`` (plus

@@ -519,7 +519,7 @@ def test_inconsistent_sharp_settings_are_rejected(params):
 @pytest.mark.slow
 @pytest.mark.shared_data
 def test_density_ranks_better_on_counts_than_on_log1p_on_kang(kang_counts):
-    """ALGORITHMS.md section 9: Spearman with the exact density, counts vs log1p-normalised (R = 200)."""
+    """docs/methods/samplers.md#wds: Spearman with the exact density, counts vs log1p-normalised (R = 200)."""
     queries = np.random.default_rng(1).choice(kang_counts.shape[0], size=200, replace=False)
     totals = np.asarray(kang_counts.sum(axis=1)).ravel()
     log1p = kang_counts.copy()

@@ -137,23 +137,19 @@ def worker(spec: dict) -> dict:
     )
     if name == "mlp":
         adata = make_adata(n_cells, length)
-        context = RunContext(
-            roles=DataRoles(label_key="label"), adata=adata, recipe=SimpleNamespace(train=train)
-        )
+        context = RunContext(roles=DataRoles(label_key="label"), adata=adata, train_settings=train)
         warm = RunContext(
             roles=DataRoles(label_key="label"),
             adata=make_adata(8, length),
-            recipe=SimpleNamespace(train=train),
+            train_settings=train,
         )
     else:
         tokens = make_tokens(name, n_cells, length)
-        context = RunContext(
-            roles=DataRoles(label_key="label"), tokens=tokens, recipe=SimpleNamespace(train=train)
-        )
+        context = RunContext(roles=DataRoles(label_key="label"), tokens=tokens, train_settings=train)
         warm = RunContext(
             roles=DataRoles(label_key="label"),
             tokens=make_tokens(name, 4, 16),
-            recipe=SimpleNamespace(train=train),
+            train_settings=train,
         )
     cls(**params).fit(warm)  # imports and first-call set-up stay out of the timing
     baseline = rss_mb()

@@ -25,7 +25,7 @@ _INTEGER_TOLERANCE = float(np.sqrt(np.finfo(np.float64).eps))
 
 
 class CscoreExtractor(Extractor):
-    """CS-CORE (ALGORITHMS.md section 8) on raw counts over a gene universe, or its case - control difference.
+    """CS-CORE (docs/methods/extractors.md#cs-core) on raw counts over a gene universe, or its case - control difference.
 
     Model ``x_ij | z_ij ~ Poisson(s_i z_ij)``: the IRLS moment estimates of the mean and variance of
     the underlying expression ``z``, then a weighted moment regression for each pair's covariance

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from scipy.stats import norm
 
 from grnx_core import CellSample, DataError, RunContext
-from grnx_plugins.extractors._cscore_irls import ARRAYS_PER_BLOCK_GENE, fit_coexpression
+from grnx_plugins.extractors._cscore_irls import bytes_per_block_gene, fit_coexpression
 from grnx_plugins.extractors.cscore import CscoreExtractor
 
 #: ind_gene_pair from the CS-CORE R package (MIT), converted to text; see the file's header.
@@ -142,7 +142,7 @@ def test_blocks_match_a_brute_force_reference():
     counts[:, 5] = rng.poisson(depth * 2e-4)  # Poisson only: a variance estimate near or below 0
     counts[:, 6] = 0  # no counts
     rho, statistic, mu, sigma2 = _brute_force_cscore(counts.astype(np.float64), depth)
-    n_genes, per_gene = counts.shape[1], ARRAYS_PER_BLOCK_GENE * 8.0 * len(depth)
+    n_genes, per_gene = counts.shape[1], bytes_per_block_gene(len(depth), len(np.unique(depth)))
     for genes_per_block in (2, 3, n_genes):  # memory for that many genes per block
         budget = 2 * 8.0 * n_genes**2 + genes_per_block * per_gene
         fit = fit_coexpression(sp.csc_matrix(counts), depth, max_memory_bytes=budget)
@@ -153,6 +153,48 @@ def test_blocks_match_a_brute_force_reference():
         assert np.allclose(fit.statistic, statistic, rtol=1e-9, atol=1e-12, equal_nan=True)
         assert np.array_equal(fit.correlation, fit.correlation.T)
     assert np.all(fit.correlation[6, :6] == 0) and np.isnan(fit.statistic[6, :6]).all()
+
+
+def _scrambled_csc(counts: np.ndarray, rng) -> sp.csc_matrix:
+    """CSC of ``counts`` in a non-canonical layout: rows unsorted, counts split over duplicate
+    entries, explicit zeros stored, int64 values."""
+    indptr, indices, data = [0], [], []
+    for column in counts.T:
+        rows = np.flatnonzero(column)
+        split = rows[column[rows] >= 2][:5]  # a few counts stored as two entries
+        zero_rows = np.flatnonzero(column == 0)[:3]  # a few zeros stored explicitly
+        entry_rows = np.concatenate([rows, split, zero_rows])
+        entry_values = np.concatenate([column[rows], np.zeros(len(split) + len(zero_rows), dtype=np.int64)])
+        entry_values[np.searchsorted(rows, split)] -= 1
+        entry_values[len(rows) : len(rows) + len(split)] = 1
+        order = rng.permutation(len(entry_rows))
+        indices.extend(entry_rows[order])
+        data.extend(entry_values[order])
+        indptr.append(len(indices))
+    matrix = sp.csc_matrix(
+        (np.array(data, dtype=np.int64), np.array(indices), np.array(indptr)), shape=counts.shape
+    )
+    assert not matrix.has_canonical_format
+    return matrix
+
+
+def test_cells_sharing_depths_and_any_sparse_layout_match_the_brute_force_reference():
+    # Every weight depends on a cell only through its depth: here 400 cells share 4 depths, so the
+    # sums over depths replace most sums over cells; the layouts must not change any count.
+    rng = np.random.default_rng(7)
+    log_cov = np.full((6, 6), 0.1) + np.diag(np.full(6, 0.4))
+    log_cov[0, 1] = log_cov[1, 0] = 0.35
+    depth = rng.choice([1500.0, 2500.0, 4000.0, 9000.0], size=400)
+    log_z = rng.multivariate_normal(np.full(6, -8.2), log_cov, size=400)
+    counts = rng.poisson(depth[:, None] * np.exp(log_z))
+    rho, statistic, mu, sigma2 = _brute_force_cscore(counts.astype(np.float64), depth)
+    for layout in (counts, sp.csr_matrix(counts.astype(np.float32)), _scrambled_csc(counts, rng)):
+        fit = fit_coexpression(layout, depth, max_memory_bytes=2**26)
+        assert np.allclose(fit.moments.mu, mu, rtol=1e-12) and np.allclose(
+            fit.moments.sigma2, sigma2, rtol=1e-10
+        )
+        assert np.allclose(fit.correlation, rho, rtol=1e-10, atol=1e-13)
+        assert np.allclose(fit.statistic, statistic, rtol=1e-10, atol=1e-13, equal_nan=True)
 
 
 # -- (2) a planted correlation in simulated counts ----------------------------------------------

@@ -320,6 +320,9 @@ class _Leaf:
             needs = self._needs(step)
             self.keys[f"extract:{step.step_id}"] = step_key(
                 stage="extract",
+                # the entry's files are named after the step: two steps alike but for their id
+                # must not share one
+                step_id=step.step_id,
                 component=self._identity(step),
                 inputs={
                     need: self._key_of(need)

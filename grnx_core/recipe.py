@@ -667,11 +667,20 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], str, dict[str, str]]:
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Mappings merge key by key; lists and scalars from ``update`` replace the base's."""
+    """Mappings merge key by key; lists and scalars from ``update`` replace the base's.
+
+    A section that names another component (``data: {name: h5ad, ...}`` over ``data: {name: csv,
+    ...}``) replaces the base's whole: the old component's params mean nothing to the new one.
+    """
     merged = copy.deepcopy(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+        current = merged.get(key)
+        if (
+            isinstance(value, dict)
+            and isinstance(current, dict)
+            and not ("name" in value and "name" in current and value["name"] != current["name"])
+        ):
+            merged[key] = _deep_merge(current, value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged

@@ -459,3 +459,28 @@ def test_informational_metrics_need_no_direction_but_every_metric_a_declaration(
         GrnxError, match="declared in neither its higher_is_better nor its informational: mystery"
     ):
         _run(path, registry, Cache(enabled=False), overrides=["evaluators.0.params.undeclared=true"])
+
+
+def test_two_extractors_alike_but_for_their_id_each_keep_their_own_cache_entry(tmp_path):
+    """The entry's files are named after the step id, so a recipe whose extractor differs from an
+    earlier recipe's only by its id must not be served the earlier entry."""
+    registry = fixture_registry()
+    recipe = f"""
+        schema_version: 1
+        name: twins
+        data: {SYNTHETIC}
+        extractors: [{{name: pearson, id: STEP}}]
+        evaluators: [{{name: top_pair_score}}]
+    """
+    cache = Cache(tmp_path / "cache")
+    first = _run(_write(tmp_path, recipe.replace("STEP", "first"), "first.yaml"), registry, cache)
+    second = _run(_write(tmp_path, recipe.replace("STEP", "second"), "second.yaml"), registry, cache)
+    assert "extract:second" not in second.cached_stages
+    again = _run(_write(tmp_path, recipe.replace("STEP", "second"), "second.yaml"), registry, cache)
+    assert "extract:second" in again.cached_stages
+    columns = ["source", "target", "score"]
+    assert (
+        first.leaf.interactions["first"]
+        .table[columns]
+        .equals(again.leaf.interactions["second"].table[columns])
+    )

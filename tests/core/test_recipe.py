@@ -135,3 +135,32 @@ def test_yaml_python_tags_are_refused(tmp_path):
     )
     with pytest.raises(RecipeError, match="could not determine a constructor"):
         load_recipe(path)
+
+
+def test_extends_replaces_a_section_that_names_another_component(tmp_path):
+    _write(
+        tmp_path,
+        "base.yaml",
+        """
+        schema_version: 1
+        name: base
+        data: {name: csv, params: {path: counts.csv, orientation: genes_x_cells, values: counts}}
+        model: {name: celluformer, params: {d_model: 16}}
+        extractors: [{name: pearson}]
+    """,
+    )
+    child = _write(
+        tmp_path,
+        "child.yaml",
+        """
+        extends: base.yaml
+        name: child
+        data: {name: h5ad, params: {path: data.h5ad}}
+        model: {params: {d_model: 32}}
+    """,
+    )
+    data = load_recipe_data(child).data
+    # another data source: the csv params (orientation, values) would mean nothing to h5ad
+    assert data["data"] == {"name": "h5ad", "params": {"path": "data.h5ad"}}
+    # the same model named (or not named) again: its params still merge
+    assert data["model"] == {"name": "celluformer", "params": {"d_model": 32}}

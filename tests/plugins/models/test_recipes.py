@@ -48,7 +48,8 @@ def test_celluformer_recipe_runs_end_to_end(tmp_path):
         "model.params.d_ff=32",
         "model.params.n_layers=1",
         "train.epochs=2",
-        "evaluators.2.params.permutations=20",
+        "evaluators.3.params.permutations=20",
+        "evaluators.4.params.permutations=20",
     ]
     resolved = load_recipe(RECIPES / "wds/celluformer_train.yaml", overrides)
     result = run_recipe(resolved, track=False, cache=Cache(tmp_path / "cache"))

@@ -1002,3 +1002,33 @@ def _aggregates_lines(aggregates: pd.DataFrame) -> list[str]:
         cells += [_fmt(row[m]) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+# -- for drivers that assemble their own documents (benchmarks/study_results.py) ------------------
+
+
+def experiment_sections(
+    tracker: Any, experiment: str, repeat_params: Sequence[str] = REPEAT_PARAMS
+) -> list[Section]:
+    """The sections ``write_report`` would write for ``experiment``: one per recipe, grouped.
+
+    For a driver that puts chosen metric tables of several experiments into one document with
+    ``metric_table``, ``markdown_table`` and ``metric_figure``; raises as ``write_report`` does when
+    the experiment is unknown or has no runs.
+    """
+    runs = _runs(tracker, experiment)
+    if not runs:
+        raise GrnxError(f"experiment {experiment!r} has no runs yet; run a recipe into it first.")
+    return sections_of(runs, repeat_params)
+
+
+def parent_aggregates(section: Section) -> pd.DataFrame:
+    """What the parent runs of ``section`` logged beyond their leaves' summaries (e.g. NES MSE
+    against the full data): a row per group, evaluator and subject, a column per metric; empty when
+    none. The table ``write_report`` lists under "Aggregates the parent runs logged"."""
+    return _parent_aggregates(section)
+
+
+def format_value(value: Any) -> str:
+    """A number as the report's tables show it (``—`` for a missing value)."""
+    return _fmt(value)

@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return options
 
 
+def run_all(
+    names: Sequence[str],
+    run_one: Callable[[str, argparse.Namespace], Outcome],
+    options: argparse.Namespace,
+    cache_prefix: str,
+) -> tuple[list[Outcome], float]:
+    """Run each recipe with ``run_one``; with ``--fresh-cache`` in a temporary grnx cache removed after.
+
+    Returns the outcomes and the wall seconds of all runs together.
+    """
+    scratch = tempfile.mkdtemp(prefix=cache_prefix) if options.fresh_cache else None
+    options.cache_dir = scratch
+    started = time.perf_counter()
+    try:
+        outcomes = [run_one(name, options) for name in names]
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return outcomes, time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     options = parse_args(argv)
@@ -274,15 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     total_s = None
     options.cache_dir = None
     if not options.report_only:
-        scratch = tempfile.mkdtemp(prefix="grnx-benchmark-cache-") if options.fresh_cache else None
-        options.cache_dir = scratch
-        started = time.perf_counter()
-        try:
-            outcomes = [run_recipe(name, options) for name in options.recipes]
-        finally:
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
-        total_s = time.perf_counter() - started
+        outcomes, total_s = run_all(options.recipes, run_recipe, options, "grnx-benchmark-cache-")
         for outcome in outcomes:
             if outcome.returncode is None:
                 print(f"skipped {outcome.recipe}: {outcome.reason}")

@@ -43,9 +43,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -55,7 +53,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
-from grn_benchmark import Outcome, grnx_command, missing_inputs, report_notes  # noqa: E402
+from grn_benchmark import Outcome, grnx_command, missing_inputs, report_notes, run_all  # noqa: E402
 
 RECIPES = REPO_ROOT / "recipes"
 DEFAULT_TRACKING_URI = "sqlite:///reports/study_results/mlflow.db"
@@ -355,15 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     total_s = None
     options.cache_dir = None
     if not options.report_only:
-        scratch = tempfile.mkdtemp(prefix="grnx-study-cache-") if options.fresh_cache else None
-        options.cache_dir = scratch
-        started = time.perf_counter()
-        try:
-            outcomes = [run_recipe(recipe, options) for recipe in options.recipes]
-        finally:
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
-        total_s = time.perf_counter() - started
+        outcomes, total_s = run_all(options.recipes, run_recipe, options, "grnx-study-cache-")
     command = shlex.join(["python", "benchmarks/study_results.py", *argv])
     out = write_results(
         options.tracking_uri,

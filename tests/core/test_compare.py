@@ -12,26 +12,14 @@ from grnx_core.recipe import load_recipe
 from grnx_core.runner import run_recipe
 from grnx_core.tracking import Tracker
 
+from .tiny_recipes import LOG_NORMALISE, tiny_synthetic_data
+
 SWEEP = {
     "schema_version": 1,
     "name": "compare_sweep",
     "seed": 0,
-    "data": {
-        "name": "synthetic",
-        "params": {
-            "n_cells": 200,
-            "n_genes": 20,
-            "n_regulators": 4,
-            "n_rewired": 1,
-            "n_gained": 1,
-            "seed": 0,
-        },
-        "label_key": "disease",
-    },
-    "preprocess": [
-        {"name": "normalize_total", "params": {"target_sum": 10000}},
-        {"name": "log1p", "params": {}},
-    ],
+    "data": tiny_synthetic_data(200),
+    "preprocess": LOG_NORMALISE,
     "extractors": [{"name": "pearson", "params": {"rank_by": "abs"}}],
     "evaluators": [{"name": "auprc", "params": {"ground_truth": {"source": "data"}}}],
     "tracking": {"experiment": "compare_test"},

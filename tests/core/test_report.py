@@ -24,6 +24,8 @@ from grnx_core.runner import run_recipe
 from grnx_core.tracking import Tracker
 from grnx_plugins.evaluators.auprc import AuprcEvaluator
 
+from .tiny_recipes import LOG_NORMALISE, tiny_synthetic_data
+
 #: The auprc evaluator scores Pearson over each extractor's own pairs when asked (baseline_extractor).
 SAME_PAIRS = "baseline_extractor" in AuprcEvaluator.Params.model_fields
 EXPERIMENT = "report_test"
@@ -34,22 +36,8 @@ SWEEP = {
     "schema_version": 1,
     "name": "report_sweep",
     "seed": 0,
-    "data": {
-        "name": "synthetic",
-        "params": {
-            "n_cells": 300,
-            "n_genes": 20,
-            "n_regulators": 4,
-            "n_rewired": 1,
-            "n_gained": 1,
-            "seed": 0,
-        },
-        "label_key": "disease",
-    },
-    "preprocess": [
-        {"name": "normalize_total", "params": {"target_sum": 10000}},
-        {"name": "log1p", "params": {}},
-    ],
+    "data": tiny_synthetic_data(300),
+    "preprocess": LOG_NORMALISE,
     "sampler": {"name": "uniform", "params": {"fraction": 0.5}, "repeats": REPEATS},
     "extractors": [
         {"name": "pearson", "params": {"rank_by": "abs"}},

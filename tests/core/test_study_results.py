@@ -23,6 +23,8 @@ from grnx_core.recipe import load_recipe
 from grnx_core.runner import run_recipe
 from grnx_core.tracking import Tracker
 
+from .tiny_recipes import LOG_NORMALISE, tiny_synthetic_data
+
 ROOT = Path(__file__).resolve().parents[2]
 FRACTIONS = [0.3, 0.6]
 
@@ -30,22 +32,8 @@ TINY_WDS_STUDY = {
     "schema_version": 1,
     "name": "wds_study",  # the tag the document looks for: wds_study.yaml's name
     "seed": 0,
-    "data": {
-        "name": "synthetic",
-        "params": {
-            "n_cells": 300,
-            "n_genes": 20,
-            "n_regulators": 4,
-            "n_rewired": 1,
-            "n_gained": 1,
-            "seed": 0,
-        },
-        "label_key": "disease",
-    },
-    "preprocess": [
-        {"name": "normalize_total", "params": {"target_sum": 10000}},
-        {"name": "log1p", "params": {}},
-    ],
+    "data": tiny_synthetic_data(300),
+    "preprocess": LOG_NORMALISE,
     "sampler": {"name": "uniform", "params": {"fraction": 0.5}, "repeats": 2, "reference": True},
     "extractors": [{"name": "pearson", "params": {"rank_by": "abs"}}],
     "evaluators": [

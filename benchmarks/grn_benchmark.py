@@ -289,6 +289,15 @@ def run_all(
     return outcomes, time.perf_counter() - started
 
 
+def exit_status(outcomes: list[Outcome]) -> int:
+    """1 (naming them on stderr) when a recipe's run failed, else 0; skipped recipes do not count."""
+    failed = [o.recipe for o in outcomes if o.returncode not in (0, None)]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     options = parse_args(argv)
@@ -316,11 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {report.path} ({len(report.tables)} tables, {len(report.figures)} figures)")
     if total_s is not None:
         print(f"runs took {total_s / 60:.1f} min wall")
-    failed = [o.recipe for o in outcomes if o.returncode not in (0, None)]
-    if failed:
-        print(f"failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(outcomes)
 
 
 if __name__ == "__main__":

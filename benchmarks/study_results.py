@@ -53,7 +53,14 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
-from grn_benchmark import Outcome, grnx_command, missing_inputs, report_notes, run_all  # noqa: E402
+from grn_benchmark import (  # noqa: E402
+    Outcome,
+    exit_status,
+    grnx_command,
+    missing_inputs,
+    report_notes,
+    run_all,
+)
 
 RECIPES = REPO_ROOT / "recipes"
 DEFAULT_TRACKING_URI = "sqlite:///reports/study_results/mlflow.db"
@@ -363,11 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         options.recipes,
     )
     print(f"\nwrote {out}")
-    failed = [o.recipe for o in outcomes if o.returncode not in (0, None)]
-    if failed:
-        print(f"failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(outcomes)
 
 
 if __name__ == "__main__":

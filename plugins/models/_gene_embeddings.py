@@ -92,31 +92,15 @@ class GeneEmbeddings:
         negative counts from the end (-1: the last block). Cells come in batches of similar
         length, not in input order: use the yielded ``cell`` (a row of ``tokens``).
         """
-        import torch
-
-        from grnx_plugins.models._token_tasks import device_of, make_batch
-        from grnx_plugins.models._training import bucketed_batches
-
-        self._require_fitted()
-        self._check_vocabulary(tokens)
-        network = self.network_
-        index = hidden_layer_index(layer, int(network.n_layers), self.name)
-        network.eval()
-        device = device_of(network)
         chosen = np.arange(tokens.n_cells) if cells is None else np.asarray(cells, dtype=np.int64)
         with progress(total=len(chosen), desc=f"{self.name}: contextual gene embeddings", unit="cell") as bar:
-            for indices in bucketed_batches(chosen, tokens.lengths, batch_size, None):
-                # no_grad only around the computation: a generator must not leave grad mode off for
-                # the caller's code between yields
-                with torch.no_grad():
-                    batch = make_batch(self, tokens, indices, device)
-                    hidden = network.hidden_states(batch.ids, batch.values, batch.mask, index)
-                    hidden = hidden.float().cpu().numpy()
-                    keep = batch.keep.cpu().numpy()
-                    ids = batch.ids.cpu().numpy()
+            for indices, batch, hidden in _hidden_state_passes(self, tokens, chosen, layer, batch_size, None):
+                states = hidden.float().cpu().numpy()
+                keep = batch.keep.cpu().numpy()
+                ids = batch.ids.cpu().numpy()
                 for row, cell in enumerate(indices):
                     positions = np.flatnonzero(keep[row])
-                    yield int(cell), ids[row, positions], hidden[row, positions]
+                    yield int(cell), ids[row, positions], states[row, positions]
                 bar.update(len(indices))
 
 
@@ -140,6 +124,26 @@ def gene_state_batches(
     ``torch.autocast`` on the model's device; the states are returned as float32 either way.
     ``model`` is a fitted :class:`GeneEmbeddings` model.
     """
+    for indices, batch, hidden in _hidden_state_passes(
+        model, tokens, cells, layer, batch_size, autocast_dtype
+    ):
+        yield indices, hidden.float(), batch.keep
+
+
+def _hidden_state_passes(
+    model: Any,
+    tokens: TokenizedCells,
+    cells: np.ndarray,
+    layer: int,
+    batch_size: int,
+    autocast_dtype: str | None,
+) -> Iterator[tuple[np.ndarray, Any, Any]]:
+    """The forward passes both readers share: per batch of similar length ``(cells, batch, hidden)``.
+
+    ``batch`` is the model's input batch (ids, keep mask) and ``hidden`` the state ``layer`` on the
+    model's device. Gradients are off only around each pass: a generator must not leave grad mode
+    off for the caller's code between yields.
+    """
     import contextlib
 
     import torch
@@ -162,4 +166,4 @@ def gene_state_batches(
         with torch.no_grad(), precision:
             batch = make_batch(model, tokens, indices, device)
             hidden = network.hidden_states(batch.ids, batch.values, batch.mask, index)
-        yield indices, hidden.float(), batch.keep
+        yield indices, batch, hidden

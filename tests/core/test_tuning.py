@@ -245,17 +245,6 @@ def test_a_trials_record_replays_into_nested_runs(tmp_path):
 # -- whole tunes, with Ray (slow: Ray and a worker per trial start in tens of seconds here) --------
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def _children(tracker, run_id, kind):
     experiment = tracker.experiment_id_of_run(run_id)
     return tracker.client.search_runs(

@@ -29,17 +29,6 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def _tokens(n_cells=24, n_genes=10, seed=0):
     """Cells of 2..8 random genes with values, half labelled AD (those always hold G1)."""
     rng = np.random.default_rng(seed)

@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import io
 import lzma
+import re
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from grnx_core import ComponentParams
 from grnx_core.errors import DataError
@@ -389,6 +390,30 @@ class CellMetadataParams(ComponentParams):
         default_factory=list,
         description="obs columns that must exist after the metadata join (label, donor, ...); checked at load",
     )
+    obs_from_names: dict[str, str] = Field(
+        default_factory=dict,
+        description="obs columns read from the cell names: column -> regular expression with one "
+        "capture group, e.g. {library: '_([A-Za-z]+\\d+_[A-Za-z]+\\d+)$'} (a donor or library named "
+        "only in the barcodes); every cell must match",
+    )
+
+    @field_validator("obs_from_names")
+    @classmethod
+    def _one_capture_group(cls, patterns: dict[str, str]) -> dict[str, str]:
+        for column, pattern in patterns.items():
+            try:
+                groups = re.compile(pattern).groups
+            except re.error as error:
+                raise ValueError(
+                    f"obs_from_names[{column!r}]: {pattern!r} is not a regular expression ({error})"
+                ) from error
+            if groups != 1:
+                raise ValueError(
+                    f"obs_from_names[{column!r}]: {pattern!r} has {groups} capture groups; it needs "
+                    "exactly one, the part of the cell name that becomes the value (use (?:...) "
+                    "for other groups)"
+                )
+        return patterns
 
 
 def attach_cell_metadata(
@@ -398,10 +423,11 @@ def attach_cell_metadata(
     unmatched: str,
     required_obs: Sequence[str],
     who: str,
+    obs_from_names: dict[str, str] | None = None,
 ) -> anndata.AnnData:
     """Join the optional per-cell table named by a source's ``metadata`` param, drop the cells
-    ``unmatched="drop"`` leaves out (backed data is read into memory then), and check the required
-    obs columns. Returns the AnnData to hand on."""
+    ``unmatched="drop"`` leaves out (backed data is read into memory then), add the columns read
+    from the cell names, and check the required obs columns. Returns the AnnData to hand on."""
     if metadata:
         table = read_table(metadata, who, what="metadata table")
         obs, keep = join_cell_metadata(
@@ -410,5 +436,21 @@ def attach_cell_metadata(
         adata.obs = obs
         if not keep.all():
             adata = adata[keep].to_memory() if adata.isbacked else adata[keep].copy()
+    for column, pattern in (obs_from_names or {}).items():
+        adata.obs[column] = obs_column_from_names(adata.obs_names, column, pattern, who)
     check_required_obs(adata, required_obs, who)
     return adata
+
+
+def obs_column_from_names(names: pd.Index, column: str, pattern: str, who: str) -> pd.Categorical:
+    """The capture group of ``pattern`` searched in every cell name; refuses names it misses."""
+    found = pd.Series(np.asarray(names, dtype=str)).str.extract(pattern, expand=False)
+    missed = found.isna().to_numpy()
+    if missed.any():
+        examples = ", ".join(map(repr, np.asarray(names)[missed][:3]))
+        raise DataError(
+            f"{who}: obs_from_names[{column!r}]: {pattern!r} matches no part of {int(missed.sum())} of "
+            f"the {len(names)} cell names (e.g. {examples}). Fix the pattern so every name matches "
+            f"(names look like {str(names[0])!r}), or drop those cells first."
+        )
+    return pd.Categorical(found.to_numpy())

@@ -40,3 +40,8 @@ def h5ad_obs_columns(path: str, rename: dict[str, str]) -> list[str] | None:
         return None
     names = [name.decode() if isinstance(name, bytes) else str(name) for name in order]
     return [rename.get(name, name) for name in names]
+
+
+def with_name_columns(columns: list[str] | None, obs_from_names: dict[str, str]) -> list[str] | None:
+    """``columns`` plus those a source reads from the cell names (``obs_from_names``); None stays None."""
+    return None if columns is None else [*columns, *obs_from_names]

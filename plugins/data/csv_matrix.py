@@ -61,9 +61,11 @@ class CsvMatrix(DataSource):
         return [Path(p) for p in (self.path, self.metadata) if p]
 
     def obs_columns(self) -> list[str] | None:
-        from grnx_plugins.data._obs_columns import metadata_columns
+        from grnx_plugins.data._obs_columns import metadata_columns, with_name_columns
 
-        return metadata_columns(self.metadata, self.metadata_cell_column)
+        return with_name_columns(
+            metadata_columns(self.metadata, self.metadata_cell_column), self.obs_from_names
+        )
 
     def load(self) -> anndata.AnnData:
         import anndata as ad
@@ -114,7 +116,13 @@ class CsvMatrix(DataSource):
         else:
             adata.X = adata.X.astype(np.float32)
         adata = attach_cell_metadata(
-            adata, self.metadata, self.metadata_cell_column, self.unmatched, self.required_obs, who
+            adata,
+            self.metadata,
+            self.metadata_cell_column,
+            self.unmatched,
+            self.required_obs,
+            who,
+            self.obs_from_names,
         )
         record_source(
             adata,

@@ -67,11 +67,15 @@ class H5ad(DataSource):
         return files
 
     def obs_columns(self) -> list[str] | None:
-        from grnx_plugins.data._obs_columns import h5ad_obs_columns, metadata_columns
+        from grnx_plugins.data._obs_columns import h5ad_obs_columns, metadata_columns, with_name_columns
 
         stored = h5ad_obs_columns(self.path, self.rename_obs)
         joined = metadata_columns(self.metadata, self.metadata_cell_column)
-        return None if stored is None or joined is None else stored + joined
+        return (
+            None
+            if stored is None or joined is None
+            else with_name_columns(stored + joined, self.obs_from_names)
+        )
 
     def load(self) -> anndata.AnnData:
         import anndata
@@ -106,7 +110,13 @@ class H5ad(DataSource):
                 )
             adata.obs = adata.obs.rename(columns=self.rename_obs)
         return attach_cell_metadata(
-            adata, self.metadata, self.metadata_cell_column, self.unmatched, self.required_obs, who
+            adata,
+            self.metadata,
+            self.metadata_cell_column,
+            self.unmatched,
+            self.required_obs,
+            who,
+            self.obs_from_names,
         )
 
     def _checked_backed(self, adata: anndata.AnnData, who: str) -> anndata.AnnData:

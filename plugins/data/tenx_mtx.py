@@ -182,9 +182,11 @@ class TenxMtx(DataSource):
         return files
 
     def obs_columns(self) -> list[str] | None:
-        from grnx_plugins.data._obs_columns import metadata_columns
+        from grnx_plugins.data._obs_columns import metadata_columns, with_name_columns
 
-        return metadata_columns(self.metadata, self.metadata_cell_column)
+        return with_name_columns(
+            metadata_columns(self.metadata, self.metadata_cell_column), self.obs_from_names
+        )
 
     def load(self) -> anndata.AnnData:
         who = f"data source '10x_mtx' ({self.path})"
@@ -196,7 +198,13 @@ class TenxMtx(DataSource):
         )
         set_counts(adata, who)
         adata = attach_cell_metadata(
-            adata, self.metadata, self.metadata_cell_column, self.unmatched, self.required_obs, who
+            adata,
+            self.metadata,
+            self.metadata_cell_column,
+            self.unmatched,
+            self.required_obs,
+            who,
+            self.obs_from_names,
         )
         record_source(adata, self.name, "layers/counts", path=str(self.path))
         return adata

@@ -149,6 +149,15 @@ class ClassificationEvaluator(Evaluator):
         truth, predicted = truth.astype(str), predicted.astype(str)
         classes = sorted(set(categories) | set(predicted))
         present = sorted(set(truth))
+        if len(present) < 2:
+            raise DataError(
+                f"{who}: the {len(truth)} cells scored ({scope}) all have {label_key} == "
+                f"{str(present[0]) if present else None!r}, one of the {len(categories)} labels "
+                f"({', '.join(map(repr, categories[:10]))}): accuracy is then the share of one class "
+                "and balanced accuracy, F1 and AUROC are meaningless. Hold out cells of every class: "
+                "stratify the split (its label_key) or give each class more donors; a split step "
+                "lists labels_missing_from_test in its summary."
+            )
         metrics = {
             "accuracy": accuracy_score(truth, predicted),
             "balanced_accuracy": balanced_accuracy_score(truth, predicted),

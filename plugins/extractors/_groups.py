@@ -1,4 +1,4 @@
-"""The case and control cells of an extractor's two-group comparison (``group_key``, ``case``, ``control``)."""
+"""The case and control cells of an extractor's group comparison (``group_key``, ``case``, ``control``)."""
 
 from __future__ import annotations
 
@@ -32,13 +32,39 @@ def case_control_masks(
             f"{who}: with group_key {key!r}, set params.case and params.control to two of its values "
             f"({', '.join(found[:10])})."
         )
-    masks = {}
-    for role, value in (("case", case), ("control", control)):
-        masks[role] = groups == str(value)
-        count = int(masks[role].sum())
-        if count < min_cells:
-            raise DataError(
-                f"{who}: {role} group {value!r} of obs[{key!r}] has {count} cells (needs {min_cells} or "
-                f"more). Values present: {', '.join(found[:10])}."
-            )
+    masks = {
+        role: group_mask(groups, key, role, value, who, min_cells)
+        for role, value in (("case", case), ("control", control))
+    }
     return key, masks
+
+
+def case_mask(
+    context: RunContext,
+    adata: anndata.AnnData,
+    group_key: str,
+    case: str | None,
+    who: str,
+    min_cells: int = 1,
+) -> tuple[str, np.ndarray]:
+    """``(key, mask)`` of the case cells of ``adata`` alone (a disease-only score)."""
+    key = context.require_obs(group_key, "group_key", who)
+    groups = adata.obs[key].astype(str).to_numpy()
+    if case is None:
+        raise DataError(
+            f"{who}: with group_key {key!r}, set params.case to one of its values "
+            f"({', '.join(sorted(set(groups))[:10])})."
+        )
+    return key, group_mask(groups, key, "case", case, who, min_cells)
+
+
+def group_mask(groups: np.ndarray, key: str, role: str, value: str, who: str, min_cells: int) -> np.ndarray:
+    """Cells whose group is ``value``; refuses fewer than ``min_cells``, naming the values present."""
+    mask = groups == str(value)
+    count = int(mask.sum())
+    if count < min_cells:
+        raise DataError(
+            f"{who}: {role} group {value!r} of obs[{key!r}] has {count} cells (needs {min_cells} or "
+            f"more). Values present: {', '.join(sorted(set(groups))[:10])}."
+        )
+    return mask

@@ -1,4 +1,4 @@
-"""Pearson co-expression, or its difference between two groups of cells, optionally cell-weighted."""
+"""Pearson co-expression over all cells, the case cells, or its case - control difference; optionally cell-weighted."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from grnx_core import DataError, Extractor, Interactions, RunContext
-from grnx_plugins.extractors._groups import case_control_masks
+from grnx_plugins.extractors._groups import case_control_masks, case_mask
 from grnx_plugins.extractors._universe import UniverseParams, universe_file, universe_indices, universe_name
 
 #: rows read at a time when the universe is chosen on every cell (backed data stays on disk)
@@ -129,19 +129,33 @@ class PearsonExtractor(Extractor):
     and the full-data reference score the same pairs) or over the step's own cells
     (``universe_cells: sample``); else every gene. The universe mean is plain (unweighted).
 
+    Cells correlated (``variant``): ``all`` of the step's cells; only its ``case`` cells
+    (``group_key == case``, a disease-only list); or ``case_minus_control``, corr(case) -
+    corr(control). ``group_key`` defaults to ``data.label_key``; without a variant, setting
+    ``group_key`` means ``case_minus_control`` (as before the variants existed).
+
     ``weighting: sample`` weights each cell by the sampler's weight (WDS: its inverse-density
     weight), see :func:`correlation_matrix`; without a sampler every weight is 1. Reads
     ``context.adata`` (the data, every cell), ``context.sample`` (the step's cells and weights).
     """
 
     name = "pearson"
-    description = "Gene pairs ranked by Pearson co-expression, or by corr(case) - corr(control)."
+    description = (
+        "Gene pairs ranked by Pearson co-expression (all or case cells), or by corr(case) - corr(control)."
+    )
     reference = "https://doi.org/10.1038/s41592-019-0690-6"
     needs: ClassVar[tuple[str, ...]] = ("data", "cells")
 
     class Params(UniverseParams):
+        variant: Literal["all", "case", "case_minus_control"] | None = Field(
+            None,
+            description="cells to correlate: all; the case cells only; corr(case) - corr(control). "
+            "None: case_minus_control when group_key is set, else all",
+        )
         group_key: str | None = Field(
-            None, description="obs column that splits the cells; None correlates over all cells"
+            None,
+            description="obs column that splits the cells (variants case, case_minus_control); "
+            "data.label_key when None",
         )
         case: str | None = Field(None, description="value of group_key for the case group (e.g. AD)")
         control: str | None = Field(None, description="value of group_key for the control group")
@@ -162,7 +176,22 @@ class PearsonExtractor(Extractor):
         )
         top_k: int | None = Field(None, ge=1, description="keep only the best pairs; all pairs when None")
 
+        @model_validator(mode="after")
+        def _groups_fit_the_variant(self) -> PearsonExtractor.Params:
+            if self.variant == "all" and (self.group_key, self.case, self.control) != (None, None, None):
+                raise ValueError(
+                    "variant 'all' correlates over every cell, so group_key, case and control would be "
+                    "ignored: remove them, or set variant to case or case_minus_control"
+                )
+            if self.variant == "case" and self.control is not None:
+                raise ValueError(
+                    f"variant 'case' correlates over the case cells only, so control {self.control!r} "
+                    "would be ignored: remove it, or set variant: case_minus_control"
+                )
+            return self
+
     genes: list[str] | str | None
+    variant: str | None
     group_key: str | None
     case: str | None
     control: str | None
@@ -276,12 +305,23 @@ class PearsonExtractor(Extractor):
             "universe": universe_name(self.genes, self.universe_cells, len(genes), adata.n_vars),
             "weighting": self.weighting if context.sample is not None else "uniform",
         }
-        if self.group_key is None:
+        variant = self.variant or ("all" if self.group_key is None else "case_minus_control")
+        info["variant"] = variant
+        if variant == "all":
             scores = self.correlate(matrix, weights, f"{who} on {self._where()}")
             return scores, list(genes), info
-        key, masks = case_control_masks(
-            context, adata, self.group_key, self.case, self.control, who, min_cells=2
-        )
+        group_key = self.group_key or context.roles.label_key
+        if group_key is None:
+            raise DataError(
+                f"{who}: variant {variant!r} needs the column of the case/control label: set "
+                "params.group_key, or data.label_key in the recipe."
+            )
+        if variant == "case":
+            key, case = case_mask(context, adata, group_key, self.case, who, min_cells=2)
+            where = f"{who} on {self._where(f'case group ({key} == {self.case!r})')}"
+            info["n_case_cells"] = int(case.sum())
+            return self.correlate(matrix[case], weights[case], where), list(genes), info
+        key, masks = case_control_masks(context, adata, group_key, self.case, self.control, who, min_cells=2)
         correlations = {
             role: self.correlate(
                 matrix[masks[role]],

@@ -112,7 +112,22 @@ class Split(Preprocessor):
             labels = labels.astype(str)
             table = pd.crosstab(donors.to_numpy(), labels.to_numpy())
             if ((table > 0).sum(axis=1) == 1).all():
-                test = donor_level_split(table.idxmax(axis=1), self.test_fraction, rng)
+                donor_labels = table.idxmax(axis=1)
+                per_label = donor_labels.value_counts()
+                if (per_label < 2).any():
+                    alone = per_label.index[per_label < 2]
+                    raise DataError(
+                        f"preprocessor 'split': each donor of obs[{self.donor_key!r}] has one "
+                        f"{self.label_key} (a donor-level split), and "
+                        + ", ".join(
+                            f"{label!r} has one donor ({donor_labels.index[donor_labels == label][0]!r})"
+                            for label in map(str, alone)
+                        )
+                        + ", so it would be on one side only and the test set could not score it. "
+                        "Give each label two or more donors (more data, or a finer donor column), or "
+                        "drop label_key for an unstratified split."
+                    )
+                test = donor_level_split(donor_labels, self.test_fraction, rng)
                 stratified = "donors"
             else:
                 test = cell_level_split(table, self.test_fraction, rng)

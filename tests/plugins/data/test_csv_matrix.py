@@ -91,3 +91,36 @@ def test_repeated_cell_names_are_refused(tmp_path, orientation, text, where):
     path.write_text(text)
     with pytest.raises(DataError, match=rf"cell names repeat.*in {where} \(e.g. 'c1'\)"):
         CsvMatrix(path=str(path), orientation=orientation).load()
+
+
+def test_obs_columns_from_cell_names(tmp_path):
+    """obs_from_names reads the capture group of every cell name; misses and bad patterns are refused."""
+    names = ["AAAC_AD1_AD2", "GGTT_AD1_AD2", "CCAA_Ct3_Ct4", "TTGA_Ct3_Ct4"]
+    table = pd.DataFrame([[1, 2, 0, 4], [0, 3, 1, 1]], index=["g1", "g2"], columns=names)
+    path = tmp_path / "expr.csv"
+    table.to_csv(path)
+    pattern = r"_((?:AD|Ct)\d+_(?:AD|Ct)\d+)$"
+    source = CsvMatrix(path=str(path), obs_from_names={"library": pattern}, required_obs=["library"])
+    assert source.obs_columns() == ["library"]
+    adata = source.load()
+    assert list(adata.obs["library"]) == ["AD1_AD2", "AD1_AD2", "Ct3_Ct4", "Ct3_Ct4"]
+    with pytest.raises(DataError, match=r"matches no part of 2 of the 4 cell names \(e.g. 'CCAA_Ct3_Ct4'"):
+        CsvMatrix(path=str(path), obs_from_names={"library": r"_(AD\d+_AD\d+)$"}).load()
+    with pytest.raises(ValueError, match="has 2 capture groups; it needs exactly one"):
+        CsvMatrix.Params(path=str(path), obs_from_names={"library": r"_(AD)(\d+)"})
+    with pytest.raises(ValueError, match="is not a regular expression"):
+        CsvMatrix.Params(path=str(path), obs_from_names={"library": r"_(AD"})
+
+
+def test_grubman2019_libraries_from_barcodes(shared_data):
+    """The Grubman barcodes name their library (two pooled donors); the covariates table does not."""
+    folder = shared_data / "scrna" / "grubman2019_ad_entorhinal_small"
+    adata = CsvMatrix(
+        path=str(folder / "GSE138852_small.csv"),
+        metadata=str(folder / "GSE138852_covariates.csv.gz"),
+        obs_from_names={"library": r"_((?:AD|Ct)\d+_(?:AD|Ct)\d+)$"},
+    ).load()
+    libraries = pd.crosstab(adata.obs["library"], adata.obs["oupSample.batchCond"])
+    # every library holds one diagnosis (AD libraries pool AD donors, Ct libraries controls)
+    assert ((libraries > 0).sum(axis=1) == 1).all()
+    assert set(libraries.index) == {"AD1_AD2", "AD3_AD4", "Ct1_Ct2", "Ct3_Ct4", "Ct5_Ct6"}

@@ -234,3 +234,13 @@ class _LogisticOnExpression(Model):
 
     def predict(self, inputs: anndata.AnnData) -> np.ndarray:
         return self.model_.predict(inputs.X)
+
+
+def test_held_out_cells_of_one_class_are_refused():
+    """A test set holding one class (a donor split that kept it whole) gives no meaningful F1: refused."""
+    adata = expression_data()
+    adata.obs["split"] = np.where(adata.obs["cell_type"] == "T cell", "test", "train")
+    context = RunContext(seed=0, adata=adata, roles=DataRoles(label_key="cell_type"))
+    context.model = Echo()
+    with pytest.raises(DataError, match=r"all have cell_type == 'T cell', one of the 3 labels"):
+        ClassificationEvaluator().evaluate(context)

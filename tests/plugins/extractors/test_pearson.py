@@ -340,3 +340,41 @@ def test_a_gene_universe_with_genes_not_in_the_data_is_refused(tmp_path):
         PearsonExtractor(genes=["g1", "g2", "TP53"]).extract(RunContext(adata=adata))
     with pytest.raises(DataError, match=r"gene list file .*missing.txt' not found"):
         PearsonExtractor(genes=str(tmp_path / "missing.txt")).extract(RunContext(adata=adata))
+
+
+@pytest.mark.parametrize("extractor_class", [PearsonExtractor, SpearmanExtractor])
+def test_case_variant_correlates_the_case_cells_only(extractor_class):
+    """variant: case equals numpy/scipy on the case cells alone; the group column defaults to data.label_key."""
+    adata = _adata(True)
+    adata.obs.loc[adata.obs_names[::7], "group"] = "other"  # a third value, neither case nor control
+    dense = adata.X.toarray()
+    case = (adata.obs["group"] == "AD").to_numpy()
+    if extractor_class is PearsonExtractor:
+        expected = np.corrcoef(dense[case][:, :11], rowvar=False)
+    else:
+        expected = spearmanr(dense[case][:, :11]).statistic
+    context = RunContext(adata=adata)
+    context.roles.label_key = "group"
+    interactions = extractor_class(variant="case", case="AD", rank_by="value").extract(context)
+    assert interactions.metadata["n_case_cells"] == int(case.sum())
+    for _, row in interactions.table.head(12).iterrows():
+        i, j = int(row["source"][1:]), int(row["target"][1:])
+        assert row["score"] == pytest.approx(expected[i, j], abs=1e-12)
+    # the explicit variant equals the implicit one (group_key alone means case minus control)
+    implicit = extractor_class(group_key="group", case="AD", control="control").extract(context).table
+    explicit = (
+        extractor_class(variant="case_minus_control", case="AD", control="control").extract(context).table
+    )
+    pd.testing.assert_frame_equal(implicit, explicit)
+
+
+def test_variant_settings_that_would_be_ignored_are_refused():
+    with pytest.raises(ValueError, match="variant 'all' correlates over every cell"):
+        PearsonExtractor.Params(variant="all", group_key="group")
+    with pytest.raises(ValueError, match="control 'control' would be ignored"):
+        PearsonExtractor.Params(variant="case", case="AD", control="control")
+    adata = _adata(False)
+    with pytest.raises(DataError, match="set params.case to one of its values"):
+        PearsonExtractor(variant="case", group_key="group").extract(RunContext(adata=adata))
+    with pytest.raises(DataError, match="needs the column of the case/control label: set params.group_key"):
+        PearsonExtractor(variant="case", case="AD").extract(RunContext(adata=adata))

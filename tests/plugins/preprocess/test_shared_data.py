@@ -57,10 +57,11 @@ def test_kang2018_chain_matches_scanpy(shared_data):
 def test_grubman2019_donor_split_and_balance(shared_data):
     folder = shared_data / "scrna" / "grubman2019_ad_entorhinal_small"
     adata = CsvMatrix(
-        path=str(folder / "GSE138852_small.csv"), metadata=str(folder / "GSE138852_covariates.csv.gz")
+        path=str(folder / "GSE138852_small.csv"),
+        metadata=str(folder / "GSE138852_covariates.csv.gz"),
+        # Nuclei were pooled per pair of donors; the pool is the barcode suffix (e.g. AD3_AD4).
+        obs_from_names={"pool": r"_((?:AD|Ct)\d+_(?:AD|Ct)\d+)$"},
     ).load()
-    # Nuclei were pooled per pair of donors; the pool is the barcode suffix (e.g. AD3_AD4).
-    adata.obs["pool"] = adata.obs_names.str.split("_", n=1).str[1]
     adata = SelectCells(where={"oupSample.batchCond": ["AD", "ct"]})(adata)
     adata = Split(donor_key="pool", label_key="oupSample.batchCond", test_fraction=0.34, seed=0)(adata)
     train = set(adata.obs.loc[adata.obs["split"] == "train", "pool"])

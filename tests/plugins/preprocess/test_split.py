@@ -28,6 +28,15 @@ def test_donor_level_labels(make_adata):
     assert list(result.obs["split"].cat.categories) == ["train", "test"]
 
 
+def test_a_label_with_one_donor_is_refused(make_adata):
+    """A donor-level stratified split cannot put a one-donor label on both sides: refused, not silent."""
+    adata = make_adata(n_cells=400)
+    ad_donors = sorted(set(adata.obs.loc[adata.obs["label"] == "AD", "donor"]))
+    adata = adata[(adata.obs["label"] != "AD") | (adata.obs["donor"] == ad_donors[0])].copy()
+    with pytest.raises(DataError, match=f"'AD' has one donor \\('{ad_donors[0]}'\\)"):
+        Split(donor_key="donor", label_key="label", test_fraction=0.25, seed=1)(adata)
+
+
 def test_cell_level_labels_and_seed(make_adata):
     adata = make_adata(n_cells=600)
     adata.obs["donor"] = pd.Categorical(np.array([f"d{i}" for i in range(20)])[np.arange(600) % 20])

@@ -75,10 +75,12 @@ def test_document_tables_are_the_tracked_runs_with_the_paper_line(tracked, monke
     assert text.startswith("# Study results")
     assert "Made by: `python benchmarks/study_results.py --report-only`" in text
     table3 = text.split("## WDS paper Table 3")[1].split("\n## ")[0]
-    assert "paper: not available here" in table3
+    # the paper's figures beside ours, with their source (reviews quoting the paper's tables)
+    assert "| L6_CT | 1.18 | 1.19 | 0.85 |" in table3 and "OpenReview 44IKUSdbUD" in table3
     # the recipe with no runs in the store is listed as not measured, not left out
     nid = text.split("## WDS paper Table 1, MLP row")[1].split("\n## ")[0]
-    assert "paper: not available here" in nid and "Not measured" in nid
+    assert "MLP accuracy 97.25%" in nid and "Not measured" in nid
+    assert "| WDS paper Table 1, MLP row: held-out classification | `recipes/wds/wds_study_nid.yaml`" in text
     # the full report of the experiment beside it
     assert (folder / "docs" / "results" / "wds_study.md").exists()
 

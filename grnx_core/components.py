@@ -240,6 +240,10 @@ class Model(Component):
     def load(cls, path: Path) -> Model:
         raise NotImplementedError
 
+    def use_device(self, device: str) -> None:
+        """Move a loaded model to ``train.device`` ("auto", "cpu", "cuda") for inference: ``load``
+        reads weights onto the CPU. Models without a device (the default) ignore it."""
+
 
 @runtime_checkable
 class AttentionModel(Protocol):

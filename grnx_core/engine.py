@@ -8,7 +8,8 @@ those into leaves):
                                         ├─► tokenize (all cells once; fitted on the train cells)
                                         ├─► model    (cells: train by default)
                                         ├─► extract:<id>  (cells: the sample, else all)
-                                        └─► evaluate:<id> (not cached: cheap, and may read files)
+                                        └─► evaluate:<id> (not cached; one that reads neither the sample
+                                                           nor interactions is shared in the run's memo)
 
 Every stage's cache key is computed from the keys of what it reads and the identity of its component
 (``grnx_core.identity``) before anything is loaded, so a fully cached run reads no expression
@@ -709,7 +710,7 @@ class _Leaf:
             "model",
             key,
             compute,
-            lambda folder: _component_class(step, Model).load(folder / "model"),
+            lambda folder: self._loaded_model(step, folder / "model"),
         )
         entry = self.cache.lookup("model", key)
         if first_time and entry is not None:
@@ -722,6 +723,12 @@ class _Leaf:
             elif logged_in[key]:
                 self.logger.set_tags({"grnx.model_artifact_run": logged_in[key]})
         return value
+
+    def _loaded_model(self, step: ResolvedStep, folder: Path) -> Model:
+        """A cached model, placed where the recipe trains (a model trained on a GPU keeps running there)."""
+        model = _component_class(step, Model).load(folder)
+        model.use_device(self.recipe.train.device)
+        return model
 
     def interactions(self, step: ResolvedStep) -> Interactions:
         step_id = step.step_id
@@ -841,8 +848,14 @@ class _Leaf:
     def evaluate(self, step: ResolvedStep) -> EvaluationResult:
         started = time.perf_counter()
         evaluator = _build(step, Evaluator)
-        context = self.context_for(step, self._cells_of(step), self.logger)
-        result = evaluator.evaluate(context)
+        shared_key = self._shared_evaluation_key(step, evaluator)
+        if shared_key is not None and shared_key in self.x.memo:
+            result = self.x.memo[shared_key]
+        else:
+            context = self.context_for(step, self._cells_of(step), self.logger)
+            result = evaluator.evaluate(context)
+            if shared_key is not None:
+                self.x.memo[shared_key] = result
         if not isinstance(result, EvaluationResult):
             raise GrnxError(
                 f"evaluator {step.spec.name!r} returned {type(result).__name__}, not EvaluationResult."
@@ -864,6 +877,25 @@ class _Leaf:
             self.logger.log_table(f"eval/tables/{step_id}_{name}.csv", table)
         self._finished(f"evaluate:{step_id}", False, started)
         return result
+
+    def _shared_evaluation_key(self, step: ResolvedStep, evaluator: Evaluator) -> str | None:
+        """A memo key for an evaluation that reads neither the sample nor the interactions (a model's
+        held-out accuracy): every repeat and sweep child of one ``grnx run`` with the same model,
+        data and cells shares one computation. None when the evaluation depends on the leaf."""
+        needs = self._needs(step)
+        cells = self._cells_of(step)
+        if "interactions" in needs or cells == "sample":
+            return None
+        return step_key(
+            stage="evaluate",
+            step_id=step.step_id,
+            component=self._identity(step),
+            inputs={need: self._key_of(need) for need in sorted(needs) if need != "cells"},
+            cells=self._cells_key(cells),
+            files=self._files(evaluator),
+            seed=self.recipe.seed,
+            roles=self.roles.__dict__,
+        )
 
 
 class _FromEntry:

@@ -325,6 +325,11 @@ class TokenModel(Model):
             }
             (folder / MODEL_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
+    def use_device(self, device: str) -> None:
+        from grnx_plugins.models import _training
+
+        self.network_.to(_training.resolve_device(device))
+
     @classmethod
     def load(cls, path: Path) -> TokenModel:
         path = Path(path)

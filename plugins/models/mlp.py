@@ -201,6 +201,11 @@ class MLP(Model):
             }
             (folder / MODEL_FILE).write_text(json.dumps(meta), encoding="utf-8")
 
+    def use_device(self, device: str) -> None:
+        from grnx_plugins.models import _training
+
+        self.network_.to(_training.resolve_device(device))
+
     @classmethod
     def load(cls, path: Path) -> MLP:
         from safetensors.torch import load_file

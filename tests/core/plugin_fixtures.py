@@ -20,7 +20,7 @@ from grnx_core import (
 )
 from grnx_core.registry import Registry
 
-CALLS = {"scale_genes": 0, "centroid_fit": 0}
+CALLS = {"scale_genes": 0, "centroid_fit": 0, "centroid_predict": 0}
 
 
 class ScaleGenes(Preprocessor):
@@ -123,7 +123,11 @@ class CentroidModel(Model):
         context.logger.log_metrics({"train/n_cells": len(labels)}, step=0)
         return self
 
+    def use_device(self, device):
+        CALLS["centroid_device"] = device
+
     def predict(self, inputs):
+        CALLS["centroid_predict"] += 1
         matrix = np.asarray(inputs.X.todense() if hasattr(inputs.X, "todense") else inputs.X, dtype=float)
         distances = ((matrix[:, None, :] - self.centroids_[None, :, :]) ** 2).sum(axis=2)
         return np.asarray(self.classes_, dtype=object)[distances.argmin(axis=1)]

@@ -59,10 +59,14 @@ def test_model_trains_once_on_all_training_cells_while_each_repeat_samples(tmp_p
     registry = fixture_registry()
     cache = Cache(tmp_path / "cache")
     path = _write(tmp_path, PROTOCOL)
-    CALLS["centroid_fit"] = 0
+    CALLS["centroid_fit"] = CALLS["centroid_predict"] = 0
     result = _run(path, registry, cache)
     assert CALLS["centroid_fit"] == 1, "the model does not read the sample: one fit for three repeats"
     repeats = [child for child in result.children if child.child.role == "repeat"]
+    # the held-out classification reads no sample: computed once, logged by every repeat alike
+    assert CALLS["centroid_predict"] == 1
+    accuracies = {child.leaf.metrics["eval/classification/accuracy"] for child in repeats}
+    assert len(accuracies) == 1
     assert [child.child.sampler_seed for child in repeats] == [4, 5, 6]
     assert [_stages(child)["model"] for child in repeats] == [False, True, True]
     assert [_stages(child)["extract:pearson"] for child in repeats] == [False, False, False]
@@ -84,8 +88,10 @@ def test_model_trains_once_on_all_training_cells_while_each_repeat_samples(tmp_p
     assert len({tuple(s) for s in samples}) > 1, "different sampler seeds draw different cells"
     assert "stride_chosen" not in adata.obs.columns, "the shared data is not changed by a sampler"
 
+    CALLS.pop("centroid_device", None)
     rerun = _run(path, registry, cache)
     assert CALLS["centroid_fit"] == 1
+    assert CALLS["centroid_device"] == "auto", "a cached model is placed on train.device"
     for first, again in zip(repeats, [c for c in rerun.children if c.child.role == "repeat"]):
         assert all(_stages(again).values()) or set(k for k, v in _stages(again).items() if not v) == {
             "evaluate:top_pair_score",

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from grnx_core import CellSample, DataError, DataRoles, RunContext
+from grnx_core.errors import GrnxError
 from grnx_plugins.models.mlp import MLP
 
 
@@ -52,6 +53,13 @@ def test_overfits_and_round_trips(tmp_path):
     loaded = MLP.load(tmp_path / "mlp")
     np.testing.assert_array_equal(loaded.predict_proba(adata), model.predict_proba(adata))
     np.testing.assert_array_equal(loaded.embed(adata), model.embed(adata))
+    # a loaded model is placed on train.device; asking for a GPU that is not there is an error
+    loaded.use_device("auto")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert next(loaded.network_.parameters()).device.type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(GrnxError, match="train.device is 'cuda' but torch sees no CUDA device"):
+            loaded.use_device("cuda")
 
 
 def test_weight_matrices_are_the_network_nid_reads():

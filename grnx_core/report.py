@@ -717,13 +717,23 @@ def metric_figure(result: MetricTable, section: Section, x: str) -> Any:
     if len(reference):
         handles.append(Line2D([], [], color="black", linestyle=":"))
         labels.append("all cells (reference)")
+    legend_height = 0.0
     if labels:
-        figure.legend(
-            handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False
-        )
+        n_legend_columns, n_legend_rows = legend_grid(labels, figure.get_figwidth())
+        figure.legend(handles, labels, loc="lower center", ncol=n_legend_columns, fontsize=8, frameon=False)
+        # each legend row takes ~0.2 in, plus room for the bottom axes' x label above it
+        legend_height = min(0.5, (0.2 * n_legend_rows + 0.1) / figure.get_figheight())
     figure.suptitle(f"{result.evaluator}: {result.metric}", fontsize=10)
-    figure.tight_layout(rect=(0, (0.08 if n_rows == 1 else 0.04) if labels else 0, 1, 0.95))
+    figure.tight_layout(rect=(0, legend_height, 1, 0.95))
     return figure
+
+
+def legend_grid(labels: Sequence[str], width_inches: float) -> tuple[int, int]:
+    """(columns, rows) of a figure legend whose entries fit ``width_inches`` at font size 8: an
+    entry takes its marker (~0.45 in) and ~0.065 in per character."""
+    entry = 0.45 + 0.065 * max(len(label) for label in labels)
+    columns = max(1, min(len(labels), int(width_inches // entry)))
+    return columns, math.ceil(len(labels) / columns)
 
 
 def _matches(table: pd.DataFrame, columns: Sequence[str], values: Sequence[Any], subject: str) -> pd.Series:

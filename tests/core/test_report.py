@@ -321,3 +321,27 @@ def test_an_experiment_whose_runs_all_failed_exits_2(tmp_path, capsys):
     assert main(["report", "report_failed", "--out", str(tmp_path / "out"), "--tracking-uri", uri]) == 2
     assert "no finished run of experiment 'report_failed'" in capsys.readouterr().err
     assert not (tmp_path / "out" / "report.md").exists()
+
+
+@pytest.mark.parametrize("n_labels", [2, 6, 9])
+def test_figure_legends_fit_inside_the_figure(n_labels):
+    """legend_grid's columns keep the legend inside the figure, as matplotlib's renderer measures it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from grnx_core.report import legend_grid
+
+    labels = [f"wds, R={100 * (i + 1)}, weights=softmax" for i in range(n_labels - 1)] + [
+        "all cells (reference)"
+    ]
+    figure, axis = plt.subplots(figsize=(6.8, 2.9))
+    handles = [axis.plot([0, 1], [i, i], label=label)[0] for i, label in enumerate(labels)]
+    columns, rows = legend_grid(labels, figure.get_figwidth())
+    legend = figure.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    figure.canvas.draw()
+    box = legend.get_window_extent()
+    assert 0 <= box.x0 and box.x1 <= figure.bbox.width
+    assert rows == -(-n_labels // columns)
+    plt.close(figure)

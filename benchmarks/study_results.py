@@ -10,7 +10,9 @@ recipes/wds/wds_study.yaml                       WDS paper Table 3 (NES, MSE vs 
 recipes/wds/wds_study_variants.yaml              WDS Table 5; Table 1's CelluFormer row
 recipes/wds/wds_study_r_ablation.yaml            WDS Tables 6-7 (R = 100 / 200 / 500)
 recipes/wds/wds_study_nid.yaml                   WDS Table 1's MLP row; NID on an MLP
+recipes/thesis/geneformer_celltype.yaml          thesis Table 3.1 (cell-type classification)
 recipes/thesis/geneformer_patient.yaml           thesis Tables 3.5-3.8 (patient classification)
+recipes/thesis/perturbation.yaml                 thesis Tables 3.2-3.3 (in silico deletion, Grubman)
 recipes/thesis/perturbation_synthetic.yaml       thesis in silico perturbation protocol
 ===============================================  ==========================================
 
@@ -74,7 +76,9 @@ STUDY_RECIPES: tuple[str, ...] = (
     "wds/wds_study_variants",
     "wds/wds_study_r_ablation",
     "wds/wds_study_nid",
+    "thesis/geneformer_celltype",
     "thesis/geneformer_patient",
+    "thesis/perturbation",
     "thesis/perturbation_synthetic",
 )
 
@@ -89,6 +93,7 @@ class StudyTable:
     aggregates: tuple[str, ...] = ()  # metrics the parent runs log (e.g. nes_mse against the full data)
     paper: str = NOT_AVAILABLE  # one line, for the index table
     paper_detail: tuple[str, ...] = ()  # markdown lines under the table's heading
+    run_metrics: str | None = None  # a prefix of metrics a stage logs itself, <prefix><step>/<name>
 
 
 #: Where the paper's figures below come from (the paper itself is not stored in this environment).
@@ -174,6 +179,16 @@ STUDY_TABLES: tuple[StudyTable, ...] = (
         ),
     ),
     StudyTable(
+        "Thesis Table 3.1: Geneformer cell-type classification (held-out cells)",
+        "thesis/geneformer_celltype",
+        (
+            ("classification", "accuracy"),
+            ("classification", "balanced_accuracy"),
+            ("classification", "macro_f1"),
+        ),
+        paper="accuracy ~0.99 with 2,000 cells (as issue 18 states it; the thesis is not stored here)",
+    ),
+    StudyTable(
         "Thesis Tables 3.5-3.8: patient classification (AD vs control), 2 and 5 frozen layers",
         "thesis/geneformer_patient",
         (
@@ -181,6 +196,12 @@ STUDY_TABLES: tuple[StudyTable, ...] = (
             ("classification", "balanced_accuracy"),
             ("classification", "macro_f1"),
         ),
+    ),
+    StudyTable(
+        "Thesis Tables 3.2-3.3: in silico deletion toward neurons, without and with alternative states",
+        "thesis/perturbation",
+        (("classification", "accuracy"),),
+        run_metrics="perturbation/",
     ),
     StudyTable(
         "Thesis in silico perturbation protocol: the classifier the shifts are read from",
@@ -244,6 +265,32 @@ def _aggregate_lines(section: Any, names: tuple[str, ...]) -> list[str]:
     return [*lines, ""]
 
 
+def _run_metric_lines(section: Any, prefix: str) -> list[str]:
+    """A step x metric table of what stages logged as ``<prefix><step>/<name>`` (mean over the leaves)."""
+    from grnx_core.report import format_value
+
+    found = [c for c in section.rows.columns if isinstance(c, str) and c.startswith(prefix)]
+    if not found:
+        return [f"(No finished run logged a `{prefix}` metric.)", ""]
+    steps = list(dict.fromkeys(c[len(prefix) :].rsplit("/", 1)[0] for c in found))
+    names = list(dict.fromkeys(c.rsplit("/", 1)[1] for c in found))
+    lines = [
+        f"**{prefix}<step>/<metric>** (mean over {len(section.rows)} run(s))",
+        "",
+        "| step | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for step in steps:
+        cells = [
+            format_value(section.rows[f"{prefix}{step}/{name}"].mean())
+            if f"{prefix}{step}/{name}" in section.rows
+            else "—"
+            for name in names
+        ]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def study_table_lines(
     study: StudyTable, section: Any, figures_dir: Path, tables_dir: Path, out_dir: Path, doc_dir: Path
 ) -> list[str]:
@@ -273,6 +320,8 @@ def study_table_lines(
                 relative = os.path.relpath(out_dir / "figures" / name, doc_dir)
                 lines += [f"![{evaluator} {metric} against {x_column}]({relative})", ""]
         lines += [f"({'; '.join(links)})", ""]
+    if study.run_metrics:
+        lines += _run_metric_lines(section, study.run_metrics)
     if study.aggregates:
         lines += [f"**Parent aggregates: {', '.join(study.aggregates)}** (one value per group)", ""]
         lines += _aggregate_lines(section, study.aggregates)

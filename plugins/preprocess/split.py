@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -64,6 +64,7 @@ class Split(Preprocessor):
     unstratified). Seeded: the same seed gives the same split, another seed usually another one;
     in a recipe the seed derives from the recipe seed unless set, in Python None acts as 0.
     ``uns["split"]`` lists the donors and cell counts of each side and the labels missing from one.
+    ``unit: cell`` splits cells, each its own unit (stratified per label), for data with no donors.
     """
 
     name = "split"
@@ -82,9 +83,20 @@ class Split(Preprocessor):
             0.2, gt=0, lt=1, description="share of donors (or cells per label) in test"
         )
         seed: int | None = seed_field("random seed of the donor assignment")
+        unit: Literal["donor", "cell"] = Field(
+            "donor",
+            description="what is kept whole on one side: a donor (donor_key), or each cell on its own "
+            "(data without donors, e.g. a reference atlas; donor_key is then not read)",
+        )
+
+    def _unit_name(self) -> str:
+        return f"donor of obs[{self.donor_key!r}]" if self.unit == "donor" else "cell (unit: cell)"
 
     def __call__(self, adata: anndata.AnnData) -> anndata.AnnData:
-        donors = require_role(adata, self, "donor_key")
+        if self.unit == "cell":
+            donors = pd.Series(np.asarray(adata.obs_names, dtype=str), index=adata.obs_names)
+        else:
+            donors = require_role(adata, self, "donor_key")
         if donors.isna().any():
             raise DataError(
                 f"preprocessor 'split': {int(donors.isna().sum())} cells have no donor in obs[{self.donor_key!r}]; "
@@ -117,10 +129,10 @@ class Split(Preprocessor):
                 if (per_label < 2).any():
                     alone = per_label.index[per_label < 2]
                     raise DataError(
-                        f"preprocessor 'split': each donor of obs[{self.donor_key!r}] has one "
-                        f"{self.label_key} (a donor-level split), and "
+                        f"preprocessor 'split': each {self._unit_name()} has one {self.label_key} "
+                        "(a donor-level split), and "
                         + ", ".join(
-                            f"{label!r} has one donor ({donor_labels.index[donor_labels == label][0]!r})"
+                            f"{label!r} has one {self.unit} ({donor_labels.index[donor_labels == label][0]!r})"
                             for label in map(str, alone)
                         )
                         + ", so it would be on one side only and the test set could not score it. "
@@ -135,13 +147,17 @@ class Split(Preprocessor):
         is_test = donors.isin(test).to_numpy()
         adata.obs["split"] = pd.Categorical(np.where(is_test, "test", "train"), categories=["train", "test"])
         summary: dict = {
-            "donor_key": self.donor_key,
+            "unit": self.unit,
             "stratified_by": stratified,
-            "train_donors": sorted(set(unique) - test),
-            "test_donors": sorted(test),
             "n_train_cells": int((~is_test).sum()),
             "n_test_cells": int(is_test.sum()),
         }
+        if self.unit == "donor":  # cells are not listed one by one
+            summary |= {
+                "donor_key": self.donor_key,
+                "train_donors": sorted(set(unique) - test),
+                "test_donors": sorted(test),
+            }
         if self.label_key is not None:
             per_side = pd.crosstab(labels.to_numpy(), adata.obs["split"].to_numpy())
             per_side = per_side.reindex(columns=["train", "test"], fill_value=0)

@@ -81,3 +81,15 @@ def test_donor_key_left_unset_names_the_param_and_the_role(make_adata):
         Split()(make_adata())
     with pytest.raises(DataError, match=r"Set donor_key \(or data\.donor_key, which it defaults to\)"):
         Split(donor_key="subject")(make_adata())
+
+
+def test_cell_unit_splits_cells_stratified_without_a_donor_column(make_adata):
+    """unit: cell needs no donor column; about test_fraction of each label's cells go to test."""
+    adata = make_adata(n_cells=400)
+    del adata.obs["donor"]
+    result = Split(unit="cell", label_key="label", test_fraction=0.25, seed=2)(adata)
+    share = (result.obs["split"] == "test").groupby(result.obs["label"], observed=True).mean()
+    assert np.allclose(share, 0.25, atol=0.01), share
+    assert result.uns["split"]["unit"] == "cell" and "test_donors" not in result.uns["split"]
+    again = Split(unit="cell", label_key="label", test_fraction=0.25, seed=2)(adata.copy())
+    np.testing.assert_array_equal(result.obs["split"], again.obs["split"])

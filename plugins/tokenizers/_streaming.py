@@ -150,6 +150,22 @@ class H5adReader:
         return _as_csr(block)
 
 
+def raw_as_data(adata: anndata.AnnData, who: str) -> anndata.AnnData:
+    """``adata.raw`` (every gene's counts, kept there by a highly-variable-gene subset) as an
+    AnnData with ``adata``'s cells, for a tokenizer whose ``layer`` is ``"raw"``."""
+    import anndata as ad
+
+    if adata.raw is None:
+        raise DataError(
+            f"{who}: layer 'raw' reads adata.raw, but the data has none. Keep every gene's counts "
+            "there (highly_variable_genes with subset: true keeps them by default), or set layer to "
+            f"one of: {', '.join(adata.layers.keys()) or 'no layers'} (null reads X)."
+        )
+    if adata.isbacked:
+        raise DataError(f"{who}: layer 'raw' needs the data in memory (backed: false).")
+    return ad.AnnData(X=adata.raw.X, obs=adata.obs, var=adata.raw.var)
+
+
 def matrix_reader(adata: anndata.AnnData, layer: str | None, who: str) -> MemoryReader | H5adReader:
     """A row reader for ``adata.X`` (``layer=None``) or ``adata.layers[layer]``."""
     if layer is not None and layer not in adata.layers:

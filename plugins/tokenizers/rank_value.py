@@ -260,7 +260,9 @@ class RankValue(Tokenizer):
         )
         gene_id_key: str | None = Field(None, description="var column with Ensembl ids; var_names when null")
         layer: str | None = Field(
-            None, description="layer with raw integer counts; null: layers['counts'] when present, else X"
+            None,
+            description="layer with raw integer counts; 'raw': adata.raw (every gene, after a "
+            "highly-variable-gene subset); null: layers['counts'] when present, else X",
         )
         n_counts_key: str | None = Field(
             "n_counts",
@@ -554,7 +556,20 @@ class RankValue(Tokenizer):
         }
         return _Slots(col_slot=col_slot, n_single=n_single, slot_gene=slot_gene, facts=facts)
 
+    def _counts_data(self, adata: anndata.AnnData) -> anndata.AnnData:
+        """The cells x genes the tokens come from: ``adata``, or its ``raw`` for ``layer: raw``."""
+        from grnx_plugins.tokenizers._streaming import raw_as_data
+
+        return raw_as_data(adata, _WHO) if self.layer == "raw" else adata
+
+    def _source_name(self, layer: str | None) -> str:
+        if self.layer == "raw":
+            return "raw.X"
+        return "X" if layer is None else f"layers[{layer!r}]"
+
     def _layer(self, adata: anndata.AnnData) -> str | None:
+        if self.layer == "raw":
+            return None  # _counts_data made raw.X the X
         if self.layer is not None:
             return self.layer
         return "counts" if "counts" in adata.layers else None
@@ -655,6 +670,7 @@ class RankValue(Tokenizer):
 
     def fit(self, adata: anndata.AnnData) -> RankValue:
         """Load the dictionaries; with ``gene_medians: fit``, compute the medians from ``adata``."""
+        adata = self._counts_data(adata)
         self.__dict__.pop("dictionary_files_", None)  # refitting: the files as they are now
         dictionaries = self._dictionaries()
         self.dictionary_files_ = dictionaries["files"]
@@ -672,7 +688,7 @@ class RankValue(Tokenizer):
         positions, _ = self._filter_pass(adata.obs)
         n_counts, recip, counts_dtype, _ = self._n_counts(adata.obs, positions)
         single = _single_precision(reader.dtype, counts_dtype)
-        source = "X" if layer is None else f"layers[{layer!r}]"
+        source = self._source_name(layer)
 
         def passes():
             for start in range(0, len(positions), self.chunk_size):
@@ -715,6 +731,8 @@ class RankValue(Tokenizer):
         """Rank-value tokens of the cells of ``adata``; streamed to ``path`` when given."""
         from grnx_plugins.tokenizers._streaming import matrix_reader, tokenize_rows
 
+        adata = self._counts_data(adata)
+
         dictionaries = self._dictionaries()
         medians = getattr(self, "gene_medians_", None)
         if medians is None:
@@ -743,7 +761,7 @@ class RankValue(Tokenizer):
             eos_id=eos_id,
             single=single,
             drop_empty=self.drop_empty_cells,
-            source="X" if layer is None else f"layers[{layer!r}]",
+            source=self._source_name(layer),
         )
         vocabulary = [""] * (max(tokens.values()) + 1)
         for key, token in tokens.items():

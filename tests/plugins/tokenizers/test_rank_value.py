@@ -659,3 +659,29 @@ def test_input_files_name_the_dictionaries_used(geneformer_dir):
         gene_medians="fit",
     )
     assert [p.name for p in fitted.input_files()] == ["token_dictionary.tsv"]
+
+
+def test_layer_raw_tokenises_every_gene_kept_by_a_highly_variable_gene_subset(pbmc3k, geneformer_dir):
+    """After highly_variable_genes with subset (X and layers keep 100 genes, raw every gene's counts),
+    layer: raw gives the tokens of the data before the subset; the default reads only the 100."""
+    import scanpy as sc
+
+    from grnx_plugins.preprocess.highly_variable_genes import HighlyVariableGenes
+
+    subset = pbmc3k.copy()
+    subset.layers["counts"] = subset.X.copy()
+    sc.pp.normalize_total(subset, target_sum=1e4)
+    sc.pp.log1p(subset)
+    subset = HighlyVariableGenes(n_top_genes=100, subset=True)(subset)
+    assert subset.n_vars == 100 and subset.raw.n_vars == pbmc3k.n_vars
+    settings = {"model_version": "V1", "dictionary_dir": str(geneformer_dir / "v1"), "model_input_size": 256}
+    before = RankValue(**settings).transform(pbmc3k)
+    from_raw = RankValue(**settings, layer="raw").transform(subset)
+    np.testing.assert_array_equal(from_raw.input_ids, before.input_ids)
+    np.testing.assert_array_equal(from_raw.offsets, before.offsets)
+    assert from_raw.metadata["layer"] == "raw.X"
+    only_hvgs = RankValue(**settings).transform(subset)
+    assert only_hvgs.lengths.max() <= 100 < before.lengths.max()
+    subset.raw = None
+    with pytest.raises(DataError, match="layer 'raw' reads adata.raw, but the data has none"):
+        RankValue(**settings, layer="raw").transform(subset)

@@ -208,6 +208,11 @@ class Executor:
         return _Leaf(self, resolved, logger or NullLogger()).run()
 
 
+def _where_of(step: ResolvedStep) -> dict[str, list[Any]] | None:
+    """An extractor's ``where``: the obs values that narrow its cell set (None: every cell of it)."""
+    return getattr(step.spec, "where", None)
+
+
 def default_cells(step: ResolvedStep, has_sampler: bool) -> str:
     """The cell set a step consumes when the recipe does not say (see ``cells:`` in the recipe)."""
     given = getattr(step.spec, "cells", None)
@@ -330,7 +335,7 @@ class _Leaf:
                     for need in sorted(needs)
                     if need not in ("cells", "interactions")
                 },
-                cells=self._cells_key(self._cells_of(step)),
+                cells=self._cells_key(self._cells_of(step), _where_of(step)),
                 files=self._files(step.build()),
                 seed=self.recipe.seed,
                 roles=self.roles.__dict__,
@@ -371,12 +376,16 @@ class _Leaf:
     def _cells_of(self, step: ResolvedStep) -> str:
         return default_cells(step, self.sampler_step is not None)
 
-    def _cells_key(self, cells: str) -> Any:
+    def _cells_key(self, cells: str, where: dict[str, list[Any]] | None = None) -> Any:
         if cells == "sample":
-            return ["sample", self.keys["sample"]]
-        if cells in ("train", "test"):
-            return [cells, self.roles.split_key]
-        return ["all"]
+            key: list[Any] = ["sample", self.keys["sample"]]
+        elif cells in ("train", "test"):
+            key = [cells, self.roles.split_key]
+        else:
+            key = ["all"]
+        if where:  # values compare as text, as cells() filters them
+            key += ["where", {column: sorted(map(str, values)) for column, values in sorted(where.items())}]
+        return key
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -569,8 +578,42 @@ class _Leaf:
                 raise _SkipCache(PreparedData(adata=adata)) from error
         return PreparedData(adata=adata)
 
-    def cells(self, name: str) -> CellSample | None:
-        """The rows of the prepared data in cell set ``name``; None means all cells, unweighted."""
+    def cells(self, name: str, where: dict[str, list[Any]] | None = None) -> CellSample | None:
+        """The rows of the prepared data in cell set ``name``, of them those whose obs columns take
+        the values of ``where``; None means all cells, unweighted."""
+        chosen = self._cell_set(name)
+        if not where:
+            return chosen
+        obs = self.prepared().obs()
+        keep = np.ones(len(obs), dtype=bool)
+        for column, values in where.items():
+            if column not in obs.columns:
+                raise DataError(
+                    f"where: obs column {column!r} is not in the data (columns: "
+                    f"{', '.join(map(str, obs.columns[:20]))}). Fix the step's where."
+                )
+            wanted = set(map(str, values))
+            present = obs[column].astype(str)
+            keep &= present.isin(wanted).to_numpy()
+            if not present.isin(wanted).any():
+                raise DataError(
+                    f"where: no cell has {column} in {sorted(wanted)}; values present: "
+                    f"{', '.join(sorted(map(str, present.unique()))[:10])}."
+                )
+        indices = np.arange(len(obs)) if chosen is None else chosen.indices
+        weights = np.ones(len(obs)) if chosen is None else chosen.weights
+        inside = keep[indices]
+        if not inside.any():
+            raise DataError(
+                f"where: none of the {len(indices)} cells of cell set {name!r} has "
+                + " and ".join(f"{c} in {sorted(map(str, v))}" for c, v in where.items())
+                + ". Use a larger sample or cells: all."
+            )
+        info: dict[str, float | int | str] = dict(chosen.info) if chosen is not None else {"cells": name}
+        info["where"] = json.dumps({c: sorted(map(str, v)) for c, v in sorted(where.items())})
+        return CellSample(indices[inside], weights[inside], n_cells_total=len(obs), info=info)
+
+    def _cell_set(self, name: str) -> CellSample | None:
         if name == "all":
             return None
         if name == "sample":
@@ -777,7 +820,9 @@ class _Leaf:
             execution=self.recipe.execution,
             logger=logger,
         )
-        chosen = self.cells(cells) if "cells" in needs or needs & {"data", "tokens"} else None
+        chosen = (
+            self.cells(cells, _where_of(step)) if "cells" in needs or needs & {"data", "tokens"} else None
+        )
         context.sample = chosen
         context.extras["cells"] = cells
         if "data" in needs:

@@ -86,6 +86,29 @@ class NamedSpec(ComponentSpec):
         return self.id or self.name
 
 
+class ExtractorSpec(NamedSpec):
+    where: dict[str, list[str | int | float | bool]] | None = Field(
+        None,
+        description="keep only the cells (of the step's cell set) whose obs columns take these values, "
+        "e.g. {Subclass: [L5 ET]}: one cell type's interactions from a model trained on all of them",
+    )
+
+    @field_validator("where")
+    @classmethod
+    def _values_listed(
+        cls, where: dict[str, list[str | int | float | bool]] | None
+    ) -> dict[str, list[str | int | float | bool]] | None:
+        if where is not None:
+            empty = [column for column, values in where.items() if not values]
+            if not where or empty:
+                raise ValueError(
+                    "where needs at least one obs column, each with at least one value"
+                    + (f" (empty: {', '.join(empty)})" if empty else "")
+                    + "; remove where to read every cell of the step's cell set"
+                )
+        return where
+
+
 class SweepPlot(_Strict):
     metric: str = Field(description="metric to plot, e.g. eval/nes/attention/nes (the mean over repeats)")
     x: str = Field(description="swept recipe path on the x axis; one line per value of the other swept paths")
@@ -344,7 +367,7 @@ class Recipe(_Strict):
     model: ModelSpec | None = None
     train: TrainSettings = Field(default_factory=TrainSettings)
     execution: ExecutionSettings = Field(default_factory=ExecutionSettings)
-    extractors: list[NamedSpec] = Field(default_factory=list)
+    extractors: list[ExtractorSpec] = Field(default_factory=list)
     evaluators: list[NamedSpec] = Field(default_factory=list)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     cache: bool = Field(True, description="reuse finished steps from the cache")
@@ -1161,6 +1184,21 @@ def _unknown_role_columns(recipe: Recipe, steps: list[ResolvedStep], origins: Or
                 + "Name one of the data's columns, join a metadata table (params.metadata), or remove the role.",
             )
         )
+    for step in steps:
+        for column in getattr(step.spec, "where", None) or {}:
+            if column in available:
+                continue
+            close = difflib.get_close_matches(column, sorted(available), n=1)
+            problems.append(
+                Problem(
+                    f"{step.path}.where",
+                    f"obs column {column!r} is not in the data of source {recipe.data.name!r} (its columns: "
+                    f"{', '.join(sorted(columns)[:15]) or 'none'}) and no preprocessor writes it",
+                    source=origins.of(f"{step.path}.where"),
+                    hint=(f"Did you mean {close[0]!r}? " if close else "")
+                    + "Name one of the data's columns.",
+                )
+            )
     return problems
 
 

@@ -490,3 +490,51 @@ def test_two_extractors_alike_but_for_their_id_each_keep_their_own_cache_entry(t
         .table[columns]
         .equals(again.leaf.interactions["second"].table[columns])
     )
+
+
+WHERE = f"""
+schema_version: 1
+name: where
+seed: 4
+data: {SYNTHETIC}
+sampler: {{name: stride, params: {{step: 2}}}}
+extractors:
+  - {{name: pearson, id: all_types, cells: all}}
+  - {{name: pearson, id: one_type, cells: all, where: {{cell_type: [group1]}}}}
+  - {{name: pearson, id: one_type_sampled, where: {{cell_type: [group1], disease: [disease]}}}}
+"""
+
+
+def test_where_narrows_an_extractor_to_the_cells_of_one_type(tmp_path):
+    """An extractor's where reads only the cells whose obs values match (of its cell set): the
+    scores equal numpy's correlation over exactly those cells, the sample's included."""
+    registry = fixture_registry()
+    cache = Cache(tmp_path / "cache")
+    result = _run(_write(tmp_path, WHERE), registry, cache)
+    adata = result.context.adata
+    dense = np.asarray(adata.X.todense() if hasattr(adata.X, "todense") else adata.X, dtype=np.float64)
+    obs = adata.obs
+    one_type = (obs["cell_type"] == "group1").to_numpy()
+    sampled = np.zeros(adata.n_obs, dtype=bool)
+    sampled[result.context.sample.indices] = True
+    expected_cells = {
+        "all_types": np.ones(adata.n_obs, dtype=bool),
+        "one_type": one_type,
+        "one_type_sampled": one_type & sampled & (obs["disease"] == "disease").to_numpy(),
+    }
+    genes = list(adata.var_names)
+    for step, cells in expected_cells.items():
+        expected = np.corrcoef(dense[cells], rowvar=False)
+        table = result.context.interactions[step].table
+        for _, row in table.head(5).iterrows():
+            i, j = genes.index(row["source"]), genes.index(row["target"])
+            assert abs(row["score"]) == pytest.approx(abs(expected[i, j]), abs=1e-9), step
+    rerun = _run(_write(tmp_path, WHERE), registry, cache)
+    assert all(_stages(rerun)[f"extract:{step}"] for step in expected_cells), "each where is its own cache entry"
+
+
+def test_where_naming_a_missing_column_is_refused_at_validation(tmp_path):
+    registry = fixture_registry()
+    text = WHERE.replace("where: {cell_type: [group1]}", "where: {celltype: [group1]}")
+    with pytest.raises(RecipeError, match=r"extractors.1.where: obs column 'celltype' is not in the data"):
+        load_recipe(_write(tmp_path, text), registry=registry)

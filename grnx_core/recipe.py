@@ -1168,37 +1168,31 @@ def _unknown_role_columns(recipe: Recipe, steps: list[ResolvedStep], origins: Or
             if written is None:
                 return []
             available |= written
+    named = [
+        (f"data.{role}", column, "join a metadata table (params.metadata), or remove the role")
+        for role in _ROLE_FIELDS
+        if (column := getattr(recipe.data, role)) is not None
+    ]
+    named += [
+        (f"{step.path}.where", column, "or fix the step's where")
+        for step in steps
+        for column in getattr(step.spec, "where", None) or {}
+    ]
     problems = []
-    for role in _ROLE_FIELDS:
-        column = getattr(recipe.data, role)
-        if column is None or column in available:
+    for path, column, remedy in named:
+        if column in available:
             continue
         close = difflib.get_close_matches(column, sorted(available), n=1)
         problems.append(
             Problem(
-                f"data.{role}",
+                path,
                 f"obs column {column!r} is not in the data of source {recipe.data.name!r} (its columns: "
                 f"{', '.join(sorted(columns)[:15]) or 'none'}) and no preprocessor writes it",
-                source=origins.of(f"data.{role}"),
+                source=origins.of(path),
                 hint=(f"Did you mean {close[0]!r}? " if close else "")
-                + "Name one of the data's columns, join a metadata table (params.metadata), or remove the role.",
+                + f"Name one of the data's columns, {remedy}.",
             )
         )
-    for step in steps:
-        for column in getattr(step.spec, "where", None) or {}:
-            if column in available:
-                continue
-            close = difflib.get_close_matches(column, sorted(available), n=1)
-            problems.append(
-                Problem(
-                    f"{step.path}.where",
-                    f"obs column {column!r} is not in the data of source {recipe.data.name!r} (its columns: "
-                    f"{', '.join(sorted(columns)[:15]) or 'none'}) and no preprocessor writes it",
-                    source=origins.of(f"{step.path}.where"),
-                    hint=(f"Did you mean {close[0]!r}? " if close else "")
-                    + "Name one of the data's columns.",
-                )
-            )
     return problems
 
 

@@ -442,6 +442,19 @@ def attach_cell_metadata(
     return adata
 
 
+def attach_source_metadata(adata: anndata.AnnData, source: Any, who: str) -> anndata.AnnData:
+    """:func:`attach_cell_metadata` with the :class:`CellMetadataParams` of ``source``."""
+    return attach_cell_metadata(
+        adata,
+        source.metadata,
+        source.metadata_cell_column,
+        source.unmatched,
+        source.required_obs,
+        who,
+        source.obs_from_names,
+    )
+
+
 def obs_column_from_names(names: pd.Index, column: str, pattern: str, who: str) -> pd.Categorical:
     """The capture group of ``pattern`` searched in every cell name; refuses names it misses."""
     found = pd.Series(np.asarray(names, dtype=str)).str.extract(pattern, expand=False)

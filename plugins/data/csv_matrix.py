@@ -14,7 +14,7 @@ from grnx_core import DataSource
 from grnx_core.errors import DataError
 from grnx_plugins.data._common import (
     CellMetadataParams,
-    attach_cell_metadata,
+    attach_source_metadata,
     compression_of,
     existing_path,
     is_count_matrix,
@@ -115,15 +115,7 @@ class CsvMatrix(DataSource):
             set_counts(adata, who)
         else:
             adata.X = adata.X.astype(np.float32)
-        adata = attach_cell_metadata(
-            adata,
-            self.metadata,
-            self.metadata_cell_column,
-            self.unmatched,
-            self.required_obs,
-            who,
-            self.obs_from_names,
-        )
+        adata = attach_source_metadata(adata, self, who)
         record_source(
             adata,
             self.name,

@@ -12,7 +12,7 @@ from grnx_core import DataSource
 from grnx_core.errors import DataError
 from grnx_plugins.data._common import (
     CellMetadataParams,
-    attach_cell_metadata,
+    attach_source_metadata,
     describe_non_counts,
     existing_path,
     is_count_matrix,
@@ -109,15 +109,7 @@ class H5ad(DataSource):
                     f"{', '.join(map(str, adata.obs.columns[:30]))}."
                 )
             adata.obs = adata.obs.rename(columns=self.rename_obs)
-        return attach_cell_metadata(
-            adata,
-            self.metadata,
-            self.metadata_cell_column,
-            self.unmatched,
-            self.required_obs,
-            who,
-            self.obs_from_names,
-        )
+        return attach_source_metadata(adata, self, who)
 
     def _checked_backed(self, adata: anndata.AnnData, who: str) -> anndata.AnnData:
         if self.counts != "X":

@@ -13,7 +13,7 @@ from grnx_core import DataSource
 from grnx_core.errors import DataError
 from grnx_plugins.data._common import (
     CellMetadataParams,
-    attach_cell_metadata,
+    attach_source_metadata,
     compression_of,
     existing_path,
     record_source,
@@ -197,14 +197,6 @@ class TenxMtx(DataSource):
             folder, who, self.matrix, self.features, self.barcodes, self.var_names, self.feature_type
         )
         set_counts(adata, who)
-        adata = attach_cell_metadata(
-            adata,
-            self.metadata,
-            self.metadata_cell_column,
-            self.unmatched,
-            self.required_obs,
-            who,
-            self.obs_from_names,
-        )
+        adata = attach_source_metadata(adata, self, who)
         record_source(adata, self.name, "layers/counts", path=str(self.path))
         return adata

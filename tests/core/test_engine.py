@@ -530,7 +530,9 @@ def test_where_narrows_an_extractor_to_the_cells_of_one_type(tmp_path):
             i, j = genes.index(row["source"]), genes.index(row["target"])
             assert abs(row["score"]) == pytest.approx(abs(expected[i, j]), abs=1e-9), step
     rerun = _run(_write(tmp_path, WHERE), registry, cache)
-    assert all(_stages(rerun)[f"extract:{step}"] for step in expected_cells), "each where is its own cache entry"
+    assert all(_stages(rerun)[f"extract:{step}"] for step in expected_cells), (
+        "each where is its own cache entry"
+    )
 
 
 def test_where_naming_a_missing_column_is_refused_at_validation(tmp_path):

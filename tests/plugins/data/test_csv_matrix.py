@@ -110,17 +110,3 @@ def test_obs_columns_from_cell_names(tmp_path):
         CsvMatrix.Params(path=str(path), obs_from_names={"library": r"_(AD)(\d+)"})
     with pytest.raises(ValueError, match="is not a regular expression"):
         CsvMatrix.Params(path=str(path), obs_from_names={"library": r"_(AD"})
-
-
-def test_grubman2019_libraries_from_barcodes(shared_data):
-    """The Grubman barcodes name their library (two pooled donors); the covariates table does not."""
-    folder = shared_data / "scrna" / "grubman2019_ad_entorhinal_small"
-    adata = CsvMatrix(
-        path=str(folder / "GSE138852_small.csv"),
-        metadata=str(folder / "GSE138852_covariates.csv.gz"),
-        obs_from_names={"library": r"_((?:AD|Ct)\d+_(?:AD|Ct)\d+)$"},
-    ).load()
-    libraries = pd.crosstab(adata.obs["library"], adata.obs["oupSample.batchCond"])
-    # every library holds one diagnosis (AD libraries pool AD donors, Ct libraries controls)
-    assert ((libraries > 0).sum(axis=1) == 1).all()
-    assert set(libraries.index) == {"AD1_AD2", "AD3_AD4", "Ct1_Ct2", "Ct3_Ct4", "Ct5_Ct6"}

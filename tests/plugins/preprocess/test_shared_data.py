@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import scanpy as sc
 
 from grnx_plugins.data.csv_matrix import CsvMatrix
@@ -62,6 +63,9 @@ def test_grubman2019_donor_split_and_balance(shared_data):
         # Nuclei were pooled per pair of donors; the pool is the barcode suffix (e.g. AD3_AD4).
         obs_from_names={"pool": r"_((?:AD|Ct)\d+_(?:AD|Ct)\d+)$"},
     ).load()
+    pools = pd.crosstab(adata.obs["pool"], adata.obs["oupSample.batchCond"])
+    assert set(pools.index) == {"AD1_AD2", "AD3_AD4", "Ct1_Ct2", "Ct3_Ct4", "Ct5_Ct6"}
+    assert ((pools > 0).sum(axis=1) == 1).all(), "a pool holds one diagnosis (AD or control donors)"
     adata = SelectCells(where={"oupSample.batchCond": ["AD", "ct"]})(adata)
     adata = Split(donor_key="pool", label_key="oupSample.batchCond", test_fraction=0.34, seed=0)(adata)
     train = set(adata.obs.loc[adata.obs["split"] == "train", "pool"])

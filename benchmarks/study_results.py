@@ -33,9 +33,9 @@ reads "not available here".
     python benchmarks/study_results.py --fresh-cache --tracking-uri sqlite:///mlflow/other.db
 
 The default store is ``sqlite:///reports/study_results/mlflow.db`` (git-ignored, like ``reports/``;
-not the user's ``mlflow/mlflow.db``), so
-the document reports only the runs this script made. A rerun supersedes the runs with the same
-params (``grnx report``'s rule), so rerunning does not inflate n. Recipes whose ``# Requires:`` files
+not the user's ``mlflow/mlflow.db``), emptied at the start of a full run, so the document reports
+only the runs of this invocation (the grnx cache still serves the stages computed before). In
+another store a rerun supersedes the runs with the same params (``grnx report``'s rule). Recipes whose ``# Requires:`` files
 are missing are skipped and their tables say so; a failed run is reported and the others go on.
 ``--report-only`` rewrites the tables from the store but not the list of ``grnx run`` calls and their
 wall times (there were none): give ``--out`` elsewhere to keep the committed document's header.
@@ -428,6 +428,18 @@ def write_results(
     return out
 
 
+def reset_default_store() -> None:
+    """Empty this script's own store before a full run, so the document holds only the runs made
+    now: a run of older code logs fewer settings (one added since, at its default, is absent) and
+    would be reported as a group of its own rather than superseded. Only the default store, which
+    nothing else writes, is emptied; the grnx cache is kept."""
+    import shutil
+
+    folder = REPO_ROOT / "reports" / "study_results"
+    (folder / "mlflow.db").unlink(missing_ok=True)
+    shutil.rmtree(folder / "artifacts", ignore_errors=True)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -475,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     total_s = None
     options.cache_dir = None
     if not options.report_only:
+        if options.tracking_uri == DEFAULT_TRACKING_URI and options.recipes == STUDY_RECIPES:
+            reset_default_store()
         outcomes, total_s = run_all(options.recipes, run_recipe, options, "grnx-study-cache-")
     command = shlex.join(["python", "benchmarks/study_results.py", *argv])
     out = write_results(

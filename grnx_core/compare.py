@@ -85,9 +85,16 @@ def _metric_names(runs: list[Any], patterns: list[str] | None) -> list[str]:
     return key[:MAX_DEFAULT_METRICS]
 
 
+def set_params(run: Any) -> dict[str, str]:
+    """A run's params less those logged as null: a setting added to grnx later, with a None default,
+    is absent from the runs made before it and null in those after, which mean the same."""
+    return {name: value for name, value in run.data.params.items() if value != "null"}
+
+
 def _differing_params(runs: list[Any]) -> list[str]:
-    names = sorted({name for run in runs for name in run.data.params})
-    return [name for name in names if len({run.data.params.get(name) for run in runs}) > 1]
+    params = [set_params(run) for run in runs]
+    names = sorted({name for p in params for name in p})
+    return [name for name in names if len({p.get(name) for p in params}) > 1]
 
 
 def compare_table(tracker: Any, experiment: str, metrics: list[str] | None = None) -> pd.DataFrame:

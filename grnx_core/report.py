@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from grnx_core.atomic import atomic_path, write_text
-from grnx_core.compare import PARENT_TAG, _differing_params, _runs
+from grnx_core.compare import PARENT_TAG, _differing_params, _runs, set_params
 from grnx_core.errors import GrnxError
 
 CONFIDENCE = 0.95
@@ -283,19 +283,19 @@ def build_section(
     # would add a repeat that is not one.
     newest: dict[tuple[Any, ...], Any] = {}
     for run in sorted(finished, key=lambda r: r.info.start_time or 0):
-        identity = (run.data.tags.get(ROLE_TAG), tuple(sorted(run.data.params.items())))
+        identity = (run.data.tags.get(ROLE_TAG), tuple(sorted(set_params(run).items())))
         newest[identity] = run
     kept = sorted(newest.values(), key=lambda r: r.info.start_time or 0)
     sampled = [run for run in kept if run.data.tags.get(ROLE_TAG) != REFERENCE_ROLE]
     references = [run for run in kept if run.data.tags.get(ROLE_TAG) == REFERENCE_ROLE]
     basis = sampled or references
     differing = [name for name in _differing_params(basis) if name not in repeat_params]
-    records = [{name: run.data.params.get(name) for name in differing} for run in basis]
+    records = [{name: set_params(run).get(name) for name in differing} for run in basis]
     group_columns, determined = _refining(records, _swept_first(differing, tops))
     repeat_values = {
-        name: sorted({str(run.data.params.get(name)) for run in basis}, key=_sort_key)
+        name: sorted({str(set_params(run).get(name)) for run in basis}, key=_sort_key)
         for name in repeat_params
-        if len({run.data.params.get(name) for run in basis}) > 1
+        if len({set_params(run).get(name) for run in basis}) > 1
     }
     rows = []
     for run in kept:
@@ -304,7 +304,7 @@ def build_section(
         for column in group_columns:
             # The reference has no sampler: its sampler settings are those of no run.
             row[column] = (
-                ALL_CELLS if reference and column.startswith("sampler") else run.data.params.get(column)
+                ALL_CELLS if reference and column.startswith("sampler") else set_params(run).get(column)
             )
         row.update(run.data.metrics)
         rows.append(row)

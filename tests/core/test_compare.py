@@ -81,3 +81,19 @@ def test_grnx_compare_on_an_unknown_experiment_names_the_close_one(swept, capsys
     uri, _, _ = swept
     assert main(["compare", "compare_tset", "--tracking-uri", uri]) == 2
     assert "Did you mean 'compare_test'" in capsys.readouterr().err
+
+
+def test_a_setting_logged_null_equals_one_not_logged():
+    """A run made before a setting existed lacks its param; one made after logs it as null: the same
+    setting, so neither a differing param nor a reason to keep both runs."""
+    from types import SimpleNamespace
+
+    from grnx_core.compare import _differing_params, set_params
+
+    def run(**params):
+        return SimpleNamespace(data=SimpleNamespace(params=params))
+
+    before, after = run(a="1"), run(a="1", b="null")
+    assert set_params(after) == set_params(before) == {"a": "1"}
+    assert _differing_params([before, after]) == []
+    assert _differing_params([before, run(a="1", b="2")]) == ["b"]

@@ -594,8 +594,9 @@ class _Leaf:
                 )
             wanted = set(map(str, values))
             present = obs[column].astype(str)
-            keep &= present.isin(wanted).to_numpy()
-            if not present.isin(wanted).any():
+            matches = present.isin(wanted).to_numpy()
+            keep &= matches
+            if not matches.any():
                 raise DataError(
                     f"where: no cell has {column} in {sorted(wanted)}; values present: "
                     f"{', '.join(sorted(map(str, present.unique()))[:10])}."

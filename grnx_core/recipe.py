@@ -1263,6 +1263,17 @@ def _unmet_needs(recipe: Recipe, steps: list[ResolvedStep], origins: Origins) ->
                         hint=f"Add {adds.get(need, need)}.",
                     )
                 )
+        reads_cells = {"cells", "data", "tokens", "model_inputs"}
+        if getattr(step.spec, "where", None) and step.needs is not None and not set(step.needs) & reads_cells:
+            problems.append(
+                Problem(
+                    f"{step.path}.where",
+                    f"narrows the cells a step reads, but {step.kind.value} {step.spec.name!r} reads no "
+                    f"cells (it needs {', '.join(step.needs) or 'nothing'}), so where would change nothing",
+                    source=origins.of(f"{step.path}.where"),
+                    hint="Remove where from this step.",
+                )
+            )
         cells = getattr(step.spec, "cells", None)
         if cells == "sample" and recipe.sampler is None:
             problems.append(

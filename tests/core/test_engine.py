@@ -540,3 +540,20 @@ def test_where_naming_a_missing_column_is_refused_at_validation(tmp_path):
     text = WHERE.replace("where: {cell_type: [group1]}", "where: {celltype: [group1]}")
     with pytest.raises(RecipeError, match=r"extractors.1.where: obs column 'celltype' is not in the data"):
         load_recipe(_write(tmp_path, text), registry=registry)
+
+
+def test_where_on_a_step_that_reads_no_cells_is_refused(tmp_path):
+    """NID reads only the model's weights: a where on it would change nothing, so it is refused."""
+    registry = fixture_registry()
+    text = f"""
+schema_version: 1
+name: where_nid
+data: {SYNTHETIC}
+model: {{name: mlp}}
+extractors: [{{name: nid, where: {{cell_type: [group1]}}}}]
+"""
+    with pytest.raises(
+        RecipeError,
+        match=r"extractors.0.where: narrows the cells a step reads, but extractor 'nid' reads no cells",
+    ):
+        load_recipe(_write(tmp_path, text), registry=registry)

@@ -437,6 +437,11 @@ def attach_cell_metadata(
         if not keep.all():
             adata = adata[keep].to_memory() if adata.isbacked else adata[keep].copy()
     for column, pattern in (obs_from_names or {}).items():
+        if column in adata.obs.columns:
+            raise DataError(
+                f"{who}: obs_from_names would write obs[{column!r}], which the data or its metadata "
+                "table already has; give the column read from the cell names another name."
+            )
         adata.obs[column] = obs_column_from_names(adata.obs_names, column, pattern, who)
     check_required_obs(adata, required_obs, who)
     return adata

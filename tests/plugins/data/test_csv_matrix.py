@@ -106,6 +106,10 @@ def test_obs_columns_from_cell_names(tmp_path):
     assert list(adata.obs["library"]) == ["AD1_AD2", "AD1_AD2", "Ct3_Ct4", "Ct3_Ct4"]
     with pytest.raises(DataError, match=r"matches no part of 2 of the 4 cell names \(e.g. 'CCAA_Ct3_Ct4'"):
         CsvMatrix(path=str(path), obs_from_names={"library": r"_(AD\d+_AD\d+)$"}).load()
+    metadata = tmp_path / "meta.csv"
+    pd.DataFrame({"cell": names, "library": ["x"] * 4}).to_csv(metadata, index=False)
+    with pytest.raises(DataError, match=r"obs_from_names would write obs\['library'\], which the data"):
+        CsvMatrix(path=str(path), metadata=str(metadata), obs_from_names={"library": pattern}).load()
     with pytest.raises(ValueError, match="has 2 capture groups; it needs exactly one"):
         CsvMatrix.Params(path=str(path), obs_from_names={"library": r"_(AD)(\d+)"})
     with pytest.raises(ValueError, match="is not a regular expression"):

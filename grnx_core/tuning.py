@@ -135,6 +135,15 @@ class TrialJob:
                 Origins(),
             )
         data.pop("tune", None)
+        # A trial runs inside a Ray worker that holds its resources_per_trial and no more. With
+        # execution.num_workers > 1 its steps send chunks to the num_workers - 1 slots reserved for
+        # it (trial_resources); otherwise they run in the trial's own process: Ray would refuse
+        # their tasks, and the tune already spreads the trials over the CPUs.
+        execution = data.setdefault("execution", {}) or {}
+        data["execution"] = execution
+        if (execution.get("num_workers") or 1) <= 1:
+            execution["num_workers"] = 1
+            execution["ray_address"] = None
         splits = _ground_truth_evaluators(resolved) if spec.ground_truth_split is not None else []
         return cls(data, path, text, list(overrides), origins, spec, splits)
 
@@ -709,6 +718,18 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
         ray.shutdown()
 
 
+def trial_resources(spec: TuneSpec, num_workers: int | None) -> Any:
+    """What each trial holds: ``resources_per_trial``, and with ``execution.num_workers`` > 1 one
+    more CPU slot per extra worker, where its steps' Ray tasks (attention chunks, GRNBoost2 targets)
+    run; the trial's own CPU counts as the first worker."""
+    from ray import tune
+
+    own = {"CPU": spec.resources_per_trial.cpu, "GPU": spec.resources_per_trial.gpu}
+    if not num_workers or num_workers <= 1:
+        return {"cpu": own["CPU"], "gpu": own["GPU"]}
+    return tune.PlacementGroupFactory([own] + [{"CPU": 1.0}] * (num_workers - 1))
+
+
 @contextlib.contextmanager
 def _environment(**values: str) -> Iterator[None]:
     previous = {key: os.environ.get(key) for key in values}
@@ -868,10 +889,17 @@ def run_tune(
     try:
         seed = spec.seed if spec.seed is not None else recipe.seed
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, job=job),
-            {"cpu": spec.resources_per_trial.cpu, "gpu": spec.resources_per_trial.gpu},
+            tune.with_parameters(run_trial, job=job), trial_resources(spec, recipe.execution.num_workers)
         )
         address = ray_address or recipe.execution.ray_address
+        workers = recipe.execution.num_workers
+        if address is None and workers and workers > 1 and spec.resources_per_trial.cpu > 1:
+            raise GrnxError(
+                f"tune: each trial would hold {spec.resources_per_trial.cpu:g} CPUs plus "
+                f"{workers - 1} for its Ray tasks (execution.num_workers: {workers}), more than the "
+                f"local Ray's {workers}. Set tune.resources_per_trial.cpu: 1, or run on a cluster "
+                "(execution.ray_address or --ray-address)."
+            )
         # Intermediate reports lack the final metric (no strict check); trials keep grnx's working
         # folder (set before Ray starts, so a local Ray's workers inherit it); the legacy reporter is
         # silent at verbose 0.

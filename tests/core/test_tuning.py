@@ -419,3 +419,74 @@ def test_an_edge_split_that_leaves_a_part_empty_is_refused():
     )
     with pytest.raises(DataError, match="one part is empty"):
         split_edges(truth, EdgeSplit(part="tune", fraction=0.1))
+
+
+ATTENTION_TUNE = {
+    "schema_version": 1,
+    "name": "attention_tune_test",
+    "seed": 0,
+    "data": {
+        "name": "synthetic",
+        "params": {"n_cells": 200, "n_genes": 20, "n_regulators": 4, "seed": 0},
+        "label_key": "disease",
+    },
+    "preprocess": [
+        {"name": "normalize_total", "params": {"target_sum": 10000}},
+        {"name": "log1p", "params": {}},
+    ],
+    "tokenizer": {"name": "expression_scaled", "params": {"max_length": 16}},
+    "model": {
+        "name": "celluformer",
+        "params": {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 16, "dropout": 0.0},
+    },
+    "train": {"epochs": 1, "batch_size": 32, "learning_rate": 0.001, "optimizer": "adam", "device": "cpu"},
+    "extractors": [{"name": "attention", "params": {"variant": "all", "batch_size": 16}}],
+    "evaluators": [{"name": "auprc", "params": {"ground_truth": {"source": "data"}}}],
+    # attention chunks go to Ray from inside each trial, into the slot reserved for them
+    "execution": {"num_workers": 2},
+    "tracking": {"experiment": "tune_attention_test"},
+    "tune": {
+        "metric": "eval/auprc/attention/truth_genes/auprc",
+        "mode": "max",
+        "num_samples": 2,
+        "n_initial_points": 1,
+        "max_concurrent": 1,
+        "space": {"train.learning_rate": {"type": "loguniform", "low": 0.0001, "high": 0.01}},
+    },
+}
+
+
+def test_trials_reserve_slots_for_their_own_ray_tasks_or_run_their_steps_in_process():
+    """num_workers > 1: a trial holds its CPU and num_workers - 1 slots for its steps' Ray tasks;
+    otherwise the trial's steps run in its process (no ray_address inside the trial)."""
+    from ray import tune
+
+    from grnx_core.recipe import TuneSpec
+    from grnx_core.tuning import trial_resources
+
+    spec = TuneSpec.model_validate(ATTENTION_TUNE["tune"])
+    reserved = trial_resources(spec, 3)
+    assert isinstance(reserved, tune.PlacementGroupFactory)
+    assert reserved.bundles == [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}]
+    assert trial_resources(spec, 1) == {"cpu": 1.0, "gpu": 0.0}
+    plain = json.loads(json.dumps(ATTENTION_TUNE))
+    plain["execution"] = {"num_workers": None, "ray_address": "127.0.0.1:6379"}
+    job = TrialJob.of(load_recipe_data_dict(plain))
+    assert job.data["execution"] == {"num_workers": 1, "ray_address": None}
+
+
+def load_recipe_data_dict(data: dict):
+    from grnx_core.recipe import LoadedRecipe, Origins, validate_recipe
+    from grnx_core.registry import default_registry
+
+    return validate_recipe(LoadedRecipe(Path("<test>"), data, "", [], Origins()), default_registry())
+
+
+def test_a_tune_whose_trials_send_attention_chunks_to_ray_finishes(tmp_path, local_ray):
+    """Before trials reserved slots, Ray refused every trial's attention tasks ("No trial resources")."""
+    from grnx_core.tuning import run_tune
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_tune(load_recipe(_write(tmp_path, ATTENTION_TUNE)), tracking_uri=uri)
+    assert result.status == "FINISHED"
+    assert [t.status for t in result.trials] == ["finished", "finished"]

@@ -281,21 +281,22 @@ def build_section(
     unfinished = [run for run in leaves if run.info.status != "FINISHED"]
     # A rerun of the same child (same params, same role) replaces the earlier one: counting both
     # would add a repeat that is not one.
+    params = {run.info.run_id: set_params(run) for run in leaves}  # once per run, read below
     newest: dict[tuple[Any, ...], Any] = {}
     for run in sorted(finished, key=lambda r: r.info.start_time or 0):
-        identity = (run.data.tags.get(ROLE_TAG), tuple(sorted(set_params(run).items())))
+        identity = (run.data.tags.get(ROLE_TAG), tuple(sorted(params[run.info.run_id].items())))
         newest[identity] = run
     kept = sorted(newest.values(), key=lambda r: r.info.start_time or 0)
     sampled = [run for run in kept if run.data.tags.get(ROLE_TAG) != REFERENCE_ROLE]
     references = [run for run in kept if run.data.tags.get(ROLE_TAG) == REFERENCE_ROLE]
     basis = sampled or references
     differing = [name for name in _differing_params(basis) if name not in repeat_params]
-    records = [{name: set_params(run).get(name) for name in differing} for run in basis]
+    records = [{name: params[run.info.run_id].get(name) for name in differing} for run in basis]
     group_columns, determined = _refining(records, _swept_first(differing, tops))
     repeat_values = {
-        name: sorted({str(set_params(run).get(name)) for run in basis}, key=_sort_key)
+        name: sorted({str(params[run.info.run_id].get(name)) for run in basis}, key=_sort_key)
         for name in repeat_params
-        if len({set_params(run).get(name) for run in basis}) > 1
+        if len({params[run.info.run_id].get(name) for run in basis}) > 1
     }
     rows = []
     for run in kept:
@@ -304,7 +305,9 @@ def build_section(
         for column in group_columns:
             # The reference has no sampler: its sampler settings are those of no run.
             row[column] = (
-                ALL_CELLS if reference and column.startswith("sampler") else set_params(run).get(column)
+                ALL_CELLS
+                if reference and column.startswith("sampler")
+                else params[run.info.run_id].get(column)
             )
         row.update(run.data.metrics)
         rows.append(row)
